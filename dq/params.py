@@ -1,0 +1,308 @@
+"""Typed parameters for every stage, read from params.yaml and validated once at load time.
+
+Each section of params.yaml is one frozen dataclass. `load_params` checks every key: unknown keys,
+wrong types and values outside the allowed range are errors whose single line names the key, the bad
+value and what is allowed, e.g. ``params.yaml: ratio = 0 is not allowed; expected a number in (0, 1]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dq.errors import DQError
+
+SOURCES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+FEATURE_KINDS = ("embedding", "gradient")
+METHODS = ("dq", "graphcut", "random")
+TRAIN_INPUTS = ("compact", "selected", "full")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ParamError(DQError):
+    pass
+
+
+def _fail(where: str, key: str, value: Any, expected: str) -> None:
+    raise ParamError(f"{where}: {key} = {value!r} is not allowed; expected {expected}")
+
+
+@dataclass(frozen=True)
+class _Section:
+    """Shared machinery: `check` is called by load_params with the file name and key prefix."""
+
+    def check(self, where: str, prefix: str) -> None:  # pragma: no cover - overridden
+        pass
+
+    def _need(self, cond: bool, where: str, prefix: str, name: str, expected: str) -> None:
+        if not cond:
+            _fail(where, f"{prefix}{name}", getattr(self, name), expected)
+
+
+@dataclass(frozen=True)
+class DataParams(_Section):
+    source: str = "fashion-mnist"
+    root: str | None = None  # None: the built-in location of the source (Debian's fashion-mnist)
+    download: bool = False  # cifar10/cifar100 only: let torchvision download into root
+    image_size: int = 32  # side of the square uint8 images every later stage sees
+    train_limit: int | None = None  # class-balanced subset of the training set; None: all
+    test_limit: int | None = None
+    skip_bad: bool = False  # imagefolder: skip unreadable images (counted) instead of stopping
+    synthetic_classes: int = 4  # synthetic only
+    synthetic_train: int = 200  # synthetic only: training images in all
+    synthetic_test: int = 80
+
+    def check(self, where, prefix):
+        self._need(self.source in SOURCES, where, prefix, "source", f"one of {', '.join(SOURCES)}")
+        self._need(8 <= self.image_size <= 1024, where, prefix, "image_size", "an integer in [8, 1024]")
+        for name in ("train_limit", "test_limit"):
+            v = getattr(self, name)
+            self._need(v is None or v >= 1, where, prefix, name, "a positive integer or null")
+        self._need(self.synthetic_classes >= 2, where, prefix, "synthetic_classes", "an integer >= 2")
+        self._need(self.synthetic_train >= self.synthetic_classes, where, prefix, "synthetic_train",
+                   "an integer >= synthetic_classes")
+        self._need(self.synthetic_test >= 1, where, prefix, "synthetic_test", "a positive integer")
+        if self.source == "imagefolder":
+            self._need(self.root is not None, where, prefix, "root", "the folder of class folders")
+
+
+@dataclass(frozen=True)
+class FeaturesParams(_Section):
+    backbone: str = "efficientnet_lite0"  # a timm model name
+    weights: str = "builtin"  # builtin | hub | none | path to a checkpoint
+    kind: str = "embedding"  # embedding | gradient
+    input_size: int = 128  # images are resized to this before the backbone
+    batch_size: int = 64
+
+    def check(self, where, prefix):
+        self._need(self.kind in FEATURE_KINDS, where, prefix, "kind", f"one of {', '.join(FEATURE_KINDS)}")
+        self._need(bool(self.weights), where, prefix, "weights", "builtin, hub, none or a checkpoint path")
+        self._need(16 <= self.input_size <= 1024, where, prefix, "input_size", "an integer in [16, 1024]")
+        self._need(self.batch_size >= 1, where, prefix, "batch_size", "a positive integer")
+        self._check_backbone(where, prefix)
+
+    def _check_backbone(self, where, prefix):
+        import timm  # imported here: params load fast for stages that never build a model
+
+        if not timm.is_model(self.backbone):
+            _fail(where, f"{prefix}backbone", self.backbone, "a timm model name (see timm.list_models())")
+        if self.weights == "builtin" and self.backbone != "efficientnet_lite0":
+            _fail(where, f"{prefix}weights", self.weights,
+                  "hub, none or a checkpoint path (builtin weights exist only for efficientnet_lite0)")
+
+
+@dataclass(frozen=True)
+class SelectParams(_Section):
+    method: str = "dq"  # dq | graphcut | random
+    num_bins: int = 10
+    lam: float = 1.0  # weight of the pool term in the GraphCut gain
+    per_class: bool = True
+
+    def check(self, where, prefix):
+        self._need(self.method in METHODS, where, prefix, "method", f"one of {', '.join(METHODS)}")
+        self._need(self.num_bins >= 1, where, prefix, "num_bins", "a positive integer")
+        self._need(math.isfinite(self.lam) and self.lam > 0, where, prefix, "lam", "a finite number > 0")
+
+
+@dataclass(frozen=True)
+class PatchesParams(_Section):
+    drop: float = 0.25  # share of patches dropped from every kept image
+    patch_size: int = 4
+    cam_layer: str = "auto"  # a module name of the backbone, or auto (see dq.cam)
+    batch_size: int = 64
+
+    def check(self, where, prefix):
+        self._need(0.0 <= self.drop < 1.0, where, prefix, "drop", "a number in [0, 1)")
+        self._need(self.patch_size >= 1, where, prefix, "patch_size", "a positive integer")
+        self._need(self.batch_size >= 1, where, prefix, "batch_size", "a positive integer")
+
+
+@dataclass(frozen=True)
+class MaeParams(_Section):
+    arch: str = "mae_vit_tiny_patch4"  # a name in dq.mae's registry
+    checkpoint: str | None = None  # path to a reference MAE checkpoint (key 'model'); None: train
+    input_size: int = 32  # the MAE's image side; stored images are resized to it
+    mask_ratio: float = 0.75
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 2
+    norm_pix_loss: bool = True
+    eval_images: int = 256  # held-out images for the PSNR/SSIM metrics
+    resume: bool = False  # continue from data/mae/checkpoint.pt when present
+
+    def check(self, where, prefix):
+        self._need(0.0 < self.mask_ratio < 1.0, where, prefix, "mask_ratio", "a number in (0, 1)")
+        self._need(self.input_size >= 8, where, prefix, "input_size", "an integer >= 8")
+        for name in ("epochs", "batch_size", "eval_images"):
+            self._need(getattr(self, name) >= 1, where, prefix, name, "a positive integer")
+        self._need(self.warmup_epochs >= 0, where, prefix, "warmup_epochs", "an integer >= 0")
+        self._need(self.lr > 0, where, prefix, "lr", "a number > 0")
+        self._need(self.weight_decay >= 0, where, prefix, "weight_decay", "a number >= 0")
+
+
+@dataclass(frozen=True)
+class TrainParams(_Section):
+    model: str = "resnet18"  # a timm model name; resnet* get a CIFAR stem on small images
+    input: str = "compact"  # compact | selected | full
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5.0e-4
+    crop_padding: int = 4
+    hflip: bool = True
+    resume: bool = False
+
+    def check(self, where, prefix):
+        self._need(self.input in TRAIN_INPUTS, where, prefix, "input", f"one of {', '.join(TRAIN_INPUTS)}")
+        for name in ("epochs", "batch_size"):
+            self._need(getattr(self, name) >= 1, where, prefix, name, "a positive integer")
+        self._need(self.lr > 0, where, prefix, "lr", "a number > 0")
+        self._need(0 <= self.momentum < 1, where, prefix, "momentum", "a number in [0, 1)")
+        self._need(self.weight_decay >= 0, where, prefix, "weight_decay", "a number >= 0")
+        self._need(self.crop_padding >= 0, where, prefix, "crop_padding", "an integer >= 0")
+        import timm
+
+        if not timm.is_model(self.model):
+            _fail(where, f"{prefix}model", self.model, "a timm model name (see timm.list_models())")
+
+
+@dataclass(frozen=True)
+class RuntimeParams(_Section):
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    nproc: int = 1  # processes per machine for features and train (torchrun when > 1)
+    num_workers: int = 0  # DataLoader workers
+    threads: int = 0  # CPU threads for torch; 0: torch's default
+
+    def check(self, where, prefix):
+        self._need(self.device in DEVICES, where, prefix, "device", f"one of {', '.join(DEVICES)}")
+        self._need(self.nproc >= 1, where, prefix, "nproc", "a positive integer")
+        self._need(self.num_workers >= 0, where, prefix, "num_workers", "an integer >= 0")
+        self._need(self.threads >= 0, where, prefix, "threads", "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class Params:
+    ratio: float = 0.1  # share of training samples kept
+    seed: int = 0
+    data: DataParams = field(default_factory=DataParams)
+    features: FeaturesParams = field(default_factory=FeaturesParams)
+    select: SelectParams = field(default_factory=SelectParams)
+    patches: PatchesParams = field(default_factory=PatchesParams)
+    mae: MaeParams = field(default_factory=MaeParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
+
+    def check(self, where: str) -> None:
+        if not (0.0 < self.ratio <= 1.0):
+            _fail(where, "ratio", self.ratio, "a number in (0, 1]")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if isinstance(section, _Section):
+                section.check(where, f"{f.name}.")
+        if self.data.image_size % self.patches.patch_size:
+            _fail(where, "patches.patch_size", self.patches.patch_size,
+                  f"a divisor of data.image_size ({self.data.image_size})")
+
+    def section_dict(self, *names: str) -> dict:
+        """The named sections (or top-level keys) as plain data, for provenance in output files."""
+        return {n: _as_plain(getattr(self, n)) for n in names}
+
+
+def _as_plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Is `value` (as parsed by YAML) acceptable for a field annotated `annotation`?"""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return False
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               type(None): "null"}
+
+
+def _type_words(annotation: Any) -> str:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return " or ".join(_type_words(a) for a in typing.get_args(annotation))
+    return _TYPE_WORDS.get(annotation, str(annotation))
+
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _yaml11_float(value: Any, hint: Any) -> Any:
+    """`dvc exp run -S lr=1e-4` writes YAML 1.2, which PyYAML reads back as the string '1e-4'."""
+    wants_float = hint is float or float in typing.get_args(hint)
+    if wants_float and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        return float(value)
+    return value
+
+
+def _build(cls: type, raw: Any, where: str, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamError(f"{where}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys, "
+                         f"got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamError(f"{where}: unknown key {prefix}{unknown[0]}; allowed keys"
+                         f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, where, f"{prefix}{name}.")
+            continue
+        value = _yaml11_float(value, hint)
+        if not _type_ok(value, hint):
+            _fail(where, f"{prefix}{name}", value, _type_words(hint))
+        values[name] = float(value) if hint is float else value
+    return cls(**values)
+
+
+def params_from_dict(raw: Any, where: str = "params") -> Params:
+    """Build and validate Params from a mapping (as read from YAML)."""
+    params = _build(Params, raw, where, "")
+    params.check(where)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; any problem is a ParamError naming the file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ParamError(f"{path}: cannot read the params file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise ParamError(f"{path}: not valid YAML{line}") from None
+    return params_from_dict(raw, str(path))

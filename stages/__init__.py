@@ -1,0 +1,1 @@
+"""Thin DVC stage entry points: `python -m stages.<name>`. Each parses paths and calls dq."""
