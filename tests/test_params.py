@@ -1,0 +1,116 @@
+"""params.yaml validation: one bad value per key gives one line naming the key, the value and what is allowed."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dq.params import ParamError, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repo_params_load_and_match_dataclass_defaults(raw):
+    params = load_params(ROOT / "params.yaml")
+    assert params.ratio == raw["ratio"] and params.seed == raw["seed"]
+    assert params.data.source == "fashion-mnist"
+    # every key of params.yaml is a field, and every field is in params.yaml: the file documents them all
+    for section in ("data", "features", "select", "patches", "mae", "train", "runtime"):
+        assert set(raw[section]) == set(getattr(params, section).__dataclass_fields__), section
+
+
+BAD_VALUES = [
+    ("ratio", 0, "(0, 1]"), ("ratio", -0.1, "(0, 1]"), ("ratio", 1.5, "(0, 1]"), ("ratio", "lots", "a number"),
+    ("seed", 1.5, "an integer"), ("seed", True, "an integer"),
+    ("data.source", "mnist", "one of"), ("data.root", 3, "a string or null"),
+    ("data.download", "yes", "true or false"), ("data.image_size", 4, "[8, 1024]"),
+    ("data.train_limit", 0, "positive integer"), ("data.test_limit", -5, "positive integer"),
+    ("data.skip_bad", 1, "true or false"), ("data.synthetic_classes", 1, ">= 2"),
+    ("data.synthetic_train", 1, ">= synthetic_classes"), ("data.synthetic_test", 0, "positive"),
+    ("features.backbone", "no_such_net", "timm model name"), ("features.weights", "", "builtin"),
+    ("features.kind", "pixels", "one of"), ("features.input_size", 8, "[16, 1024]"),
+    ("features.batch_size", 0, "positive"),
+    ("select.method", "kmeans", "one of"), ("select.num_bins", 0, "positive"),
+    ("select.lam", -1.0, "> 0"), ("select.per_class", "no", "true or false"),
+    ("patches.drop", 1.0, "[0, 1)"), ("patches.drop", -0.1, "[0, 1)"), ("patches.patch_size", 0, "positive"),
+    ("patches.patch_size", 5, "divisor of data.image_size"), ("patches.cam_layer", 3, "a string"),
+    ("patches.batch_size", 0, "positive"),
+    ("mae.arch", 1, "a string"), ("mae.checkpoint", 2, "a string or null"), ("mae.input_size", 4, ">= 8"),
+    ("mae.mask_ratio", 1.0, "(0, 1)"), ("mae.epochs", 0, "positive"), ("mae.batch_size", 0, "positive"),
+    ("mae.lr", 0.0, "> 0"), ("mae.weight_decay", -1.0, ">= 0"), ("mae.warmup_epochs", -1, ">= 0"),
+    ("mae.norm_pix_loss", "x", "true or false"), ("mae.eval_images", 0, "positive"),
+    ("mae.resume", 0, "true or false"),
+    ("train.model", "no_such_net", "timm model name"), ("train.input", "half", "one of"),
+    ("train.epochs", 0, "positive"), ("train.batch_size", 0, "positive"), ("train.lr", 0.0, "> 0"),
+    ("train.momentum", 1.0, "[0, 1)"), ("train.weight_decay", -1.0, ">= 0"),
+    ("train.crop_padding", -1, ">= 0"), ("train.hflip", "no", "true or false"), ("train.resume", 2, "true or false"),
+    ("runtime.device", "tpu", "one of"), ("runtime.nproc", 0, "positive"), ("runtime.num_workers", -1, ">= 0"),
+    ("runtime.threads", -1, ">= 0"),
+]
+
+
+def _with(raw: dict, dotted: str, value) -> dict:
+    out = copy.deepcopy(raw)
+    *parents, leaf = dotted.split(".")
+    node = out
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    return out
+
+
+def test_bad_values_cover_every_key(raw):
+    keys = {k for k, _, _ in BAD_VALUES}
+    expected = {k for k in raw if not isinstance(raw[k], dict)}
+    expected |= {f"{s}.{k}" for s, v in raw.items() if isinstance(v, dict) for k in v}
+    assert expected <= keys, f"keys without a bad-value test: {sorted(expected - keys)}"
+
+
+@pytest.mark.parametrize("key,value,expected", BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES])
+def test_bad_value_names_key_value_and_what_is_allowed(raw, key, value, expected):
+    with pytest.raises(ParamError) as info:
+        params_from_dict(_with(raw, key, value), "params.yaml")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"params.yaml: {key} = {value!r}"), msg
+    assert expected in msg, msg
+
+
+def test_unknown_keys_are_errors(raw):
+    with pytest.raises(ParamError, match=r"unknown key select\.bins; allowed keys in select: method"):
+        params_from_dict(_with(raw, "select.bins", 3), "params.yaml")
+    with pytest.raises(ParamError, match="unknown key ratios"):
+        params_from_dict({**raw, "ratios": 0.1}, "params.yaml")
+
+
+def test_section_must_be_a_mapping(raw):
+    with pytest.raises(ParamError, match="select must be a mapping"):
+        params_from_dict({**raw, "select": [1, 2]}, "params.yaml")
+
+
+def test_yaml12_floats_written_by_dvc_exp_are_read_as_numbers(raw):
+    params = params_from_dict(_with(raw, "mae.lr", "1e-4"), "p")
+    assert params.mae.lr == pytest.approx(1e-4)
+    assert params_from_dict({**raw, "ratio": 1}, "p").ratio == 1.0
+
+
+def test_load_params_errors_name_the_file(tmp_path):
+    with pytest.raises(ParamError, match="nope.yaml: cannot read"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ratio: [unclosed\n")
+    with pytest.raises(ParamError, match=r"bad.yaml: not valid YAML at line \d"):
+        load_params(bad)
+
+
+def test_imagefolder_needs_a_root(raw):
+    data = {**raw["data"], "source": "imagefolder", "root": None}
+    with pytest.raises(ParamError, match="data.root = None"):
+        params_from_dict({**raw, "data": data}, "p")
