@@ -14,8 +14,20 @@ class DQError(Exception):
     """
 
 
+def _log_stage_start() -> None:
+    """Append the entry point's name to the file $DQ_STAGE_LOG, when set.
+
+    The team tests use it to prove that DVC restored a stage from a cache instead of running it.
+    """
+    log = os.environ.get("DQ_STAGE_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(os.path.splitext(os.path.basename(sys.argv[0]))[0] + "\n")
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Call `main` and turn a DQError (or an OSError such as a full disk) into one error line."""
+    _log_stage_start()
     if os.environ.get("DQ_DEBUG") == "1":
         main()
         return
@@ -31,3 +43,11 @@ def run_cli(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except MemoryError:
+        print("error: out of memory; lower the batch_size of this stage or data.train_limit", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as exc:  # a bug, not bad input: still one line, with the way to see more
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"error: internal error {type(exc).__name__}: {first} (set DQ_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
