@@ -114,3 +114,15 @@ def test_imagefolder_needs_a_root(raw):
     data = {**raw["data"], "source": "imagefolder", "root": None}
     with pytest.raises(ParamError, match="data.root = None"):
         params_from_dict({**raw, "data": data}, "p")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet"])
+def test_scale_configs_are_valid_params_files(name):
+    params = load_params(ROOT / "configs" / f"{name}.yaml")
+    assert params.select.num_bins == 10
+    assert params.mae.arch == "mae_vit_large_patch16" and params.mae.input_size == 224
+    if name == "cifar10":  # the paper's CIFAR-10 recipe
+        t = params.train
+        assert (t.model, t.epochs, t.lr, t.momentum, t.weight_decay, t.batch_size) == \
+            ("resnet18", 200, 0.1, 0.9, 5.0e-4, 128)
+        assert params.features.backbone == "resnet18"
