@@ -1,0 +1,197 @@
+"""GradCAM++ patch scores, the keep rule and the layer rule of dq.cam."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dq import cam
+from dq.backbones import IMAGENET_MEAN, IMAGENET_STD, classifier_with_probe, create_backbone
+from dq.errors import DQError
+
+
+# ---------------------------------------------------------------------------------------------------
+# keep_mask and patch_scores
+
+
+def test_keep_mask_keeps_the_top_k():
+    scores = np.array([[0.1, 0.9, 0.5, 0.8], [0.7, 0.1, 0.2, 0.3]], np.float32)
+    keep = cam.keep_mask(scores, drop=0.5)
+    assert keep.tolist() == [[False, True, False, True], [True, False, False, True]]
+
+
+def test_keep_mask_ties_go_to_the_lower_grid_index():
+    scores = np.array([[0.5, 0.2, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0], [np.nan, 0.0, 0.0, 0.3]], np.float32)
+    keep = cam.keep_mask(scores, drop=0.5)
+    assert keep.tolist() == [[True, False, True, False], [True, True, False, False],
+                             [False, True, False, True]]  # NaN ranks lowest
+
+
+@pytest.mark.parametrize("drop, num_patches, kept", [(0.25, 64, 48), (0.3, 16, 11), (0.0, 16, 16),
+                                                     (0.125, 4, 4)])  # round(0.5) = 0: half to even
+def test_keep_mask_count_is_l_minus_rounded_drop(drop, num_patches, kept):
+    scores = np.random.default_rng(0).random((5, num_patches), dtype=np.float32)
+    keep = cam.keep_mask(scores, drop)
+    assert (keep.sum(axis=1) == kept).all()
+    threshold = np.sort(scores, axis=1)[:, num_patches - kept]
+    assert (scores[keep].reshape(5, kept) >= threshold[:, None]).all()
+
+
+def test_keep_mask_refuses_to_drop_everything():
+    with pytest.raises(DQError, match="patches.drop"):
+        cam.keep_mask(np.zeros((2, 4), np.float32), drop=0.9)
+
+
+def test_patch_scores_are_patch_means_in_raster_order():
+    maps = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    scores = cam.patch_scores(maps, 2)
+    expected = [[np.mean(maps[n, r:r + 2, c:c + 2]) for r in (0, 2) for c in (0, 2)] for n in range(2)]
+    assert scores.dtype == np.float32 and scores.shape == (2, 4)
+    np.testing.assert_allclose(scores, expected)
+    with pytest.raises(DQError, match="patch_size"):
+        cam.patch_scores(maps, 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A model with a known map
+
+
+class Quadrants(nn.Module):
+    """Channel c is the image's channel sum, masked to one quadrant: c=0 top-left, c=1 bottom-right."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        masks = torch.zeros(2, size, size)
+        half = size // 2
+        masks[0, :half, :half] = 1
+        masks[1, half:, half:] = 1
+        self.register_buffer("masks", masks[None])
+
+    def forward(self, x):
+        return self.masks * x.sum(dim=1, keepdim=True)  # [N, 2, H, W]
+
+
+class QuadrantNet(nn.Module):
+    """logit_c = mean of channel c: each class responds only to its quadrant."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.features = Quadrants(size)
+        self.scale = nn.Parameter(torch.ones(()))  # BaseCAM finds the device from a parameter
+
+    def forward(self, x):
+        return self.scale * self.features(x).mean(dim=(2, 3))
+
+
+def hand_gradcam_pp(images: np.ndarray, labels: np.ndarray, size: int) -> np.ndarray:
+    """GradCAM++ (Chattopadhay et al., eq. 19) of QuadrantNet, worked out by hand in float64.
+
+    A_c = mask_c * sum_k x_k; d logit_y / d A_c = 1/(HW) where c = y, 0 elsewhere. With g = 1/(HW):
+    alpha = g² / (2g² + sum(A_y) g³), w_y = sum_ij relu(g) alpha, cam = relu(w_y A_y), min-max scaled.
+    """
+    x = (images / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    s = x.sum(axis=3)  # [N, H, W]
+    half = size // 2
+    maps = np.zeros_like(s)
+    g = 1.0 / (size * size)
+    for n, y in enumerate(labels):
+        a = np.zeros_like(s[n])
+        quadrant = (slice(None, half), slice(None, half)) if y == 0 else (slice(half, None), slice(half, None))
+        a[quadrant] = s[n][quadrant]
+        alpha = g ** 2 / (2 * g ** 2 + a.sum() * g ** 3 + 1e-6)
+        weight = size * size * g * alpha
+        c = np.maximum(weight * a, 0)
+        c = c - c.min()
+        maps[n] = c / (1e-7 + c.max())
+    return maps
+
+
+def test_gradcam_matches_a_hand_computed_map_and_keeps_the_true_labels_quadrant():
+    size, p = 16, 4
+    rng = np.random.default_rng(0)
+    images = rng.integers(128, 256, (6, size, size, 3), dtype=np.uint8)  # positive after normalisation
+    labels = np.array([0, 1, 0, 1, 1, 0])
+    model = QuadrantNet(size)
+    maps = cam.attention_maps(model, model.features, images, labels, input_size=size, batch_size=4,
+                              progress=False)
+    expected = hand_gradcam_pp(images, labels, size)
+    assert maps.shape == (6, size, size) and maps.dtype == np.float32
+    np.testing.assert_allclose(maps, expected, atol=1e-5)
+    np.testing.assert_allclose(cam.patch_scores(maps, p), cam.patch_scores(expected.astype(np.float32), p),
+                               atol=1e-5)
+
+    keep = cam.keep_mask(cam.patch_scores(maps, p), drop=0.75).reshape(6, 4, 4)
+    top_left, bottom_right = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    top_left[:2, :2] = True
+    bottom_right[2:, 2:] = True
+    for k, y in zip(keep, labels):
+        assert (k == (top_left if y == 0 else bottom_right)).all()
+
+
+def test_the_label_not_the_prediction_chooses_the_map():
+    size = 16
+    images = np.full((2, size, size, 3), 200, np.uint8)
+    model = QuadrantNet(size)
+    maps = cam.attention_maps(model, model.features, images, np.array([0, 1]), size, 2, progress=False)
+    assert maps[0, :8, :8].min() > 0.99 and maps[0, 8:, 8:].max() == 0
+    assert maps[1, 8:, 8:].min() > 0.99 and maps[1, :8, :8].max() == 0
+
+
+def test_maps_are_resized_to_the_stored_image_size():
+    model = QuadrantNet(32)  # runs at input_size 32 on 16x16 images: the map comes back 16x16
+    images = np.full((1, 16, 16, 3), 200, np.uint8)
+    maps = cam.attention_maps(model, model.features, images, np.array([1]), 32, 1, progress=False)
+    assert maps.shape == (1, 16, 16)
+    assert maps[0, 8:, 8:].min() > 0.99 and maps[0, :8, :].max() == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layer rule, on a real timm backbone
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return create_backbone("resnet10t", "none")
+
+
+def test_auto_layer_is_the_deepest_with_a_map_of_at_least_4x4(resnet):
+    assert cam.target_layer(resnet, "auto", 32)[0] == "layer2"  # layer3 is 2x2, layer4 1x1
+    assert cam.target_layer(resnet, "auto", 64)[0] == "layer3"
+    assert cam.target_layer(resnet, "auto", 128)[0] == "layer4"
+    assert cam.target_layer(resnet, "auto", 16)[0] == "layer1"
+    name, module = cam.target_layer(resnet, "layer1", 32)
+    assert module is resnet.layer1
+
+
+def test_auto_layer_falls_back_to_the_deepest_map_above_1x1():
+    # no feature_info: the candidates are the top-level children
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+    assert cam.target_layer(net, "auto", 32)[0] == "1"  # 8x8, then 4x4
+    assert cam.target_layer(net, "auto", 8)[0] == "0"  # 2x2, then 1x1: none reaches 4x4
+    with pytest.raises(DQError, match="no layer of the backbone has a feature map larger than 1x1"):
+        cam.target_layer(net, "auto", 4)
+
+
+def test_bad_layers_are_one_line_errors(resnet):
+    with pytest.raises(DQError, match=r"patches.cam_layer = 'layer4' gives a 1x1 map"):
+        cam.target_layer(resnet, "layer4", 32)
+    with pytest.raises(DQError, match=r"patches.cam_layer = 'nope' is not a module.*layer2"):
+        cam.target_layer(resnet, "nope", 32)
+
+
+def test_cam_on_a_probed_backbone_is_deterministic(resnet):
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(3, resnet.num_features)).astype(np.float32)
+    model = classifier_with_probe(resnet, weight, np.zeros(3, np.float32))
+    images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1])
+    _, layer = cam.target_layer(resnet, "auto", 32)
+    first = cam.attention_maps(model, layer, images, labels, 32, 2, progress=False)
+    second = cam.attention_maps(model, layer, images, labels, 32, 2, progress=False)
+    whole = cam.attention_maps(model, layer, images, labels, 32, 5, progress=False)
+    assert first.shape == (5, 32, 32) and np.isfinite(first).all()
+    assert 0.0 <= first.min() and first.max() <= 1.0 + 1e-6 and first.max() > 0.99
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first, whole, atol=1e-4)  # batching changes nothing but float order
+    assert all(p.requires_grad for p in model.parameters())  # the weights are frozen only meanwhile

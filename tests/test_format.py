@@ -1,0 +1,355 @@
+"""The compact HDF5 format: round trip, layout, validation errors, the Dataset, the CLI, the stage."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dq import format as fmt
+from dq.cam import keep_mask
+from dq.errors import DQError
+from dq.io import Prepared, write_prepared
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 [n, size, size, 3] images with structure (so gzip has something to do)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    freq = rng.uniform(1, 4, (n, 1, 1, 3))
+    phase = rng.uniform(0, 6.3, (n, 1, 1, 3))
+    waves = np.sin(freq * (xx[None, ..., None] * 6 + yy[None, ..., None] * 3) + phase)
+    return (127.5 + 127 * waves).astype(np.uint8)
+
+
+def make_compact(path: Path, n: int = 40, size: int = 16, p: int = 4, drop: float = 0.25, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = smooth_images(n, size, seed)
+    scores = rng.random((n, (size // p) ** 2), dtype=np.float32)
+    keep = keep_mask(scores, drop)
+    labels = rng.integers(0, 3, n).astype(np.int64)
+    indices = np.sort(rng.choice(10 * n, n, replace=False)).astype(np.int64)
+    bins = rng.integers(0, 5, n).astype(np.int32)
+    header = fmt.Header(image_size=size, patch_size=p, channels=3, drop=drop, ratio=0.1,
+                        classes=["a", "b", "c"], source="test", params={"patches": {"drop": drop}})
+    fmt.write_compact(path, header, images, keep, labels, indices, bins, scores)
+    return dict(images=images, keep=keep, labels=labels, indices=indices, bins=bins, scores=scores)
+
+
+@pytest.fixture()
+def compact(tmp_path):
+    path = tmp_path / "dataset.h5"
+    return path, make_compact(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Patches and the round trip
+
+
+def test_extract_patches_follow_raster_order_of_kept_positions():
+    image = np.arange(4 * 4 * 1, dtype=np.uint8).reshape(1, 4, 4, 1)
+    keep = np.array([[False, True, True, False]])  # top-right, bottom-left
+    patches = fmt.extract_patches(image, keep, 2)
+    assert patches.shape == (1, 2, 2, 2, 1)
+    assert patches[0, 0, ..., 0].tolist() == [[2, 3], [6, 7]]
+    assert patches[0, 1, ..., 0].tolist() == [[8, 9], [12, 13]]
+    rebuilt = fmt.assemble(patches, keep, (2, 2))[0, ..., 0]
+    assert rebuilt.tolist() == [[0, 0, 2, 3], [0, 0, 6, 7], [8, 9, 0, 0], [12, 13, 0, 0]]
+
+
+def test_round_trip_is_pixel_exact_on_kept_patches(compact):
+    path, src = compact
+    data = fmt.read_compact(path)
+    h = data.header
+    assert (h.image_size, h.patch_size, h.channels, h.num_images) == (16, 4, 3, 40)
+    assert (h.num_patches, h.kept_patches, h.classes, h.source) == (16, 12, ["a", "b", "c"], "test")
+    pixel_keep = src["keep"].reshape(40, 4, 4).repeat(4, axis=1).repeat(4, axis=2)
+    images = data.images()
+    np.testing.assert_array_equal(images[pixel_keep], src["images"][pixel_keep])
+    assert (images[~pixel_keep] == 0).all()
+    for name in ("keep", "labels", "indices", "bins", "scores"):
+        np.testing.assert_array_equal(getattr(data, name), src[name])
+        assert getattr(data, name).dtype == fmt.DATASETS[name]
+
+
+def test_root_attributes_are_exactly_the_design(compact):
+    path, _ = compact
+    with h5py.File(path, "r") as f:
+        assert set(f.attrs) == set(fmt.ATTRS)
+        assert f.attrs["format"] == "dq-compact" and int(f.attrs["schema_version"]) == 1
+        assert f.attrs["grid"].tolist() == [4, 4] and int(f.attrs["num_patches"]) == 16
+        assert int(f.attrs["kept_patches"]) == 12 and float(f.attrs["drop"]) == 0.25
+        assert json.loads(f.attrs["classes"]) == ["a", "b", "c"]
+        assert json.loads(f.attrs["params"]) == {"patches": {"drop": 0.25}}
+        assert set(f) == set(fmt.DATASETS)
+
+
+def test_writing_twice_gives_identical_bytes(tmp_path):
+    digests = []
+    for name in ("one.h5", "two.h5"):
+        make_compact(tmp_path / name, n=300, size=32)
+        digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_chunks_compression_and_checksums(tmp_path):
+    path = tmp_path / "big.h5"
+    make_compact(path, n=600, size=32)  # patches are 1.4 MB raw: several chunks
+    with h5py.File(path, "r") as f:
+        for name in fmt.DATASETS:
+            d = f[name]
+            assert d.compression == "gzip" and d.shuffle and d.fletcher32, name
+            assert d.chunks[1:] == d.shape[1:], f"{name} is chunked along N only"
+            chunk_bytes = d.dtype.itemsize * math.prod(d.chunks)
+            if d.nbytes >= fmt.CHUNK_MIN:
+                assert fmt.CHUNK_MIN <= chunk_bytes <= fmt.CHUNK_MAX, (name, d.chunks)
+            else:
+                assert d.chunks == d.shape, name
+            assert d.dtype.byteorder in "<|="  # little-endian or single byte
+        assert f["patches"].chunks[0] < 600 and f["patches"].id.get_storage_size() < f["patches"].nbytes
+
+
+def test_chunk_shape_splits_rows_larger_than_the_maximum():
+    assert fmt.chunk_shape((10, 2048, 2048, 3), 1) == (1, 10, 2048, 3)  # a row is 12 MiB; 60 KiB chunks
+    assert fmt.chunk_shape((5,), 8) == (5,)
+    assert fmt.chunk_shape((100_000, 64), 4) == (256, 64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: every damage gives one line naming the file and the problem
+
+
+def _flip_bytes_in_a_chunk(path: Path, name: str) -> None:
+    with h5py.File(path, "r") as f:
+        info = f[name].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        chunk = bytearray(fh.read(4))
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def _set_attr(name, value):
+    def damage(path):
+        with h5py.File(path, "r+") as f:
+            f.attrs[name] = value
+    return damage
+
+
+def _delete(name):
+    def damage(path):
+        with h5py.File(path, "r+") as f:
+            del f[name]
+    return damage
+
+
+def _wrong_length(path):
+    with h5py.File(path, "r+") as f:
+        del f["indices"]
+        f.create_dataset("indices", data=np.arange(39, dtype=np.int64))
+
+
+def _keep_row_off(path):
+    with h5py.File(path, "r+") as f:
+        row = f["keep"][3]
+        row[np.flatnonzero(row)[0]] = False
+        f["keep"][3] = row
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+DAMAGE = {
+    "wrong format": (_set_attr("format", "something-else"), r"format = 'something-else'; expected 'dq-compact'"),
+    "newer schema": (_set_attr("schema_version", np.int64(2)), r"schema_version 2 is newer than this reader"),
+    "missing dataset": (_delete("bins"), r"missing dataset 'bins'"),
+    "missing attribute": (lambda p: _delete_attr(p, "grid"), r"missing root attribute 'grid'"),
+    "shapes disagree": (_wrong_length, r"dataset 'indices' is int64 \[39\]; expected int64 \[40\]"),
+    "derived attribute": (_set_attr("kept_patches", np.int64(11)), r"kept_patches = 11 disagrees"),
+    "keep row count": (_keep_row_off, r"keep row 3 has 11 True values; expected exactly K = 12"),
+    "checksum": (lambda p: _flip_bytes_in_a_chunk(p, "patches"), r"dataset 'patches'.* fails its checksum"),
+    "truncated": (_truncate, r"not a readable HDF5 file, truncated or damaged"),
+}
+
+
+def _delete_attr(path, name):
+    with h5py.File(path, "r+") as f:
+        del f.attrs[name]
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_files_fail_validation_with_one_line(compact, case):
+    path, _ = compact
+    fmt.validate(path)  # intact first
+    damage, message = DAMAGE[case]
+    damage(path)
+    with pytest.raises(DQError, match=message) as info:
+        fmt.validate(path)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(str(path))
+    with pytest.raises(DQError):
+        fmt.read_compact(path)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(DQError, match=r"nothing.h5: file not found"):
+        fmt.validate(tmp_path / "nothing.h5")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The torch Dataset
+
+
+def _read_all(ds, workers: int):
+    loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=workers, shuffle=False)
+    images, keeps, labels = zip(*loader)
+    return torch.cat(images), torch.cat(keeps), torch.cat(labels)
+
+
+def test_dataset_yields_zero_filled_images_masks_and_labels(compact):
+    path, src = compact
+    ds = fmt.CompactDataset(path)
+    assert ds._cf is None  # no handle is held after __init__
+    image, keep, label = ds[5]
+    assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
+    assert keep.dtype == torch.bool and keep.shape == (16,)
+    assert label.dtype == torch.int64 and int(label) == src["labels"][5]
+    expected = fmt.assemble(fmt.extract_patches(src["images"][5:6], src["keep"][5:6], 4), src["keep"][5:6], (4, 4))
+    np.testing.assert_array_equal(image.numpy().transpose(1, 2, 0), expected[0])
+    assert torch.equal(keep, torch.from_numpy(src["keep"][5]))
+    as_float = fmt.CompactDataset(path, as_float=True)[5][0]
+    assert as_float.dtype == torch.float32 and torch.allclose(as_float, image.float() / 255)
+    with pytest.raises(IndexError):
+        ds[40]
+
+
+def test_dataset_reads_the_same_with_two_workers(compact):
+    path, _ = compact
+    ds = fmt.CompactDataset(path)
+    ds[0]  # a handle opened in the parent must not leak into the workers
+    serial, parallel = _read_all(ds, 0), _read_all(ds, 2)
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a, b)
+    assert len(serial[0]) == 40
+    one_by_one = [ds[i] for i in range(40)]  # the loaders above fetch whole batches (__getitems__)
+    for part, whole in zip(zip(*one_by_one), serial):
+        assert torch.equal(torch.stack(part), whole)
+    scattered = ds.__getitems__([39, 5, 0, 5])  # unsorted, repeated, sparse: read row by row
+    for i, sample in zip([39, 5, 0, 5], scattered):
+        assert all(torch.equal(a, b) for a, b in zip(sample, one_by_one[i]))
+
+
+def test_dataset_checks_the_header_first(compact):
+    path, _ = compact
+    _set_attr("schema_version", np.int64(9))(path)
+    with pytest.raises(DQError, match="schema_version 9 is newer"):
+        fmt.CompactDataset(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_describe_lists_attributes_counts_and_bytes(compact, capsys):
+    path, _ = compact
+    fmt.main(["describe", str(path)])
+    out = capsys.readouterr().out
+    for word in ("dq-compact", "kept_patches", "40 images", "patches", "scores", "stored/raw", "a=", "total"):
+        assert word in out
+    fmt.main(["validate", str(path)])
+    assert "valid dq-compact version 1: 40 images" in capsys.readouterr().out
+
+
+def test_cli_reports_damage_as_one_error_line(compact):
+    path, _ = compact
+    _flip_bytes_in_a_chunk(path, "scores")
+    result = subprocess.run([sys.executable, "-m", "dq.format", "validate", str(path)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "checksum" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The compress stage, in-process, on a tiny prepared + selection + features set
+
+
+def _tiny_pipeline(root: Path) -> Path:
+    from dq.backbones import Features, write_features
+
+    n, classes = 24, ["zero", "one", "two"]
+    labels = np.arange(n) % 3
+    write_prepared(root / "data/prepared/train.h5", Prepared(smooth_images(n, 32, 3), labels, classes, "synthetic"))
+    indices = np.arange(0, n, 2, dtype=np.int64)
+    (root / "data/selection").mkdir(parents=True)
+    np.save(root / "data/selection/indices.npy", indices)
+    np.save(root / "data/selection/bins.npy", (np.arange(n) % 4).astype(np.int32))
+    rng = np.random.default_rng(0)
+    d = 512  # resnet10t's features
+    write_features(root / "data/features/train.h5", Features(
+        embedding=rng.normal(size=(n, d)).astype(np.float32), logit_grad=None,
+        probe_weight=rng.normal(size=(3, d)).astype(np.float32) * 0.05, probe_bias=np.zeros(3, np.float32),
+        kind="embedding", backbone="resnet10t", weights="none", input_size=32, classes=classes,
+        probe_train_accuracy=0.0))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(source="synthetic", image_size=32)
+    params["features"].update(backbone="resnet10t", weights="none", input_size=32)
+    params["patches"].update(drop=0.25, patch_size=4, cam_layer="auto", batch_size=8)
+    params["runtime"].update(device="cpu")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def test_compress_stage_writes_a_valid_file_metrics_and_a_figure(tmp_path):
+    from stages import compress
+
+    root = _tiny_pipeline(tmp_path)
+    argv = ["--params", str(root / "params.yaml"), "--data", str(root / "data")]
+    compress.main(argv)
+    out = root / "data/compact/dataset.h5"
+    first = hashlib.sha256(out.read_bytes()).hexdigest()
+    header = fmt.validate(out)
+    assert (header.num_images, header.kept_patches, header.num_patches) == (12, 48, 64)
+    data = fmt.read_compact(out)
+    prepared_images = smooth_images(24, 32, 3)
+    np.testing.assert_array_equal(data.indices, np.arange(0, 24, 2))
+    np.testing.assert_array_equal(data.bins, np.arange(0, 24, 2) % 4)
+    np.testing.assert_array_equal(data.labels, np.arange(0, 24, 2) % 3)
+    pixel_keep = data.keep.reshape(12, 8, 8).repeat(4, axis=1).repeat(4, axis=2)
+    np.testing.assert_array_equal(data.images()[pixel_keep], prepared_images[data.indices][pixel_keep])
+    np.testing.assert_array_equal(data.keep, keep_mask(data.scores, 0.25))
+    assert json.loads(json.dumps(header.params))["features"] == {"backbone": "resnet10t", "weights": "none",
+                                                                  "input_size": 32}
+
+    metrics = json.loads((root / "data/compact_metrics.json").read_text())
+    assert metrics["compact_bytes"] == out.stat().st_size
+    assert metrics["full_raw_bytes"] == 24 * 32 * 32 * 3 and metrics["kept_raw_bytes"] == 12 * 32 * 32 * 3
+    assert metrics["kept_pixel_share"] == pytest.approx(0.5 * 0.75)
+    assert metrics["compression_ratio"] == pytest.approx(metrics["full_raw_bytes"] / metrics["compact_bytes"])
+    assert (root / "data/compact_plots/patches.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    compress.main(argv)  # same inputs, same bytes
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == first
+
+
+def test_compress_stage_refuses_features_from_another_backbone(tmp_path):
+    from stages import compress
+
+    root = _tiny_pipeline(tmp_path)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["features"]["input_size"] = 64
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(DQError, match=r"features/train.h5: made with features.input_size = 32"):
+        compress.main(["--params", str(root / "params.yaml"), "--data", str(root / "data")])
