@@ -10,31 +10,20 @@ import json
 
 import numpy as np
 
-from dq.errors import DQError, run_cli
-from dq.io import H5_OPEN_ERRORS, atomic_path, h5_file, read_prepared
+from dq.errors import run_cli
+from dq.backbones import read_features
+from dq.io import atomic_path, read_prepared
 from dq.params import Params
 from dq.select import GradientFeatures, diversity, select_indices
 from stages.common import parse_args
 
 
-def read_features(path):
-    """embedding [N, D] float32, or GradientFeatures when the file also holds logit_grad [N, C]."""
-    with h5_file(path) as f:
-        if "embedding" not in f:
-            raise DQError(f"{path}: missing dataset 'embedding'; is this a file written by the features stage?")
-        try:
-            embedding = f["embedding"][...]
-            logit_grad = f["logit_grad"][...] if "logit_grad" in f else None
-        except H5_OPEN_ERRORS as exc:
-            raise DQError(f"{path}: cannot read ({str(exc).splitlines()[0][:200]}); rerun the features stage") from None
-    if embedding.ndim != 2:
-        raise DQError(f"{path}: embedding must be float [N, D], got shape {embedding.shape}")
-    if logit_grad is None:
-        return embedding
-    if logit_grad.ndim != 2 or len(logit_grad) != len(embedding):
-        raise DQError(f"{path}: logit_grad must be float [N, C] with N = {len(embedding)} rows like "
-                      f"embedding, got shape {logit_grad.shape}")
-    return GradientFeatures(logit_grad, embedding)
+def selection_features(path, expected_rows: int):
+    """The features file's embedding [N, D], or GradientFeatures when it holds logit_grad [N, C]."""
+    features = read_features(path, expected_rows)
+    if features.logit_grad is None:
+        return features.embedding
+    return GradientFeatures(features.logit_grad, features.embedding)
 
 
 def summarise(params: Params, features, labels, bins, indices, classes) -> dict:
@@ -105,12 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     args, params = parse_args("DQ selection: bins and the kept samples.", argv)
     features_path = args.data / "features" / "train.h5"
     prepared_path = args.data / "prepared" / "train.h5"
-    features = read_features(features_path)
     prepared = read_prepared(prepared_path, images=False)
-    n = len(features)
-    if n != len(prepared.labels):
-        raise DQError(f"{features_path}: {n} feature rows but {prepared_path} has {len(prepared.labels)} "
-                      "labels; rerun the features stage")
+    features = selection_features(features_path, len(prepared.labels))
+    n = len(prepared.labels)
     sel = params.select
     bins, indices = select_indices(sel.method, features, prepared.labels, params.ratio, params.seed,
                                    sel.num_bins, sel.lam, sel.per_class, progress=True)

@@ -284,19 +284,25 @@ def test_num_bins_errors():
 
 # ------------------------------------------------------------------------------------------ stage
 
-def _write_stage_inputs(tmp_path, gradient):
-    import h5py
+def _write_features(tmp_path, embedding, logit_grad=None):
+    from dq.backbones import Features, write_features
 
+    c = 3
+    write_features(tmp_path / "features" / "train.h5", Features(
+        embedding=embedding, logit_grad=logit_grad, probe_weight=np.zeros((c, embedding.shape[1]), np.float32),
+        probe_bias=np.zeros(c, np.float32), kind="embedding" if logit_grad is None else "gradient",
+        backbone="efficientnet_lite0", weights="none", input_size=32, classes=["a", "b", "c"],
+        probe_train_accuracy=1.0))
+
+
+def _write_stage_inputs(tmp_path, gradient):
     rng = np.random.default_rng(0)
     n = 120
     labels = np.repeat(np.arange(3), 40)
     write_prepared(tmp_path / "prepared" / "train.h5",
                    Prepared(np.zeros((n, 8, 8, 3), np.uint8), labels, ["a", "b", "c"], "synthetic"))
-    (tmp_path / "features").mkdir()
-    with h5py.File(tmp_path / "features" / "train.h5", "w") as f:
-        f["embedding"] = rng.normal(size=(n, 6)).astype(np.float32) + labels[:, None]
-        if gradient:
-            f["logit_grad"] = rng.normal(size=(n, 3)).astype(np.float32)
+    embedding = rng.normal(size=(n, 6)).astype(np.float32) + labels[:, None]
+    _write_features(tmp_path, embedding, rng.normal(size=(n, 3)).astype(np.float32) if gradient else None)
     params = yaml.safe_load(open("params.yaml"))
     params["ratio"] = 0.25
     params["select"]["num_bins"] = 4
@@ -331,13 +337,10 @@ def test_stage_writes_selection(tmp_path, gradient):
 
 
 def test_stage_rejects_mismatched_files(tmp_path):
-    import h5py
-
     from stages.select import main
 
     params, _ = _write_stage_inputs(tmp_path, False)
-    with h5py.File(tmp_path / "features" / "train.h5", "w") as f:
-        f["embedding"] = np.ones((100, 6), np.float32)
-    with pytest.raises(DQError, match="100 feature rows but .* has 120 labels"):
+    _write_features(tmp_path, np.ones((100, 6), np.float32))
+    with pytest.raises(DQError, match="has 100 rows but the prepared training set has 120"):
         main(["--params", str(params), "--data", str(tmp_path)])
     assert not (tmp_path / "selection").exists()
