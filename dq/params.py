@@ -137,7 +137,7 @@ class MaeParams(_Section):
     warmup_epochs: int = 2
     norm_pix_loss: bool = True
     eval_images: int = 256  # held-out images for the PSNR/SSIM metrics
-    resume: bool = False  # continue from data/mae/checkpoint.pt when present
+    resume: bool = False  # continue from data/mae_ckpt/last.pt (saved each epoch) when present
 
     def check(self, where, prefix):
         self._need(0.0 < self.mask_ratio < 1.0, where, prefix, "mask_ratio", "a number in (0, 1)")
