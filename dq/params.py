@@ -52,8 +52,8 @@ class DataParams(_Section):
     root: str | None = None  # None: the built-in location of the source (Debian's fashion-mnist)
     download: bool = False  # cifar10/cifar100 only: let torchvision download into root
     image_size: int = 32  # side of the square uint8 images every later stage sees
-    train_limit: int | None = None  # class-balanced subset of the training set; None: all
-    test_limit: int | None = None
+    train_limit: int | None = 6000  # class-balanced subset of the training set; None: all
+    test_limit: int | None = 2000
     skip_bad: bool = False  # imagefolder: skip unreadable images (counted) instead of stopping
     synthetic_classes: int = 4  # synthetic only
     synthetic_train: int = 200  # synthetic only: training images in all
@@ -129,13 +129,13 @@ class MaeParams(_Section):
     arch: str = "mae_vit_tiny_patch4"  # a name in dq.mae's registry
     checkpoint: str | None = None  # path to a reference MAE checkpoint (key 'model'); None: train
     input_size: int = 32  # the MAE's image side; stored images are resized to it
-    mask_ratio: float = 0.75
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 1.5e-3
+    mask_ratio: float = 0.25  # we fill 25% drops; the reference trains at 0.75
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2.0e-3
     weight_decay: float = 0.05
-    warmup_epochs: int = 2
-    norm_pix_loss: bool = True
+    warmup_epochs: int = 1
+    norm_pix_loss: bool = False
     eval_images: int = 256  # held-out images for the PSNR/SSIM metrics
     resume: bool = False  # continue from data/mae_ckpt/last.pt (saved each epoch) when present
 
@@ -151,11 +151,11 @@ class MaeParams(_Section):
 
 @dataclass(frozen=True)
 class TrainParams(_Section):
-    model: str = "resnet18"  # a timm model name; resnet* get a CIFAR stem on small images
+    model: str = "resnet10t"  # a timm model name; ResNets get a CIFAR stem on images <= 64 px
     input: str = "compact"  # compact | selected | full
     epochs: int = 15
-    batch_size: int = 128
-    lr: float = 0.1
+    batch_size: int = 32
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5.0e-4
     crop_padding: int = 4

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dq.params import ParamError, load_params, params_from_dict
+from dq.params import Params, ParamError, load_params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +19,7 @@ def raw() -> dict:
 
 def test_repo_params_load_and_match_dataclass_defaults(raw):
     params = load_params(ROOT / "params.yaml")
+    assert params == Params()  # the dataclasses document the same defaults as params.yaml
     assert params.ratio == raw["ratio"] and params.seed == raw["seed"]
     assert params.data.source == "fashion-mnist"
     # every key of params.yaml is a field, and every field is in params.yaml: the file documents them all

@@ -1,0 +1,186 @@
+"""One run's results in one place: accuracy, storage and reconstruction figures, and the image grids.
+
+`build_report` reads the metrics of the compress, mae and train stages and the train stage's final
+evaluation, and writes into one folder:
+
+    summary.json     top1, storage (compact_bytes, full_raw_bytes, compression_ratio, kept_pixel_share),
+                     MAE PSNR/SSIM against the simple fills, and the params that produced the run
+    confusion.png    the final epoch's confusion matrix on the test set
+    curves.png       loss and accuracy per epoch
+    bins.png, patches.png, reconstruction.png   the earlier stages' image grids, copied when present
+    index.md         a short page linking all of it
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from dq.errors import DQError
+from dq.io import atomic_path, write_json
+
+COPIED_FIGURES = ("bins.png", "patches.png", "reconstruction.png")
+FILLS = ("mae", "mean_fill", "nearest_fill")
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    """A JSON object from `path`; a DQError naming the file and the stage that writes it otherwise."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DQError(f"{path}: not found; run the {what} stage first") from None
+    except (OSError, ValueError) as exc:
+        raise DQError(f"{path}: not readable JSON ({str(exc).splitlines()[0][:120]}); rerun the {what} stage") from None
+    if not isinstance(obj, dict):
+        raise DQError(f"{path}: expected a JSON object; rerun the {what} stage")
+    return obj
+
+
+def _need(obj: dict, key: str, where: str):
+    if key not in obj:
+        raise DQError(f"{where}: missing key '{key}'; rerun the stage that writes it")
+    return obj[key]
+
+
+def summary(train: dict, compact: dict, mae: dict, params: dict) -> dict:
+    """The run's accuracy, storage and ratios. `params` holds ratio, seed, select.method, patches.drop.
+
+    compact_bytes is the compact file; training_bytes what the classifier's input (train.input) takes,
+    which is the compact file for `compact` and raw pixels for `selected` and `full`.
+    """
+    full_raw = int(_need(compact, "full_raw_bytes", "compact_metrics.json"))
+    compact_bytes = int(_need(compact, "compact_bytes", "compact_metrics.json"))
+    training_bytes = int(_need(train, "compact_bytes", "train_metrics.json"))
+    return {
+        "top1": float(_need(train, "top1", "train_metrics.json")),
+        "input": _need(train, "input", "train_metrics.json"),
+        "model": train.get("model"),
+        "epochs": train.get("epochs"),
+        "train_images": int(_need(train, "train_images", "train_metrics.json")),
+        "kept_pixels": int(_need(train, "kept_pixels", "train_metrics.json")),
+        "per_class_acc": train.get("per_class_acc", {}),
+        "compact_bytes": compact_bytes,
+        "full_raw_bytes": full_raw,
+        "compression_ratio": full_raw / max(compact_bytes, 1),
+        "training_bytes": training_bytes,
+        "training_compression_ratio": full_raw / max(training_bytes, 1),
+        "kept_pixel_share": float(_need(compact, "kept_pixel_share", "compact_metrics.json")),
+        "selected_share": compact.get("selected_share"),
+        "reconstruction": {fill: {k: mae[fill][k] for k in ("psnr", "ssim") if k in mae[fill]}
+                           for fill in FILLS if isinstance(mae.get(fill), dict)},
+        "params": dict(params),
+    }
+
+
+# --- figures ------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def confusion_figure(path: str | Path, confusion: np.ndarray, classes: list[str]) -> None:
+    """Rows are true classes, columns predictions; each cell shows its count, rows shaded by recall."""
+    plt = _pyplot()
+    confusion = np.asarray(confusion, dtype=np.int64)
+    recall = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    c = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * c, 0.8 + 0.5 * c))
+    ax.imshow(recall, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(c):
+        for j in range(c):
+            ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if recall[i, j] > 0.5 else "black")
+    ax.set_xticks(range(c), classes, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(c), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"test top-1 {np.trace(confusion) / max(confusion.sum(), 1):.3f}")
+    fig.tight_layout()
+    _save(fig, Path(path))
+
+
+def curves_figure(path: str | Path, history: list[dict]) -> None:
+    """Loss and accuracy per epoch, training (augmented batches) and test."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(8, 3))
+    for split in ("train", "test"):
+        loss_ax.plot(epochs, [r[f"{split}_loss"] for r in history], marker=".", label=split)
+        acc_ax.plot(epochs, [r[f"{split}_acc"] for r in history], marker=".", label=split)
+    loss_ax.set(xlabel="epoch", ylabel="loss")
+    acc_ax.set(xlabel="epoch", ylabel="top-1")
+    acc_ax.legend()
+    fig.tight_layout()
+    _save(fig, Path(path))
+
+
+# --- the page -----------------------------------------------------------------------------------------
+
+
+def index_markdown(s: dict, figures: list[str]) -> str:
+    """A short page: the headline numbers and the figures present."""
+    p = s["params"]
+    lines = [
+        "# dq run report",
+        "",
+        f"Ratio {p.get('ratio')}, method {p.get('method')}, patch drop {p.get('drop')}, seed {p.get('seed')}; "
+        f"{s['model']} trained {s['epochs']} epochs on {s['train_images']} `{s['input']}` images.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| test top-1 (final epoch) | {s['top1']:.4f} |",
+        f"| compact file | {s['compact_bytes']:,} bytes |",
+        f"| full training set, raw | {s['full_raw_bytes']:,} bytes |",
+        f"| compression ratio (full raw / compact) | {s['compression_ratio']:.2f}× |",
+        f"| kept pixel share | {s['kept_pixel_share']:.4f} |",
+    ]
+    for fill, m in s["reconstruction"].items():
+        if "psnr" in m and "ssim" in m:
+            lines.append(f"| dropped patches, {fill.replace('_', ' ')}: PSNR / SSIM | "
+                         f"{m['psnr']:.2f} dB / {m['ssim']:.4f} |")
+    lines += ["", "Details: [summary.json](summary.json).", ""]
+    for name in figures:
+        lines += [f"![{name[:-4]}]({name})", ""]
+    return "\n".join(lines)
+
+
+def build_report(out: str | Path, *, train_metrics: str | Path, compact_metrics: str | Path,
+                 mae_metrics: str | Path, evaluation: str | Path, figures: dict[str, str | Path],
+                 params: dict) -> dict:
+    """Write the report folder `out` whole (atomically); returns the summary.
+
+    `figures` maps a name in COPIED_FIGURES to the earlier stage's PNG; missing ones are skipped.
+    """
+    s = summary(read_json(train_metrics, "train"), read_json(compact_metrics, "compress"),
+                read_json(mae_metrics, "mae"), params)
+    ev = read_json(evaluation, "train")
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        written = ["confusion.png", "curves.png"]
+        confusion_figure(tmp / "confusion.png", np.asarray(_need(ev, "confusion", str(evaluation))),
+                         _need(ev, "classes", str(evaluation)))
+        curves_figure(tmp / "curves.png", _need(ev, "history", str(evaluation)))
+        for name in COPIED_FIGURES:
+            src = Path(figures.get(name, ""))
+            if figures.get(name) and src.is_file():
+                shutil.copyfile(src, tmp / name)
+                written.append(name)
+        write_json(tmp / "summary.json", s)
+        (tmp / "index.md").write_text(index_markdown(s, written))
+    return s

@@ -1,0 +1,442 @@
+"""Classifier training and evaluation: the last step that tells whether a compact dataset is any good.
+
+A timm classifier is trained on one of three training sets (`train.input`) and scored on the whole
+prepared test set:
+
+- `compact`: the compact HDF5 store, its dropped patches filled in by the MAE. The fill happens ONCE per
+  run, before the first epoch, and the filled images stay in memory; kept pixels are the stored ones.
+- `selected`: the selected rows (the compact file's `indices`) with all their original pixels, the
+  ablation without patch dropping.
+- `full`: the whole prepared training set, the upper bound.
+
+Small images. timm's ResNets begin with a stride-2 stem and a max-pool, which leave a 32×32 image 8×8
+before the first stage. For a ResNet (any `timm.models.resnet.ResNet`) on images of at most 64 pixels,
+`create_classifier` swaps in the CIFAR stem: one 3×3 convolution with stride 1 and no max-pool. Other
+architectures are built as timm defines them.
+
+Training budget. An epoch is one pass over the chosen training set, so `train.epochs` fixes the number of
+times each image is seen, whatever the set's size: the same budget per image seen for `compact`,
+`selected` and `full` alike (the `full` run simply takes more steps).
+
+The reported accuracy is the FINAL epoch's top-1 on the test set. The best epoch's test accuracy is
+kept only as `best_epoch_test_acc_do_not_use_for_selection`: choosing an epoch by test accuracy is model
+selection on test data.
+
+Determinism. Augmentation (random crop with zero padding, horizontal flip) works on uint8 tensors and
+draws from a generator seeded by (seed, epoch), so epoch e sees the same crops whether or not the run
+was resumed. On the CPU two runs with the same params give the same metrics and the same model bytes.
+
+Resume. After every epoch the model, optimizer, scheduler, torch RNG state and the per-epoch history
+are written to the checkpoint (`data/train_ckpt/last.pt` in the pipeline). With `train.resume: true`, a
+checkpoint whose fingerprint (params, seed, training and test data) matches the run continues where
+it stopped; a checkpoint from other params or data is ignored with a note on stderr.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.resnet import ResNet
+from tqdm import tqdm
+
+from dq import format as compact_format
+from dq import mae as dq_mae
+from dq.errors import DQError
+from dq.io import Prepared, atomic_path
+from dq.params import TrainParams
+
+CIFAR_STEM_MAX_SIZE = 64
+EVAL_BATCH_SIZE = 500
+
+
+@dataclass
+class TrainingSet:
+    """The images a classifier is trained on, and what storing them costs.
+
+    `kept_pixels` counts pixel positions (H×W, not ×C) that come from storage; `stored_bytes` is what
+    the set occupies on disk (the compact file) or as raw uint8 arrays (`selected`, `full`).
+    """
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    labels: np.ndarray  # int64 [N]
+    classes: list[str]
+    input: str
+    kept_pixels: int
+    stored_bytes: int
+    indices: np.ndarray | None = None  # int64 [N]: rows in the prepared training set (None: all rows)
+
+
+@dataclass
+class Evaluation:
+    """Scores of a model on a labelled set."""
+    loss: float
+    top1: float
+    confusion: np.ndarray  # int64 [C, C]: rows are true classes, columns predictions
+
+    def per_class_accuracy(self) -> np.ndarray:
+        """float [C]: recall of every class (0 for a class absent from the set)."""
+        totals = self.confusion.sum(axis=1)
+        return np.diag(self.confusion) / np.maximum(totals, 1)
+
+
+@dataclass
+class TrainResult:
+    model: object  # torch.nn.Module, on the CPU
+    history: list[dict]  # one record per epoch: epoch, lr, train_loss, train_acc, test_loss, test_acc
+    final: Evaluation  # the final epoch's evaluation on the test set
+    mean: list[float]  # per-channel normalisation of the training set, in [0, 1] units
+    std: list[float]
+    meta: dict = field(default_factory=dict)
+
+
+# --- training sets ----------------------------------------------------------------------------------
+
+
+def full_training_set(prepared: Prepared) -> TrainingSet:
+    n, h, w, _ = prepared.images.shape
+    return TrainingSet(prepared.images, prepared.labels, list(prepared.classes), "full",
+                       kept_pixels=n * h * w, stored_bytes=int(prepared.images.nbytes))
+
+
+def selected_training_set(prepared: Prepared, indices: np.ndarray) -> TrainingSet:
+    """The rows `indices` of the prepared set with their original pixels."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(prepared.labels)):
+        raise DQError(f"selected indices must lie in [0, {len(prepared.labels) - 1}], "
+                      f"found {int(indices.min())}..{int(indices.max())}; rerun select and compress")
+    images = prepared.images[indices]
+    n, h, w, _ = images.shape
+    return TrainingSet(images, prepared.labels[indices], list(prepared.classes), "selected",
+                       kept_pixels=n * h * w, stored_bytes=int(images.nbytes), indices=indices)
+
+
+def compact_training_set(compact_path: str | Path, mae_path: str | Path, *, device,
+                         batch_size: int = 256) -> TrainingSet:
+    """Read the compact store and fill its dropped patches with the MAE, once, into memory."""
+    compact_path = Path(compact_path)
+    store = compact_format.read_compact(compact_path)
+    patch_size = store.header.patch_size
+    model = dq_mae.load_mae(mae_path)
+    filled = dq_mae.reconstruct(model, store.images(), store.keep, patch_size, batch_size=batch_size,
+                                device=device)
+    return TrainingSet(np.asarray(filled, dtype=np.uint8), np.asarray(store.labels, dtype=np.int64),
+                       list(store.header.classes), "compact",
+                       kept_pixels=int(store.keep.sum()) * patch_size * patch_size,
+                       stored_bytes=compact_path.stat().st_size,
+                       indices=np.asarray(store.indices, dtype=np.int64))
+
+
+def compact_indices(compact_path: str | Path) -> np.ndarray:
+    """int64 [N]: the prepared-set rows of the compact store's images (the selection it was built from)."""
+    with compact_format.open_compact(compact_path) as cf:
+        return np.asarray(cf.read("indices"), dtype=np.int64)
+
+
+def training_set(kind: str, prepared: Prepared, compact_path: str | Path, mae_path: str | Path, *,
+                 device) -> TrainingSet:
+    """The training set `train.input` names: compact, selected or full."""
+    if kind == "full":
+        return full_training_set(prepared)
+    if kind == "selected":
+        return selected_training_set(prepared, compact_indices(compact_path))
+    if kind != "compact":
+        raise DQError(f"train.input = {kind!r} is not allowed; expected one of compact, selected, full")
+    train_set = compact_training_set(compact_path, mae_path, device=device)
+    rows = train_set.indices
+    if rows.size and (rows.min() < 0 or rows.max() >= len(prepared.labels)
+                      or not np.array_equal(prepared.labels[rows], train_set.labels)):
+        raise DQError(f"{compact_path}: its indices and labels do not match the prepared training set; "
+                      "rerun the pipeline from compress")
+    return train_set
+
+
+# --- model --------------------------------------------------------------------------------------------
+
+
+def create_classifier(name: str, num_classes: int, image_size: int):
+    """A randomly initialised timm classifier; ResNets on images <= 64 px get the CIFAR stem."""
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except (RuntimeError, ValueError) as exc:
+        raise DQError(f"train.model = {name!r}: timm cannot build it ({str(exc).splitlines()[0][:160]})") from None
+    if uses_cifar_stem(model, image_size):
+        replace_stem_with_cifar(model)
+    return model
+
+
+def uses_cifar_stem(model, image_size: int) -> bool:
+    return isinstance(model, ResNet) and image_size <= CIFAR_STEM_MAX_SIZE
+
+
+def replace_stem_with_cifar(model) -> None:
+    """conv1 → 3×3 stride-1 conv into the stem's output width; max-pool → identity."""
+    in_chans = _first_conv(model.conv1).in_channels
+    conv = nn.Conv2d(in_chans, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # as timm inits convs
+    model.conv1 = conv
+    model.maxpool = nn.Identity()
+
+
+def _first_conv(module):
+    if isinstance(module, nn.Conv2d):
+        return module
+    return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
+# --- tensors ------------------------------------------------------------------------------------------
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images [N, H, W, C], in [0, 1] units (float64 sums)."""
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    mean = x.mean(axis=0)
+    std = np.maximum(x.std(axis=0), 1e-3)  # a constant channel must not divide by zero
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+def augment(images, generator, padding: int, hflip: bool):
+    """Random crop with zero padding and random horizontal flip, on uint8 [B, H, W, C] → same shape."""
+    b, h, w, _ = images.shape
+    if padding > 0:
+        padded = torch.nn.functional.pad(images, (0, 0, padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, :, None]  # [B, H, 1]
+        cols = (dx[:, None] + torch.arange(w))[:, None, :]  # [B, 1, W]
+        images = padded[torch.arange(b)[:, None, None], rows, cols]  # [B, H, W, C]
+    if hflip:
+        flip = torch.rand(b, generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(2), images)
+    return images
+
+
+def to_input(images, mean, std, device):
+    """uint8 [B, H, W, C] → normalised float [B, C, H, W] in channels-last memory (faster on CPU)."""
+    x = images.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+def epoch_generator(seed: int, epoch: int):
+    """The generator of epoch `epoch`'s order and augmentation; independent of any resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def train_epoch(model, optimizer, scheduler, images, labels, mean, std, config: TrainParams,
+                generator, device) -> tuple[float, float]:
+    """One pass over the shuffled training set; returns (mean loss, accuracy) on the augmented batches.
+
+    A last batch of a single image is skipped: BatchNorm cannot train on one sample.
+    """
+    model.train()
+    order = torch.randperm(len(labels), generator=generator)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for start in range(0, len(order), config.batch_size):
+        idx = order[start:start + config.batch_size]
+        if len(idx) < 2:
+            continue
+        batch = augment(images[idx], generator, config.crop_padding, config.hflip)
+        x = to_input(batch, mean, std, device)
+        y = labels[idx].to(device)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(idx)
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def evaluate(model, images: np.ndarray, labels: np.ndarray, mean, std, num_classes: int, device,
+             batch_size: int = EVAL_BATCH_SIZE) -> Evaluation:
+    """Loss, top-1 and confusion matrix of `model` on uint8 images [N, H, W, C]."""
+    model.eval()
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    loss_sum = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(labels), batch_size):
+            x = to_input(torch.from_numpy(images[start:start + batch_size]), mean, std, device)
+            y = torch.from_numpy(labels[start:start + batch_size]).to(device)
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            pred = logits.argmax(1).cpu().numpy()
+            np.add.at(confusion, (labels[start:start + batch_size], pred), 1)
+    n = max(len(labels), 1)
+    return Evaluation(loss=loss_sum / n, top1=float(np.trace(confusion)) / n, confusion=confusion)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 2 else 0)
+
+
+def make_optimizer(model, config: TrainParams, total_steps: int):
+    """SGD (no Nesterov) and a cosine schedule stepped once per batch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=False)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return optimizer, scheduler
+
+
+def run_fingerprint(train_set: TrainingSet, test: Prepared, config: TrainParams, seed: int) -> str:
+    """What a checkpoint must match to be resumed: the params (but `resume`), seed and both data sets."""
+    h = hashlib.sha256()
+    settings = {k: v for k, v in vars(config).items() if k != "resume"}
+    h.update(json.dumps({"train": settings, "seed": seed}, sort_keys=True).encode())
+    for array in (train_set.images, train_set.labels, test.images, test.labels):
+        h.update(str(array.shape).encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def train_classifier(train_set: TrainingSet, test: Prepared, config: TrainParams, *, seed: int, device,
+                     checkpoint: str | Path | None = None,
+                     on_epoch: Callable[[dict], None] | None = None, progress: bool = True) -> TrainResult:
+    """Train `config.model` on `train_set`, scoring on `test` after every epoch.
+
+    `on_epoch` receives each epoch's record, including the epochs replayed from a resumed checkpoint,
+    so a logger sees the same sequence as in an uninterrupted run. The returned model is on the CPU.
+    """
+    if len(train_set.labels) < 2:
+        raise DQError(f"train.input = {train_set.input!r}: {len(train_set.labels)} training image(s); "
+                      "at least 2 are needed (raise ratio)")
+    if tuple(train_set.images.shape[1:]) != tuple(test.images.shape[1:]):
+        raise DQError(f"training images {train_set.images.shape[1:]} and test images {test.images.shape[1:]} "
+                      "differ in size; rerun the pipeline from prepare")
+    num_classes = len(test.classes)
+    mean, std = channel_stats(train_set.images)
+    torch.manual_seed(seed)
+    model = create_classifier(config.model, num_classes, train_set.images.shape[1])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    total = config.epochs * steps_per_epoch(len(train_set.labels), config.batch_size)
+    optimizer, scheduler = make_optimizer(model, config, total)
+    fingerprint = run_fingerprint(train_set, test, config, seed)
+
+    history: list[dict] = []
+    if config.resume and checkpoint is not None:
+        history = _resume(checkpoint, fingerprint, model, optimizer, scheduler)
+    for record in history:
+        if on_epoch:
+            on_epoch(record)
+
+    images = torch.from_numpy(np.ascontiguousarray(train_set.images))
+    labels = torch.from_numpy(np.ascontiguousarray(train_set.labels))
+    final = None
+    epochs = range(len(history), config.epochs)
+    for epoch in tqdm(epochs, desc="train", unit="epoch", disable=not progress, leave=False):
+        generator = epoch_generator(seed, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_epoch(model, optimizer, scheduler, images, labels, mean, std, config,
+                                            generator, device)
+        final = evaluate(model, test.images, test.labels, mean, std, num_classes, device)
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+                  "test_loss": final.loss, "test_acc": final.top1}
+        history.append(record)
+        _check_finite(history)
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, fingerprint, model, optimizer, scheduler, history)
+        if on_epoch:
+            on_epoch(record)
+    if final is None:  # every epoch came from the checkpoint: score the restored model once more
+        final = evaluate(model, test.images, test.labels, mean, std, num_classes, device)
+    return TrainResult(model.cpu(), history, final, mean, std,
+                       meta={"cifar_stem": uses_cifar_stem(model, train_set.images.shape[1])})
+
+
+def _save_checkpoint(path, fingerprint, model, optimizer, scheduler, history) -> None:
+
+    state = {"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history}
+    _save_torch(path, state)
+
+
+def _save_torch(path, obj) -> None:
+    """torch.save through a buffer: a file's name would leak into the archive (and the bytes) otherwise."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def _resume(path, fingerprint, model, optimizer, scheduler) -> list[dict]:
+    """Load a matching checkpoint into model/optimizer/scheduler; return its history ([] if none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a torn or foreign file: say so and start afresh rather than fail
+        print(f"note: {path}: unreadable checkpoint ({type(exc).__name__}); training from scratch",
+              file=sys.stderr)
+        return []
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        print(f"note: {path}: checkpoint is from other params or data; training from scratch", file=sys.stderr)
+        return []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return list(state["history"])
+
+
+# --- outputs ------------------------------------------------------------------------------------------
+
+
+def save_classifier(path: str | Path, result: TrainResult, config: TrainParams, classes: list[str],
+                    image_size: int) -> None:
+    """model.pt: the state dict plus what is needed to rebuild and normalise (byte-identical reruns)."""
+    state = {"model": result.model.state_dict(), "arch": config.model, "num_classes": len(classes),
+             "classes": list(classes), "image_size": int(image_size), "mean": result.mean, "std": result.std,
+             "cifar_stem": bool(result.meta.get("cifar_stem", False))}
+    _save_torch(path, state)
+
+
+def train_metrics(result: TrainResult, train_set: TrainingSet, config: TrainParams,
+                  full_raw_bytes: int) -> dict:
+    """The run's metrics: accuracy and storage at the top level, where `dvc exp show` lists them."""
+    last = result.history[-1]
+    per_class = result.final.per_class_accuracy()
+    return {
+        "top1": result.final.top1,
+        "test_loss": result.final.loss,
+        "train_loss": last["train_loss"],
+        "train_acc": last["train_acc"],
+        "best_epoch_test_acc_do_not_use_for_selection": max(r["test_acc"] for r in result.history),
+        "per_class_acc": {name: float(a) for name, a in zip(train_set.classes, per_class)},
+        "train_images": int(len(train_set.labels)),
+        "kept_pixels": int(train_set.kept_pixels),
+        "compact_bytes": int(train_set.stored_bytes),
+        "full_raw_bytes": int(full_raw_bytes),
+        "input": train_set.input,
+        "epochs": int(config.epochs),
+        "model": config.model,
+    }
+
+
+def evaluation_record(result: TrainResult, classes: list[str]) -> dict:
+    """The final evaluation in full (confusion matrix, per-class accuracy) and the per-epoch history."""
+    return {"classes": list(classes), "confusion": result.final.confusion.tolist(),
+            "per_class_acc": [float(a) for a in result.final.per_class_accuracy()],
+            "top1": result.final.top1, "history": result.history}
+
+
+def _check_finite(history: list[dict]) -> None:
+    if history and not math.isfinite(history[-1]["train_loss"]):
+        raise DQError("train: the training loss became NaN or infinite; lower train.lr")

@@ -1,0 +1,70 @@
+"""DVC stage `train`: a classifier trained on `train.input` and scored on the full prepared test set.
+
+Outputs: data/train/model.pt (weights and normalisation), data/train/evaluation.json (confusion matrix,
+per-class accuracy, per-epoch history), data/train_metrics.json (the run's metrics, top level for
+`dvc exp show`) and DVCLive's per-epoch plots under data/train_live/. The resumable checkpoint
+data/train_ckpt/last.pt is deliberately not a DVC output, so it survives an interrupted run
+(`train.resume: true` continues from it; see dq/train.py).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from dq.errors import DQError, run_cli
+from dq.io import read_prepared, write_json
+from dq.runtime import device_for, seed_everything
+from dq.train import evaluation_record, save_classifier, train_classifier, train_metrics, training_set
+from stages.common import parse_args
+
+LIVE_METRICS = {"train/loss": "train_loss", "train/acc": "train_acc", "test/loss": "test_loss",
+                "test/acc": "test_acc", "lr": "lr"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, params = parse_args("Train and evaluate the classifier.", argv)
+    tp = params.train
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DQError("runtime.nproc > 1: the train stage does not run under torchrun yet; set runtime.nproc: 1")
+    seed_everything(params.seed, params.runtime)
+    device = device_for(params.runtime)
+    prepared = read_prepared(args.data / "prepared" / "train.h5")
+    test = read_prepared(args.data / "prepared" / "test.h5")
+    train_set = training_set(tp.input, prepared, args.data / "compact" / "dataset.h5",
+                             args.data / "mae" / "model.pt", device=device)
+    if list(train_set.classes) != list(test.classes):
+        raise DQError(f"{args.data / 'compact' / 'dataset.h5'}: its classes differ from the prepared test "
+                      "set's; rerun the pipeline from compress")
+    print(f"train: {tp.model} on {len(train_set.labels)} {tp.input} images, {tp.epochs} epochs, "
+          f"{len(test.labels)} test images, device {device}", file=sys.stderr)
+
+    live = _live(args.data / "train_live")
+    result = train_classifier(train_set, test, tp, seed=params.seed, device=device,
+                              checkpoint=args.data / "train_ckpt" / "last.pt",
+                              on_epoch=lambda record: _log_epoch(live, record))
+    live.end()
+
+    save_classifier(args.data / "train" / "model.pt", result, tp, test.classes, test.images.shape[1])
+    write_json(args.data / "train" / "evaluation.json", evaluation_record(result, test.classes))
+    metrics = train_metrics(result, train_set, tp, full_raw_bytes=int(prepared.images.nbytes))
+    write_json(args.data / "train_metrics.json", metrics)
+    print(f"train: final-epoch top-1 {metrics['top1']:.4f} on {len(test.labels)} test images", file=sys.stderr)
+
+
+def _live(path):
+    """DVCLive that only writes its plots and summary: never dvc.yaml, never a DVC experiment."""
+    from dvclive import Live
+
+    return Live(dir=str(path), save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+def _log_epoch(live, record: dict) -> None:
+    for name, key in LIVE_METRICS.items():
+        live.log_metric(name, record[key])
+    live.next_step()
+    print(f"train: epoch {record['epoch']}: loss {record['train_loss']:.4f} train acc {record['train_acc']:.4f} "
+          f"test acc {record['test_acc']:.4f}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

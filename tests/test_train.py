@@ -1,0 +1,255 @@
+"""Classifier training: it learns, reports the final epoch, is deterministic, resumes exactly, and the
+compact input fills dropped patches once with the MAE while keeping stored pixels exact."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dq import mae as dq_mae
+from dq import train as dq_train
+from dq.errors import DQError
+from dq.format import Header, write_compact
+from dq.io import Prepared, read_prepared, write_prepared
+from dq.params import TrainParams
+from stages import train as train_stage
+
+SIZE = 16
+COLOURS = np.array([[230, 40, 40], [40, 200, 40], [40, 60, 230], [220, 220, 40]], dtype=np.float64)
+TINY = TrainParams(model="test_resnet", input="full", epochs=4, batch_size=16, lr=0.05, momentum=0.9,
+                   weight_decay=5.0e-4, crop_padding=2, hflip=True, resume=False)
+
+
+def blobs(n: int, seed: int, size: int = SIZE) -> Prepared:
+    """4 classes: a disc of the class's colour at a random place on a noisy grey background."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    yy, xx = np.mgrid[:size, :size]
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        cy, cx = rng.uniform(size * 0.3, size * 0.7, 2)
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2) < (size * 0.25) ** 2
+        img = rng.normal(110, 25, (size, size, 3))
+        img[disc] = COLOURS[label] + rng.normal(0, 15, 3)
+        images[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return Prepared(images, labels.astype(np.int64), [f"c{k}" for k in range(4)], "synthetic")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two OpenMP threads on a shared, busy 2-core machine spin far more than they compute."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[Prepared, Prepared]:
+    return blobs(96, seed=1), blobs(40, seed=2)
+
+
+def fit(train: Prepared, test: Prepared, config: TrainParams = TINY, **kw) -> dq_train.TrainResult:
+    return dq_train.train_classifier(dq_train.full_training_set(train), test, config, seed=0,
+                                     device=torch.device("cpu"), progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def baseline(data) -> dq_train.TrainResult:
+    """One uninterrupted run of TINY, shared by the tests that compare against it."""
+    return fit(*data)
+
+
+def state_bytes(result, tmp_path: Path, name: str) -> bytes:
+    path = tmp_path / name
+    dq_train.save_classifier(path, result, TINY, ["c0", "c1", "c2", "c3"], SIZE)
+    return path.read_bytes()
+
+
+# --- model ---------------------------------------------------------------------------------------------
+
+
+def test_resnets_on_small_images_get_the_cifar_stem():
+    small = dq_train.create_classifier("test_resnet", 4, 32)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
+    assert isinstance(small.maxpool, torch.nn.Identity)
+    assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    large = dq_train.create_classifier("test_resnet", 4, 128)
+    assert not isinstance(large.maxpool, torch.nn.Identity)
+
+
+def test_unknown_model_is_a_one_line_error():
+    with pytest.raises(DQError, match="train.model"):
+        dq_train.create_classifier("no_such_model_xyz", 4, 32)
+
+
+def test_augment_keeps_pixels_and_is_seeded():
+    images = torch.from_numpy(blobs(8, seed=3).images)
+    a = dq_train.augment(images, torch.Generator().manual_seed(5), 2, True)
+    b = dq_train.augment(images, torch.Generator().manual_seed(5), 2, True)
+    assert a.dtype == torch.uint8 and a.shape == images.shape and torch.equal(a, b)
+    # no padding and no flip: the identity
+    assert torch.equal(dq_train.augment(images, torch.Generator().manual_seed(5), 0, False), images)
+    # a flip only mirrors: every image is itself or its mirror
+    flipped = dq_train.augment(images, torch.Generator().manual_seed(1), 0, True)
+    for x, y in zip(images, flipped):
+        assert torch.equal(x, y) or torch.equal(x.flip(1), y)
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+
+def test_learns_and_reports_the_final_epoch(data, baseline):
+    train, test = data
+    result = baseline
+    assert len(result.history) == TINY.epochs
+    assert result.final.top1 > 0.7  # chance is 0.25
+    assert result.final.top1 == result.history[-1]["test_acc"]
+    again = dq_train.evaluate(result.model, test.images, test.labels, result.mean, result.std, 4,
+                              torch.device("cpu"))
+    assert again.top1 == pytest.approx(result.final.top1)
+    metrics = dq_train.train_metrics(result, dq_train.full_training_set(train), TINY, train.images.nbytes)
+    assert metrics["top1"] == result.history[-1]["test_acc"]
+    assert metrics["best_epoch_test_acc_do_not_use_for_selection"] == max(r["test_acc"] for r in result.history)
+    assert set(metrics["per_class_acc"]) == {"c0", "c1", "c2", "c3"}
+    assert result.final.confusion.sum() == len(test.labels)
+
+
+def test_two_runs_are_identical_and_resume_matches_an_uninterrupted_run(data, baseline, tmp_path):
+    train, test = data
+    config = TINY
+    first = baseline
+    second = fit(train, test, config)
+    assert first.history == second.history
+    assert state_bytes(first, tmp_path, "a.pt") == state_bytes(second, tmp_path, "b.pt")
+
+    ckpt = tmp_path / "ckpt" / "last.pt"
+
+    def stop_after_two(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(train, test, config, checkpoint=ckpt, on_epoch=stop_after_two)
+    seen = []
+    resumed = fit(train, test, dataclasses.replace(config, resume=True), checkpoint=ckpt, on_epoch=seen.append)
+    assert [r["epoch"] for r in seen] == [1, 2, 3, 4]  # the logger sees the replayed epochs too
+    assert resumed.history == first.history
+    assert state_bytes(resumed, tmp_path, "c.pt") == state_bytes(first, tmp_path, "a.pt")
+
+
+def test_a_checkpoint_from_other_params_is_not_resumed(data, tmp_path, capsys):
+    train, test = data
+    ckpt = tmp_path / "last.pt"
+    fit(train, test, dataclasses.replace(TINY, epochs=1), checkpoint=ckpt)
+    result = fit(train, test, dataclasses.replace(TINY, epochs=1, lr=0.01, resume=True), checkpoint=ckpt)
+    assert [r["epoch"] for r in result.history] == [1]
+    assert result.history[0]["lr"] == 0.01
+    assert "other params or data" in capsys.readouterr().err
+
+
+# --- the stage and the compact input -------------------------------------------------------------------
+
+
+def write_params(path: Path, **train) -> Path:
+    raw = {"seed": 0, "data": {"image_size": SIZE}, "patches": {"patch_size": 4},
+           "train": {**{k: v for k, v in dataclasses.asdict(TINY).items()}, **train},
+           "runtime": {"device": "cpu", "threads": 1}}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def make_pipeline_inputs(root: Path, data: tuple[Prepared, Prepared]) -> np.ndarray:
+    """prepared/, compact/dataset.h5 (every 2nd image, a quarter of patches dropped), mae/model.pt."""
+    train, test = data
+    write_prepared(root / "prepared" / "train.h5", train)
+    write_prepared(root / "prepared" / "test.h5", test)
+    indices = np.arange(0, len(train.labels), 2, dtype=np.int64)
+    n, grid = len(indices), SIZE // 4
+    rng = np.random.default_rng(0)
+    scores = rng.random((n, grid * grid)).astype(np.float32)
+    keep = np.zeros((n, grid * grid), dtype=bool)
+    np.put_along_axis(keep, np.argsort(-scores, axis=1)[:, :12], True, axis=1)
+    header = Header(image_size=SIZE, patch_size=4, channels=3, drop=0.25, ratio=0.5, classes=train.classes,
+                    source="synthetic")
+    write_compact(root / "compact" / "dataset.h5", header, train.images[indices], keep, train.labels[indices],
+                  indices, np.zeros(n, np.int32), scores)
+    torch.manual_seed(0)
+    mae = dq_mae.create_mae("mae_vit_micro_patch4", img_size=SIZE)
+    (root / "mae").mkdir()
+    torch.save(dq_mae.checkpoint_dict(mae, "mae_vit_micro_patch4"), root / "mae" / "model.pt")
+    return keep
+
+
+def test_compact_input_fills_once_and_keeps_stored_pixels(data, tmp_path, monkeypatch):
+    keep = make_pipeline_inputs(tmp_path, data)
+    calls = []
+    real = dq_mae.reconstruct
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dq_mae, "reconstruct", counting)
+    train_set = dq_train.training_set("compact", data[0], tmp_path / "compact" / "dataset.h5",
+                                      tmp_path / "mae" / "model.pt", device=torch.device("cpu"))
+    assert len(calls) == 1
+    original = data[0].images[::2]
+    kept_px = np.repeat(np.repeat(keep.reshape(-1, 4, 4), 4, axis=1), 4, axis=2)
+    assert np.array_equal(train_set.images[kept_px], original[kept_px])
+    assert train_set.kept_pixels == int(keep.sum()) * 16
+    assert train_set.stored_bytes == (tmp_path / "compact" / "dataset.h5").stat().st_size
+
+    params = write_params(tmp_path / "params.yaml", input="compact", epochs=1)
+    calls.clear()
+    train_stage.main(["--params", str(params), "--data", str(tmp_path)])
+    assert len(calls) == 1  # once per run, not once per epoch
+    metrics = json.loads((tmp_path / "train_metrics.json").read_text())
+    assert metrics["input"] == "compact" and metrics["train_images"] == len(data[0].labels) // 2
+    assert metrics["compact_bytes"] == train_set.stored_bytes
+    assert metrics["kept_pixels"] == train_set.kept_pixels
+
+
+def test_selected_input_is_the_compact_rows_with_original_pixels(data, tmp_path):
+    make_pipeline_inputs(tmp_path, data)
+    selected = dq_train.training_set("selected", data[0], tmp_path / "compact" / "dataset.h5",
+                                     tmp_path / "mae" / "model.pt", device=torch.device("cpu"))
+    assert np.array_equal(selected.images, data[0].images[::2])
+    assert selected.kept_pixels == len(selected.labels) * SIZE * SIZE
+    assert selected.stored_bytes == selected.images.nbytes
+
+
+def test_stage_outputs_are_byte_identical_across_runs(data, tmp_path):
+    make_pipeline_inputs(tmp_path, data)
+    params = write_params(tmp_path / "params.yaml", input="full", epochs=2)
+    outputs = ["train/model.pt", "train/evaluation.json", "train_metrics.json",
+               "train_live/plots/metrics/test/acc.tsv"]
+    train_stage.main(["--params", str(params), "--data", str(tmp_path)])
+    first = {name: (tmp_path / name).read_bytes() for name in outputs}
+    train_stage.main(["--params", str(params), "--data", str(tmp_path)])
+    assert {name: (tmp_path / name).read_bytes() for name in outputs} == first
+    metrics = json.loads(first["train_metrics.json"])
+    for key in ("top1", "per_class_acc", "train_images", "kept_pixels", "compact_bytes", "input", "epochs",
+                "model"):
+        assert key in metrics
+    assert metrics["train_images"] == 96 and metrics["kept_pixels"] == 96 * SIZE * SIZE
+    assert metrics["compact_bytes"] == 96 * SIZE * SIZE * 3
+    evaluation = json.loads(first["train/evaluation.json"])
+    assert np.array(evaluation["confusion"]).sum() == 40
+    rows = (tmp_path / "train_live/plots/metrics/test/acc.tsv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2  # header + one row per epoch
+    assert read_prepared(tmp_path / "prepared" / "test.h5").labels.size == 40
+
+
+def test_a_compact_file_from_other_prepared_data_is_refused(data, tmp_path):
+    make_pipeline_inputs(tmp_path, data)
+    train = data[0]
+    other = Prepared(train.images, np.roll(train.labels, 1), train.classes, train.source)
+    with pytest.raises(DQError, match="do not match the prepared training set"):
+        dq_train.training_set("compact", other, tmp_path / "compact" / "dataset.h5", tmp_path / "mae" / "model.pt",
+                              device=torch.device("cpu"))
