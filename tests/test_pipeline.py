@@ -1,0 +1,71 @@
+"""The whole pipeline through real `dvc repro` and `dvc exp run` in a temporary git repo."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.pipeline_repo import dvc, git, make_repo, ran_stages
+
+ALL_STAGES = ["prepare", "features", "select", "compress", "mae", "train", "report"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    out = dvc(repo, "repro")
+    assert sorted(ran_stages(out.stdout)) == sorted(ALL_STAGES), out.stdout
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "baseline run")
+    return repo
+
+
+def test_repro_writes_every_declared_output(repo):
+    data = repo / "data"
+    for path in ("prepared/train.h5", "prepared/test.h5", "features/train.h5", "selection/bins.npy",
+                 "selection/indices.npy", "selection/summary.json", "compact/dataset.h5", "mae/model.pt",
+                 "train/model.pt", "report/summary.json"):
+        assert (data / path).is_file(), path
+    metrics = json.loads((data / "train_metrics.json").read_text())
+    assert 0.0 <= metrics["top1"] <= 1.0
+    assert metrics["train_images"] == 24  # ratio 0.25 of 96
+    assert metrics["compact_bytes"] > 0
+
+
+def test_second_repro_runs_nothing(repo):
+    out = dvc(repo, "repro")
+    assert ran_stages(out.stdout) == [], out.stdout
+
+
+def test_exp_run_ratio_reruns_select_and_after_only(repo):
+    out = dvc(repo, "exp", "run", "-S", "ratio=0.5", "--name", "half")
+    ran = ran_stages(out.stdout)
+    assert "prepare" not in ran and "features" not in ran and "mae" not in ran, ran
+    assert {"select", "compress", "train", "report"} <= set(ran), ran
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    rows = _exp_rows(shown)
+    assert len(rows) >= 2
+    by_ratio = {row["params"]["ratio"]: row["metrics"] for row in rows}
+    assert set(by_ratio) >= {0.25, 0.5}
+    assert by_ratio[0.5]["train_images"] == 48 and by_ratio[0.25]["train_images"] == 24
+    for metrics in by_ratio.values():
+        assert "top1" in metrics and "compact_bytes" in metrics
+
+
+def _exp_rows(shown) -> list[dict]:
+    """Flatten `dvc exp show --json` (DVC 3) into rows of params.yaml values and train metrics."""
+    rows = []
+
+    def visit(entry):
+        data = (entry or {}).get("data") or {}
+        params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+        metrics = (data.get("metrics") or {}).get("data/train_metrics.json", {}).get("data", {})
+        if params and metrics:
+            rows.append({"params": params, "metrics": metrics})
+        for exp in entry.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                visit(rev)
+
+    for commit in shown:
+        visit(commit)
+    return rows
