@@ -164,6 +164,9 @@ def attention_maps(model: nn.Module, layer: nn.Module, images: np.ndarray, label
         raise DQError(f"images must be square for patch scores, got {h}x{w}")
     device = torch.device(device)
     model = model.eval().to(device)
+    cuda = device.type == "cuda"
+    if cuda:  # the layout cuDNN's fastest convolutions want; no autocast: pytorch-grad-cam needs float32
+        model = model.to(memory_format=torch.channels_last)
     maps = np.zeros((n, h, w), np.float32)
     with _gradients_down_to(model, layer):
         cam = GradCAMPlusPlus(model=model, target_layers=[layer])
@@ -173,6 +176,8 @@ def attention_maps(model: nn.Module, layer: nn.Module, images: np.ndarray, label
                 stop = min(start + batch_size, n)
                 x = preprocess(images[start:stop], input_size, mean=mean or IMAGENET_MEAN,
                                std=std or IMAGENET_STD, device=device)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 maps[start:stop] = _resize_maps(_batch_maps(cam, x, labels[start:stop]), h)
         finally:
             cam.activations_and_grads.release()  # not `with cam`: its __exit__ swallows IndexError

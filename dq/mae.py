@@ -418,27 +418,32 @@ class TrainState:
 def train_epoch(state: TrainState, images: torch.Tensor, *, seed: int, mask_ratio: float, batch_size: int,
                 lr: float, warmup_epochs: int, epochs: int, device: torch.device,
                 progress=None) -> Iterator[float]:
-    """Train one epoch over uint8 images [N, H, W, 3]; yields each batch's loss."""
+    """Train one epoch over uint8 images [N, H, W, 3]; yields each batch's loss, once the epoch is done.
+
+    The losses stay on the device until then: reading one per step would stall the GPU every step.
+    """
     model, opt, epoch = state.model, state.optimizer, state.epoch
     gen = epoch_generator(seed, epoch)
     order = torch.randperm(images.shape[0], generator=gen)
     steps = math.ceil(images.shape[0] / batch_size)
     model.train()
+    losses = []
     for i in range(steps):
         idx = order[i * batch_size:(i + 1) * batch_size]
         keep = random_keep(len(idx), model.patch_embed.num_patches, mask_ratio, gen)
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch + i / steps, lr=lr, warmup=warmup_epochs, total=epochs)
-        x = to_model_input(images[idx].to(device), model.config)
+        x = to_model_input(images[idx].to(device, non_blocking=True), model.config)
         with _autocast(device):
-            loss, _, _ = model(x, keep.to(device))
+            loss, _, _ = model(x, keep.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if progress is not None:
             progress.update(1)
-        yield float(loss.detach())
+        losses.append(loss.detach())
     state.epoch += 1
+    yield from (torch.stack(losses).tolist() if losses else [])
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -575,9 +580,9 @@ def reconstruct(model: MaskedAutoencoderViT, images: np.ndarray, keep: np.ndarra
     out = images.copy()
     batches = _batches_by_count(keep_m.sum(axis=1), batch_size)
     for rows in tqdm(batches, desc="mae reconstruct", unit="batch", disable=not progress, leave=False):
-        x = to_model_input(torch.from_numpy(images[rows]).to(device), cfg)
+        x = to_model_input(torch.from_numpy(images[rows]).to(device, non_blocking=True), cfg)
         with _autocast(device):
-            filled = predict_images(model, x, torch.from_numpy(keep_m[rows]).to(device))
+            filled = predict_images(model, x, torch.from_numpy(keep_m[rows]).to(device, non_blocking=True))
         filled = resize(filled.float(), h).clamp_(0.0, 1.0)
         filled = (filled * 255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         out[rows] = np.where(kept_px[rows, :, :, None], images[rows], filled)

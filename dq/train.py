@@ -26,6 +26,16 @@ Determinism. Augmentation (random crop with zero padding, horizontal flip) works
 draws from a generator seeded by (seed, epoch), so epoch e sees the same crops whether or not the run
 was resumed. On the CPU two runs with the same params give the same metrics and the same model bytes.
 
+Several processes. Under torchrun (`runtime.nproc` > 1, or several machines) the model is wrapped in
+DistributedDataParallel, one process per GPU. `train.batch_size` stays the GLOBAL batch: every rank
+draws the same order and augmentation (the same generator) and trains on its contiguous part of each
+batch, and the loss is scaled so that the averaged gradient is the whole batch's mean gradient, as in
+one process; the recipe (lr, schedule, steps per epoch) does not change with the number of GPUs.
+What does change: BatchNorm normalises each rank's part with that part's statistics, and sums are
+reduced in another order. Rank 0's running statistics are copied to every rank before each
+evaluation, the test set is scored in shards and the counts summed, and only rank 0 writes checkpoints.
+On CUDA the forward pass runs under bf16 autocast.
+
 Resume. After every epoch the model, optimizer, scheduler, torch RNG state and the per-epoch history
 are written to the checkpoint (`data/train_ckpt/last.pt` in the pipeline). With `train.resume: true`, a
 checkpoint whose fingerprint (params, seed, training and test data) matches the run continues where
@@ -33,6 +43,7 @@ it stopped; a checkpoint from other params or data is ignored with a note on std
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -50,6 +61,7 @@ import torch.nn.functional as F
 from timm.models.resnet import ResNet
 from tqdm import tqdm
 
+from dq import distributed
 from dq import format as compact_format
 from dq import mae as dq_mae
 from dq.errors import DQError
@@ -58,6 +70,7 @@ from dq.params import TrainParams
 
 CIFAR_STEM_MAX_SIZE = 64
 EVAL_BATCH_SIZE = 500
+MIN_IMAGES_PER_RANK = 2  # BatchNorm cannot train on a single sample
 
 
 @dataclass
@@ -128,7 +141,7 @@ def compact_training_set(compact_path: str | Path, mae_path: str | Path, *, devi
     patch_size = store.header.patch_size
     model = dq_mae.load_mae(mae_path)
     filled = dq_mae.reconstruct(model, store.images(), store.keep, patch_size, batch_size=batch_size,
-                                device=device)
+                                device=device, progress=distributed.is_main())
     return TrainingSet(np.asarray(filled, dtype=np.uint8), np.asarray(store.labels, dtype=np.int64),
                        list(store.header.classes), "compact",
                        kept_pixels=int(store.keep.sum()) * patch_size * patch_size,
@@ -220,12 +233,29 @@ def augment(images, generator, padding: int, hflip: bool):
     return images
 
 
-def to_input(images, mean, std, device):
-    """uint8 [B, H, W, C] → normalised float [B, C, H, W] in channels-last memory (faster on CPU)."""
-    x = images.to(device).permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+def normalisation(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std as [1, C, 1, 1] tensors on `device`, made once rather than per batch."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, device=device).view(1, -1, 1, 1))
+
+
+def to_input(images, norm: tuple[torch.Tensor, torch.Tensor], device):
+    """uint8 [B, H, W, C] on the CPU → normalised float [B, C, H, W] on `device`, channels-last memory.
+
+    On CUDA the batch goes through pinned memory and is copied without blocking the host.
+    """
+    if device.type == "cuda":
+        images = images.pin_memory()
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    mean, std = norm
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA GPUs that have it; full precision elsewhere (the CPU stays bit-exact)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # --- training -----------------------------------------------------------------------------------------
@@ -240,51 +270,87 @@ def train_epoch(model, optimizer, scheduler, images, labels, mean, std, config: 
                 generator, device) -> tuple[float, float]:
     """One pass over the shuffled training set; returns (mean loss, accuracy) on the augmented batches.
 
-    A last batch of a single image is skipped: BatchNorm cannot train on one sample.
+    images uint8 [N, H, W, C] and labels int64 [N] are CPU tensors. Under torchrun each rank trains on
+    its part of every batch (see the module docstring). A last batch too small to give every rank 2
+    images is skipped: BatchNorm cannot train on one sample. Loss and accuracy are summed on the device
+    and read once, at the end: a read per step would make the host wait for the GPU every step.
     """
     model.train()
+    device = torch.device(device)
+    world, rank = distributed.world_size(), distributed.rank()
+    norm = normalisation(mean, std, device)
     order = torch.randperm(len(labels), generator=generator)
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     for start in range(0, len(order), config.batch_size):
         idx = order[start:start + config.batch_size]
-        if len(idx) < 2:
+        if len(idx) < MIN_IMAGES_PER_RANK * world:
             continue
         batch = augment(images[idx], generator, config.crop_padding, config.hflip)
-        x = to_input(batch, mean, std, device)
-        y = labels[idx].to(device)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        part = distributed.split(len(idx), rank, world)
+        x = to_input(batch[part], norm, device)
+        y = labels[idx[part]].to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(x)
+            loss, batch_loss_sum = _batch_loss(logits, y, len(idx), world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        loss_sum += float(loss.detach()) * len(idx)
-        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += batch_loss_sum
+        correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
-    return loss_sum / max(seen, 1), correct / max(seen, 1)
+    totals = distributed.all_reduce_sum(torch.stack([loss_sum, correct.double()])).tolist()
+    return totals[0] / max(seen, 1), int(totals[1]) / max(seen, 1)
+
+
+def _batch_loss(logits, y, batch_images: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to backpropagate, the batch part's summed cross-entropy in float64, detached).
+
+    With several ranks each part's summed loss is divided by the whole batch's size and multiplied by
+    the world size, because DistributedDataParallel averages gradients over ranks: the result is the
+    gradient of the whole batch's mean loss, even when the parts differ in size by one image.
+    """
+    if world == 1:
+        loss = F.cross_entropy(logits, y)
+        return loss, loss.detach().double() * len(y)
+    summed = F.cross_entropy(logits, y, reduction="sum")
+    return summed * (world / batch_images), summed.detach().double()
 
 
 def evaluate(model, images: np.ndarray, labels: np.ndarray, mean, std, num_classes: int, device,
              batch_size: int = EVAL_BATCH_SIZE) -> Evaluation:
-    """Loss, top-1 and confusion matrix of `model` on uint8 images [N, H, W, C]."""
+    """Loss, top-1 and confusion matrix of `model` on uint8 images [N, H, W, C].
+
+    `model` is the plain module, never the DistributedDataParallel wrapper. Under torchrun each rank
+    scores a shard of whole batches and the sums are added up, so every rank returns the same numbers.
+    """
     model.eval()
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    loss_sum = 0.0
-    with torch.inference_mode():
-        for start in range(0, len(labels), batch_size):
-            x = to_input(torch.from_numpy(images[start:start + batch_size]), mean, std, device)
-            y = torch.from_numpy(labels[start:start + batch_size]).to(device)
+    device = torch.device(device)
+    norm = normalisation(mean, std, device)
+    rows = distributed.shard(len(labels), batch_size, distributed.rank(), distributed.world_size())
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.inference_mode(), autocast(device):
+        for start in range(rows.start, rows.stop, batch_size):
+            stop = min(start + batch_size, rows.stop)
+            x = to_input(torch.from_numpy(images[start:stop]), norm, device)
+            y = torch.from_numpy(labels[start:stop]).to(device, non_blocking=True)
             logits = model(x)
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            pred = logits.argmax(1).cpu().numpy()
-            np.add.at(confusion, (labels[start:start + batch_size], pred), 1)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
+    distributed.all_reduce_sum(confusion)
+    distributed.all_reduce_sum(loss_sum)
+    confusion = confusion.view(num_classes, num_classes).cpu().numpy()
     n = max(len(labels), 1)
-    return Evaluation(loss=loss_sum / n, top1=float(np.trace(confusion)) / n, confusion=confusion)
+    return Evaluation(loss=float(loss_sum) / n, top1=float(np.trace(confusion)) / n, confusion=confusion)
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Optimizer steps in one epoch: the full batches, and the last one if every rank gets 2 images."""
     full, rest = divmod(n, batch_size)
-    return full + (1 if rest >= 2 else 0)
+    return full + (1 if rest >= MIN_IMAGES_PER_RANK * world else 0)
 
 
 def make_optimizer(model, config: TrainParams, total_steps: int):
@@ -313,7 +379,14 @@ def train_classifier(train_set: TrainingSet, test: Prepared, config: TrainParams
 
     `on_epoch` receives each epoch's record, including the epochs replayed from a resumed checkpoint,
     so a logger sees the same sequence as in an uninterrupted run. The returned model is on the CPU.
+    Under torchrun every rank calls this and gets the same result; only rank 0 reads and writes
+    `checkpoint`.
     """
+    device, world = torch.device(device), distributed.world_size()
+    if config.batch_size < MIN_IMAGES_PER_RANK * world:
+        raise DQError(f"train.batch_size = {config.batch_size} is too small for {world} processes "
+                      f"(runtime.nproc); expected at least {MIN_IMAGES_PER_RANK * world}, "
+                      f"{MIN_IMAGES_PER_RANK} images per process")
     if len(train_set.labels) < 2:
         raise DQError(f"train.input = {train_set.input!r}: {len(train_set.labels)} training image(s); "
                       "at least 2 are needed (raise ratio)")
@@ -323,15 +396,16 @@ def train_classifier(train_set: TrainingSet, test: Prepared, config: TrainParams
     num_classes = len(test.classes)
     mean, std = channel_stats(train_set.images)
     torch.manual_seed(seed)
-    model = create_classifier(config.model, num_classes, train_set.images.shape[1])
-    model = model.to(device).to(memory_format=torch.channels_last)
-    total = config.epochs * steps_per_epoch(len(train_set.labels), config.batch_size)
-    optimizer, scheduler = make_optimizer(model, config, total)
+    net = create_classifier(config.model, num_classes, train_set.images.shape[1])
+    net = net.to(device).to(memory_format=torch.channels_last)
+    total = config.epochs * steps_per_epoch(len(train_set.labels), config.batch_size, world)
+    optimizer, scheduler = make_optimizer(net, config, total)
     fingerprint = run_fingerprint(train_set, test, config, seed)
 
     history: list[dict] = []
     if config.resume and checkpoint is not None:
-        history = _resume(checkpoint, fingerprint, model, optimizer, scheduler)
+        history = _resume(checkpoint, fingerprint, net, optimizer, scheduler)
+    model = _data_parallel(net, device)  # after the resume: DDP starts every rank from rank 0's weights
     for record in history:
         if on_epoch:
             on_epoch(record)
@@ -340,24 +414,35 @@ def train_classifier(train_set: TrainingSet, test: Prepared, config: TrainParams
     labels = torch.from_numpy(np.ascontiguousarray(train_set.labels))
     final = None
     epochs = range(len(history), config.epochs)
-    for epoch in tqdm(epochs, desc="train", unit="epoch", disable=not progress, leave=False):
+    for epoch in tqdm(epochs, desc="train", unit="epoch", disable=not (progress and distributed.is_main()),
+                      leave=False):
         generator = epoch_generator(seed, epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_epoch(model, optimizer, scheduler, images, labels, mean, std, config,
                                             generator, device)
-        final = evaluate(model, test.images, test.labels, mean, std, num_classes, device)
+        distributed.broadcast_buffers(net)
+        final = evaluate(net, test.images, test.labels, mean, std, num_classes, device)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                   "test_loss": final.loss, "test_acc": final.top1}
         history.append(record)
         _check_finite(history)
-        if checkpoint is not None:
-            _save_checkpoint(checkpoint, fingerprint, model, optimizer, scheduler, history)
+        if checkpoint is not None and distributed.is_main():
+            _save_checkpoint(checkpoint, fingerprint, net, optimizer, scheduler, history)
         if on_epoch:
             on_epoch(record)
     if final is None:  # every epoch came from the checkpoint: score the restored model once more
-        final = evaluate(model, test.images, test.labels, mean, std, num_classes, device)
-    return TrainResult(model.cpu(), history, final, mean, std,
-                       meta={"cifar_stem": uses_cifar_stem(model, train_set.images.shape[1])})
+        final = evaluate(net, test.images, test.labels, mean, std, num_classes, device)
+    return TrainResult(net.cpu(), history, final, mean, std,
+                       meta={"cifar_stem": uses_cifar_stem(net, train_set.images.shape[1])})
+
+
+def _data_parallel(model, device):
+    """`model` in DistributedDataParallel under torchrun (gradients averaged over ranks), else as it is."""
+    if distributed.world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _save_checkpoint(path, fingerprint, model, optimizer, scheduler, history) -> None:
@@ -376,24 +461,35 @@ def _save_torch(path, obj) -> None:
 
 
 def _resume(path, fingerprint, model, optimizer, scheduler) -> list[dict]:
-    """Load a matching checkpoint into model/optimizer/scheduler; return its history ([] if none)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a torn or foreign file: say so and start afresh rather than fail
-        print(f"note: {path}: unreadable checkpoint ({type(exc).__name__}); training from scratch",
-              file=sys.stderr)
-        return []
-    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-        print(f"note: {path}: checkpoint is from other params or data; training from scratch", file=sys.stderr)
+    """Load a matching checkpoint into model/optimizer/scheduler; return its history ([] if none).
+
+    Rank 0 reads the file and sends it to the other ranks, which need not see the same disk.
+    """
+    state = _read_checkpoint(Path(path), fingerprint) if distributed.is_main() else None
+    state = distributed.broadcast_from_main(state)
+    if state is None:
         return []
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return list(state["history"])
+
+
+def _read_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The checkpoint's state when it matches `fingerprint`; None (with a note) when absent or another run's."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a torn or foreign file: say so and start afresh rather than fail
+        print(f"note: {path}: unreadable checkpoint ({type(exc).__name__}); training from scratch",
+              file=sys.stderr)
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        print(f"note: {path}: checkpoint is from other params or data; training from scratch", file=sys.stderr)
+        return None
+    return state
 
 
 # --- outputs ------------------------------------------------------------------------------------------

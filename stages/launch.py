@@ -2,20 +2,42 @@
 
 `python -m stages.launch features` is the DVC command of the stages that can run distributed
 (features, train). With runtime.nproc == 1 it runs the stage in this process; otherwise it execs
-`torchrun --standalone --nproc_per_node N -m stages.<name>`. For several machines run torchrun yourself
-on each (see README, "GPUs").
+`torchrun --standalone --nproc_per_node N -m stages.<name>`. For several machines, set
+DQ_TORCHRUN_ARGS on node 0 to the rendezvous options that replace `--standalone` (e.g.
+"--nnodes 2 --node_rank 0 --rdzv_endpoint node0:29500") and run torchrun yourself on the other nodes
+(docs/GPU.md, "Several machines").
 """
 from __future__ import annotations
 
 import argparse
 import os
 import runpy
+import shlex
 import sys
 
-from dq.errors import run_cli
-from dq.params import load_params
+from dq.errors import DQError, run_cli
+from dq.params import RuntimeParams, load_params
 
 DISTRIBUTED_STAGES = ("features", "train")
+
+
+def torchrun_command(module: str, nproc: int, rest: list[str]) -> list[str]:
+    """The torchrun command line that starts `nproc` copies of `module` on this machine."""
+    rendezvous = shlex.split(os.environ.get("DQ_TORCHRUN_ARGS", "")) or ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={nproc}",
+            "-m", module, *rest]
+
+
+def check_devices(runtime: RuntimeParams) -> None:
+    """One GPU per process: more processes than visible GPUs would share (and overflow) them."""
+    if runtime.device == "cpu":
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    if count and runtime.nproc > count:
+        raise DQError(f"runtime.nproc = {runtime.nproc} is not allowed with {count} visible CUDA device(s); "
+                      f"expected at most {count} (one process per GPU), or runtime.device: cpu")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,14 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     params_path = "params.yaml"
     if "--params" in rest:
         params_path = rest[rest.index("--params") + 1]
-    nproc = load_params(params_path).runtime.nproc
+    runtime = load_params(params_path).runtime
     module = f"stages.{args.stage}"
-    if nproc == 1:
+    if runtime.nproc == 1:
         sys.argv = [module] + rest
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *rest]
+    check_devices(runtime)
+    cmd = torchrun_command(module, runtime.nproc, rest)
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.execv(sys.executable, cmd)
 
 

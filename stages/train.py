@@ -5,12 +5,15 @@ per-class accuracy, per-epoch history), data/train_metrics.json (the run's metri
 `dvc exp show`) and DVCLive's per-epoch plots under data/train_live/. The resumable checkpoint
 data/train_ckpt/last.pt is deliberately not a DVC output, so it survives an interrupted run
 (`train.resume: true` continues from it; see dq/train.py).
+
+Under torchrun (`python -m stages.launch train` with runtime.nproc > 1) every rank trains its part of
+each batch with DistributedDataParallel; rank 0 alone logs, checkpoints and writes the outputs.
 """
 from __future__ import annotations
 
-import os
 import sys
 
+from dq import distributed
 from dq.errors import DQError, run_cli
 from dq.io import read_prepared, write_json
 from dq.runtime import device_for, seed_everything
@@ -23,31 +26,40 @@ LIVE_METRICS = {"train/loss": "train_loss", "train/acc": "train_acc", "test/loss
 
 def main(argv: list[str] | None = None) -> None:
     args, params = parse_args("Train and evaluate the classifier.", argv)
-    tp = params.train
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DQError("runtime.nproc > 1: the train stage does not run under torchrun yet; set runtime.nproc: 1")
     seed_everything(params.seed, params.runtime)
     device = device_for(params.runtime)
-    prepared = read_prepared(args.data / "prepared" / "train.h5")
-    test = read_prepared(args.data / "prepared" / "test.h5")
-    train_set = training_set(tp.input, prepared, args.data / "compact" / "dataset.h5",
-                             args.data / "mae" / "model.pt", device=device)
-    if list(train_set.classes) != list(test.classes):
-        raise DQError(f"{args.data / 'compact' / 'dataset.h5'}: its classes differ from the prepared test "
-                      "set's; rerun the pipeline from compress")
-    print(f"train: {tp.model} on {len(train_set.labels)} {tp.input} images, {tp.epochs} epochs, "
-          f"{len(test.labels)} test images, device {device}", file=sys.stderr)
+    with distributed.process_group(device):
+        _train(args.data, params, device)
 
-    live = _live(args.data / "train_live")
+
+def _train(data, params, device) -> None:
+    """Every rank trains; rank 0 alone logs, checkpoints and writes the outputs."""
+    tp = params.train
+    main_rank = distributed.is_main()
+    prepared = read_prepared(data / "prepared" / "train.h5")
+    test = read_prepared(data / "prepared" / "test.h5")
+    train_set = training_set(tp.input, prepared, data / "compact" / "dataset.h5", data / "mae" / "model.pt",
+                             device=device)
+    if list(train_set.classes) != list(test.classes):
+        raise DQError(f"{data / 'compact' / 'dataset.h5'}: its classes differ from the prepared test "
+                      "set's; rerun the pipeline from compress")
+    if main_rank:
+        print(f"train: {tp.model} on {len(train_set.labels)} {tp.input} images, {tp.epochs} epochs, "
+              f"{len(test.labels)} test images, device {device}, {distributed.world_size()} process(es)",
+              file=sys.stderr)
+
+    live = _live(data / "train_live") if main_rank else None
     result = train_classifier(train_set, test, tp, seed=params.seed, device=device,
-                              checkpoint=args.data / "train_ckpt" / "last.pt",
-                              on_epoch=lambda record: _log_epoch(live, record))
+                              checkpoint=data / "train_ckpt" / "last.pt",
+                              on_epoch=(lambda record: _log_epoch(live, record)) if main_rank else None)
+    if not main_rank:
+        return
     live.end()
 
-    save_classifier(args.data / "train" / "model.pt", result, tp, test.classes, test.images.shape[1])
-    write_json(args.data / "train" / "evaluation.json", evaluation_record(result, test.classes))
+    save_classifier(data / "train" / "model.pt", result, tp, test.classes, test.images.shape[1])
+    write_json(data / "train" / "evaluation.json", evaluation_record(result, test.classes))
     metrics = train_metrics(result, train_set, tp, full_raw_bytes=int(prepared.images.nbytes))
-    write_json(args.data / "train_metrics.json", metrics)
+    write_json(data / "train_metrics.json", metrics)
     print(f"train: final-epoch top-1 {metrics['top1']:.4f} on {len(test.labels)} test images", file=sys.stderr)
 
 

@@ -1,0 +1,184 @@
+"""The train stage under torchrun: two gloo processes on the CPU learn, rank 0 alone writes, and
+`python -m stages.launch train` with runtime.nproc: 2 starts the same run."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dq import distributed
+from dq import train as dq_train
+from dq.io import write_prepared
+from dq.params import TrainParams
+from tests.test_train import TINY, blobs, write_params
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUTS = ("train/model.pt", "train/evaluation.json", "train_metrics.json", "train_live/plots/metrics/test/acc.tsv")
+
+# Run as a script by torchrun: records every file this rank opens for writing, creates, renames or
+# removes under --data (Python's audit events), then runs the train stage in this process.
+AUDIT = textwrap.dedent('''
+    import os, runpy, sys
+    data = os.path.realpath(sys.argv[sys.argv.index("--data") + 1])
+    log = open(os.path.join(os.environ["AUDIT_DIR"], "rank" + os.environ["RANK"] + ".txt"), "w")
+    WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if not ((isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & WRITES):
+                return
+        elif event not in ("os.rename", "os.replace", "os.remove", "os.mkdir", "os.rmdir"):
+            return
+        else:
+            path = args[1] if event in ("os.rename", "os.replace") else args[0]  # a rename: its target
+        if isinstance(path, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(path)).startswith(data):
+            log.write(event + " " + os.fsdecode(path) + "\\n")
+            log.flush()
+
+    sys.addaudithook(hook)
+    sys.argv = ["stages.train"] + sys.argv[1:]
+    runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
+''')
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _setup(root: Path, **runtime) -> Path:
+    """prepared/ with 96 training and 40 test images of 4 classes; params for the `full` input."""
+    train_set, test = blobs(96, seed=1), blobs(40, seed=2)
+    write_prepared(root / "data" / "prepared" / "train.h5", train_set)
+    write_prepared(root / "data" / "prepared" / "test.h5", test)
+    params = write_params(root / "params.yaml", input="full")
+    raw = yaml.safe_load(params.read_text())
+    raw["runtime"].update(runtime)
+    params.write_text(yaml.safe_dump(raw))
+    return params
+
+
+def _env(**extra) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), **extra)
+
+
+def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """The stage run by torchrun with 2 processes, each under the write audit."""
+    root = tmp_path_factory.mktemp("ddp")
+    params = _setup(root)
+    (root / "audit.py").write_text(AUDIT)
+    (root / "audit").mkdir()
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+          str(root / "audit.py"), "--params", str(params), "--data", str(root / "data")],
+         _env(AUDIT_DIR=str(root / "audit")))
+    return root
+
+
+def test_two_ranks_learn_and_report_sane_metrics(two_ranks):
+    metrics = json.loads((two_ranks / "data" / "train_metrics.json").read_text())
+    assert metrics["top1"] > 0.6  # chance is 0.25; one process reaches > 0.7 (test_train)
+    assert metrics["train_images"] == 96 and metrics["epochs"] == TINY.epochs
+    evaluation = json.loads((two_ranks / "data" / "train" / "evaluation.json").read_text())
+    assert np.array(evaluation["confusion"]).sum() == 40  # every test image scored once, over both shards
+    assert [r["epoch"] for r in evaluation["history"]] == list(range(1, TINY.epochs + 1))
+    state = torch.load(two_ranks / "data" / "train" / "model.pt", weights_only=False)
+    assert not any(k.startswith("module.") for k in state["model"])  # the plain model, not the DDP wrapper
+
+
+def test_only_rank_0_writes(two_ranks):
+    rank0 = (two_ranks / "audit" / "rank0.txt").read_text()
+    rank1 = (two_ranks / "audit" / "rank1.txt").read_text()
+    assert rank1 == ""
+    data = two_ranks / "data"
+    for name in ("train/model.pt", "train/evaluation.json", "train_metrics.json", "train_ckpt/last.pt"):
+        assert f"os.rename {data / name}" in rank0, name  # atomic writes: temp file, then os.replace
+    assert f"open {data / 'train_live'}" in rank0  # DVCLive's plots
+    assert not list((two_ranks / "data").rglob(".*tmp*"))
+
+
+def test_launch_with_nproc_2_runs_torchrun_and_repeats_the_run(two_ranks, tmp_path):
+    """runtime.nproc: 2 through the DVC command gives the bytes of the direct torchrun run (gloo on the
+    CPU is deterministic for a fixed number of processes)."""
+    params = _setup(tmp_path, nproc=2)
+    done = _run([sys.executable, "-m", "stages.launch", "train", "--params", str(params),
+                 "--data", str(tmp_path / "data")], _env())
+    assert "2 process(es)" in done.stderr
+    for name in OUTPUTS:
+        assert _sha256(tmp_path / "data" / name) == _sha256(two_ranks / "data" / name), name
+
+
+def test_launch_refuses_more_processes_than_gpus(tmp_path, monkeypatch, capsys):
+    from dq.errors import run_cli
+    from stages import launch
+
+    params = _setup(tmp_path, device="auto", nproc=4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("torchrun must not start"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: launch.main(["train", "--params", str(params), "--data", str(tmp_path / "data")]))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: runtime.nproc = 4") and "2 visible CUDA device" in err
+
+
+def test_torchrun_rendezvous_can_come_from_the_environment(monkeypatch):
+    from stages import launch
+
+    assert launch.torchrun_command("stages.train", 2, [])[3:5] == ["--standalone", "--nproc_per_node=2"]
+    monkeypatch.setenv("DQ_TORCHRUN_ARGS", "--nnodes 2 --node_rank 0 --rdzv_endpoint node0:29500")
+    cmd = launch.torchrun_command("stages.train", 8, ["--data", "d"])
+    assert cmd[3:] == ["--nnodes", "2", "--node_rank", "0", "--rdzv_endpoint", "node0:29500",
+                       "--nproc_per_node=8", "-m", "stages.train", "--data", "d"]
+
+
+def test_parts_of_a_batch_cover_it_once_and_differ_by_at_most_one():
+    for n, world in ((16, 2), (17, 4), (4, 2), (128, 3)):
+        parts = [distributed.split(n, r, world) for r in range(world)]
+        assert [i for p in parts for i in range(n)[p]] == list(range(n))
+        sizes = [p.stop - p.start for p in parts]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_scaled_part_losses_average_to_the_whole_batch_loss():
+    """What DDP averages over ranks equals the gradient of the whole batch's mean loss, even for unequal parts."""
+    torch.manual_seed(0)
+    logits = torch.randn(7, 4, requires_grad=True)
+    y = torch.randint(0, 4, (7,))
+    whole = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), logits)[0]
+    world = 2
+    parts = [distributed.split(7, r, world) for r in range(world)]
+    averaged = torch.zeros_like(logits)
+    for part in parts:
+        loss, summed = dq_train._batch_loss(logits[part], y[part], 7, world)
+        averaged += torch.autograd.grad(loss, logits)[0] / world
+        assert summed.dtype == torch.float64
+    assert torch.allclose(averaged, whole, atol=1e-7)
+    assert dq_train.steps_per_epoch(33, 16, world=1) == 2 and dq_train.steps_per_epoch(35, 16, world=2) == 2
+    assert dq_train.steps_per_epoch(36, 16, world=2) == 3
+
+
+def test_too_small_a_batch_for_the_processes_is_one_line(monkeypatch):
+    from dq.errors import DQError
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    train, test = blobs(16, seed=1), blobs(8, seed=2)
+    with pytest.raises(DQError, match=r"train.batch_size = 4 is too small for 4 processes"):
+        dq_train.train_classifier(dq_train.full_training_set(train), test,
+                                  TrainParams(model="test_resnet", input="full", epochs=1, batch_size=4),
+                                  seed=0, device=torch.device("cpu"), progress=False)
