@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dq.errors import DQError
-from dq.io import H5_OPEN_ERRORS, atomic_path, h5_file
+from dq.io import H5_OPEN_ERRORS, atomic_path, check_free_space, h5_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -177,7 +177,7 @@ def preprocess(images: np.ndarray, input_size: int, *, mean=IMAGENET_MEAN, std=I
 
     Bilinear resize (antialiased when shrinking; deterministic on CPU and CUDA alike).
     """
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-2:] != (input_size, input_size):
         x = nn.functional.interpolate(x, size=(input_size, input_size), mode="bilinear",
@@ -197,7 +197,9 @@ def embed(model: nn.Module, images: np.ndarray, input_size: int, batch_size: int
           device: torch.device | str = "cpu", *, progress: bool = True) -> np.ndarray:
     """Embeddings float32 [N, D] of uint8 images [N, H, W, 3], in batches of `batch_size`.
 
-    On CUDA: bf16 autocast and channels_last. On the CPU: float32, the same bytes on every run.
+    On CUDA: bf16 autocast and channels_last, and each batch's embeddings are copied into pinned host
+    memory without waiting, so the loop never stops for the GPU. On the CPU: float32, the same bytes on
+    every run.
     """
     from tqdm import tqdm
 
@@ -205,7 +207,7 @@ def embed(model: nn.Module, images: np.ndarray, input_size: int, batch_size: int
     cuda = device.type == "cuda"
     model = model.eval().to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     mean, std = normalization(model)
-    chunks = []
+    out = None  # float32 [N, D], allocated once D is known
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="features", unit="batch", disable=not progress, leave=False):
         x = preprocess(images[start:start + batch_size], input_size, mean=mean, std=std, device=device)
@@ -213,10 +215,14 @@ def embed(model: nn.Module, images: np.ndarray, input_size: int, batch_size: int
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             h = pooled_features(model, x)
-        chunks.append(h.float().cpu().numpy())
-    if not chunks:
+        if out is None:
+            out = torch.empty((len(images), h.shape[1]), dtype=torch.float32, pin_memory=cuda)
+        out[start:start + len(h)].copy_(h.float(), non_blocking=True)
+    if out is None:
         return np.zeros((0, model.num_features), np.float32)
-    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+    if cuda:
+        torch.cuda.synchronize(device)  # the copies above were queued, not waited for
+    return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,6 +346,8 @@ class Features:
 
 def write_features(path: str | Path, features: Features) -> None:
     """Write the features file atomically; equal inputs give equal bytes."""
+    arrays = (features.embedding, features.logit_grad, features.probe_weight, features.probe_bias)
+    check_free_space(path, sum(np.asarray(a).nbytes for a in arrays if a is not None))
     with atomic_path(path) as tmp:
         with h5_file(tmp, "w") as f:
             _write_rows(f, "embedding", features.embedding)

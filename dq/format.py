@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dq.errors import DQError, run_cli
-from dq.io import H5_OPEN_ERRORS, atomic_path, h5_file
+from dq.io import H5_OPEN_ERRORS, atomic_path, check_free_space, h5_file
 
 FORMAT = "dq-compact"
 SCHEMA_VERSION = 1
@@ -193,6 +193,7 @@ def write_compact(path: str | Path, header: Header, images: np.ndarray, keep: np
     for name, array in arrays.items():
         if tuple(np.shape(array)) != header.shape_of(name):
             raise ValueError(f"{name} has shape {np.shape(array)}, expected {header.shape_of(name)}")
+    check_free_space(path, sum(np.asarray(a).nbytes for a in arrays.values()))
     with atomic_path(path) as tmp:
         with h5_file(tmp, "w") as f:
             _write_attrs(f, header)

@@ -6,8 +6,10 @@ write finished, so a killed or failing stage never leaves a partial file at a de
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +20,23 @@ import numpy as np
 from dq.errors import DQError
 
 H5_OPEN_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
+# Below this much free space a failed write is taken for a full disk: numpy, torch and HDF5 report
+# ENOSPC as "requested and written", "file write failed" or a RuntimeError without an errno.
+DISK_FULL_BYTES = 1024 * 1024
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it to `path`.
 
-    On any exception the temporary file or folder is removed and `path` is left untouched.
+    On any exception the temporary file or folder is removed and `path` is left untouched; a full disk
+    becomes one DQError naming `path`. Temporaries that a killed run left beside `path` (their process
+    is gone) are removed first, so an interrupted stage leaves no litter behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)
     try:
@@ -37,9 +46,69 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 os.fsync(fh.fileno())
         _remove(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full(exc, path.parent)
         _remove(tmp)
+        if full:
+            raise DQError(f"{path}: no space left on the device while writing it; free some space or "
+                          f"point --data at a larger disk") from None
         raise
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove `.<name>.tmp-<pid>` beside `path` whose process no longer runs (a killed stage's temps)."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.iterdir():
+        match = _TEMP_RE.match(entry.name)
+        if match and match["name"] == path.name and not _pid_alive(int(match["pid"])):
+            _remove(entry)
+            removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
+def check_free_space(path: str | Path, raw_bytes: int) -> None:
+    """Refuse, before writing, an HDF5 file whose uncompressed data would not fit beside `path`.
+
+    HDF5 can crash the process (a segfault, not an exception) when the disk fills up in the middle
+    of writing a chunked file, so the check happens first. The raw size bounds the file's size:
+    gzip never grows a chunk by more than a few bytes, plus headers.
+    """
+    path = Path(path)
+    need = int(raw_bytes) + int(raw_bytes) // 64 + 256 * 1024
+    folder = path.parent if path.parent.is_dir() else Path(".")
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need:
+        raise DQError(f"{path}: needs up to {need:,} bytes but only {free:,} are free on its disk; free some "
+                      f"space or point --data at a larger disk")
 
 
 def _remove(path: Path) -> None:
@@ -104,6 +173,7 @@ def write_prepared(path: str | Path, split: Prepared) -> None:
     n, h, w, c = images.shape
     per_image = h * w * c
     chunk_n = int(max(1, min(n, (256 * 1024) // per_image)))
+    check_free_space(path, images.nbytes + labels.nbytes)
     with atomic_path(path) as tmp:
         with h5_file(tmp, "w") as f:
             f.create_dataset("images", data=images, chunks=(chunk_n, h, w, c), compression="gzip",

@@ -1,6 +1,25 @@
 import os
+import sys
+
+import pytest
 
 # Tests never reach a model hub, and never phone home.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny repo (tests/pipeline_repo.py) after a full `dvc repro`, committed; shared, never modified.
+
+    Tests that change files copy them (or the whole repo) first.
+    """
+    from tests.pipeline_repo import dvc, git, make_repo, ran_stages
+
+    repo = make_repo(tmp_path_factory.mktemp("tiny_run") / "repo")
+    out = dvc(repo, "repro")
+    assert len(ran_stages(out.stdout)) == 7, out.stdout
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "tiny run")
+    return repo

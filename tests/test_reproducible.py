@@ -1,0 +1,148 @@
+"""Reproducibility and concurrent reading.
+
+Two fresh clones running the tiny pipeline give the same bytes in every output of every stage (metrics
+JSON, DVCLive logs and PNGs included) and the same dvc.lock. The compact dataset reads the same bytes
+with 4 DataLoader workers over 3 epochs as with none, and HDF5 files open on read-only storage and
+while another process holds HDF5's write lock.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import pytest
+import torch
+
+from dq.backbones import read_features
+from dq.format import CompactDataset, validate
+from dq.io import read_prepared
+from tests.pipeline_repo import digest_tree, dvc, env, make_repo, ran_stages
+
+EPOCHS = 3
+
+
+def test_two_fresh_clones_give_identical_bytes_in_every_output(tiny_run, tmp_path):
+    other = make_repo(tmp_path / "clone")
+    out = dvc(other, "repro")
+    assert len(ran_stages(out.stdout)) == 7, out.stdout
+    first, second = digest_tree(tiny_run / "data"), digest_tree(other / "data")
+    assert sorted(first) == sorted(second)
+    for stage_dir in ("prepared", "features", "selection", "compact", "mae", "train", "report"):
+        assert any(name.startswith(stage_dir + "/") for name in first), f"no output of {stage_dir}"
+    assert any(name.endswith(".png") for name in first) and any(name.endswith(".json") for name in first)
+    differ = sorted(name for name in first if first[name] != second[name])
+    assert differ == [], f"outputs that differ between two clones: {differ}"
+    assert (tiny_run / "dvc.lock").read_text() == (other / "dvc.lock").read_text()
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+
+def _epochs(ds: CompactDataset, workers: int) -> list[bytes]:
+    """The bytes of (images, keep, labels) in each of EPOCHS shuffled epochs; the order is seeded."""
+    out = []
+    for epoch in range(EPOCHS):
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=True, num_workers=workers,
+                                             generator=torch.Generator().manual_seed(epoch),
+                                             persistent_workers=False)
+        parts = [torch.cat(t).numpy().tobytes() for t in zip(*[(x.flatten(), k.flatten(), y.flatten())
+                                                               for x, k, y in loader])]
+        out.append(b"".join(parts))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 4 workers on 2 cores, on purpose
+def test_four_workers_over_three_epochs_read_the_same_bytes_as_none(tiny_run):
+    path = tiny_run / "data" / "compact" / "dataset.h5"
+    ds = CompactDataset(path)
+    serial = _epochs(ds, 0)
+    parallel = _epochs(ds, 4)
+    assert serial == parallel
+    assert len(set(serial)) == EPOCHS  # the epochs really were shuffled differently
+    # and every epoch holds every stored image exactly once
+    whole = [ds[i] for i in range(len(ds))]
+    expected = sorted(x.numpy().tobytes() for x, _, _ in whole)
+    for epoch in range(EPOCHS):
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=True, num_workers=4,
+                                             generator=torch.Generator().manual_seed(epoch))
+        seen = sorted(x.numpy().tobytes() for batch in loader for x in batch[0])
+        assert seen == expected
+
+
+# ----------------------------------------------------------------------------------------- read-only
+
+
+def _read_everything(folder):
+    """Open every HDF5 file of a run the way the stages do, and read it whole."""
+    prepared = read_prepared(folder / "train.h5")
+    features = read_features(folder / "features.h5", expected_rows=len(prepared.labels))
+    header = validate(folder / "dataset.h5")
+    ds = CompactDataset(folder / "dataset.h5")
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    return prepared.images.sum(), features.embedding.shape, header.num_images, images.shape
+
+
+def _copy_run_files(tiny_run, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    data = tiny_run / "data"
+    for src, name in ((data / "prepared/train.h5", "train.h5"), (data / "features/train.h5", "features.h5"),
+                      (data / "compact/dataset.h5", "dataset.h5")):
+        shutil.copyfile(src, folder / name)
+    return folder
+
+
+def test_read_only_files_in_a_read_only_folder_open(tiny_run, tmp_path):
+    folder = _copy_run_files(tiny_run, tmp_path / "ro")
+    expected = _read_everything(folder)
+    for f in folder.iterdir():
+        f.chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        assert _read_everything(folder) == expected
+    finally:
+        folder.chmod(0o755)
+
+
+def test_read_only_mount_opens(tiny_run, tmp_path):
+    """root ignores permission bits, so also read from a file system mounted read-only."""
+    folder = tmp_path / "mnt"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:200]}")
+    try:
+        expected = _read_everything(_copy_run_files(tiny_run, folder))
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
+        with pytest.raises(OSError):
+            (folder / "probe").write_text("x")  # the mount really is read-only
+        assert _read_everything(folder) == expected
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_readers_take_no_lock_while_another_process_holds_the_write_lock(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    folder = _copy_run_files(tiny_run, tmp_path / "locked")
+    expected = _read_everything(folder)
+    holder = textwrap.dedent("""
+        import sys, h5py
+        files = [h5py.File(p, "r+", locking=True) for p in sys.argv[1:]]
+        print("locked", flush=True)
+        sys.stdin.read()
+    """)
+    e = env()
+    e.pop("HDF5_USE_FILE_LOCKING", None)
+    proc = subprocess.Popen([sys.executable, "-c", holder, *map(str, sorted(folder.iterdir()))], env=e,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(OSError, match="lock"):  # a locking reader is refused: the lock is real
+            h5py.File(folder / "dataset.h5", "r", locking=True)
+        assert _read_everything(folder) == expected
+    finally:
+        proc.communicate("", timeout=30)
+    assert proc.returncode == 0
