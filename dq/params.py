@@ -285,6 +285,14 @@ def _build(cls: type, raw: Any, where: str, prefix: str):
     return cls(**values)
 
 
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied key by key into nested sections, as `dvc exp run -S a.b=v` does."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = deep_merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
 def params_from_dict(raw: Any, where: str = "params") -> Params:
     """Build and validate Params from a mapping (as read from YAML)."""
     params = _build(Params, raw, where, "")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from dq.params import deep_merge
+
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("dq", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore")
 
@@ -44,16 +46,9 @@ def env() -> dict:
     return e
 
 
-def merge(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def tiny_params(overrides: dict | None = None) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return merge(merge(params, TINY), overrides or {})
+    return deep_merge(deep_merge(params, TINY), overrides or {})
 
 
 def run(cwd: Path, *cmd: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:

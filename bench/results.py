@@ -1,0 +1,88 @@
+"""Run the results grid in-process, reusing one workspace's prepare, features and mae outputs.
+
+    python -m bench.results --data data --out bench/out/results [--ratios ...] [--methods ...] [--seeds ...]
+
+The DVC route (`python -m dq.sweep queue/run/plot`) reruns each experiment in its own copy of the
+workspace. On a 2-core machine that is slow, so this script calls the very same stage entry points
+(select, compress, train) for each grid point, in a folder per run whose prepared/, features/, mae/
+are links to the workspace's outputs. Only the params differ, exactly as `dvc exp run -S` would set
+them. Every finished run leaves `train_metrics.json` and `compact_metrics.json` in its folder; runs
+already finished are skipped, so the script can be stopped and restarted. `--plot` turns whatever
+has finished into docs/results (figures and a Markdown table) with dq.sweep's own writers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from dq.params import deep_merge
+from dq.sweep import Experiment, write_results
+from stages import compress, select, train
+
+SHARED = ("prepared", "features", "mae")
+
+
+def grid(ratios, methods, seeds, full):
+    """(name, overrides) of every run, the default ratio first so the headline cells fill first."""
+    runs = [(f"{m}-r{r}-s{s}", {"ratio": r, "seed": s, "select": {"method": m}, "train": {"input": "compact"}})
+            for r in ratios for s in seeds for m in methods]
+    if full:
+        runs += [(f"full-s{s}", {"ratio": min(ratios), "seed": s, "select": {"method": "random"},
+                                  "train": {"input": "full"}}) for s in seeds]
+    return runs
+
+
+def run_one(workspace: Path, out: Path, params: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SHARED:
+        link = out / name
+        if not link.exists():
+            link.symlink_to((workspace / name).resolve(), target_is_directory=True)
+    (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    argv = ["--params", str(out / "params.yaml"), "--data", str(out)]
+    for stage in (select, compress, train):
+        stage.main(argv)
+
+
+def experiment(name: str, folder: Path) -> Experiment:
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    metrics = json.loads((folder / "train_metrics.json").read_text())
+    return Experiment(name=name, rev=name, ratio=params["ratio"], method=params["select"]["method"],
+                      seed=params["seed"], input=params["train"]["input"], top1=metrics["top1"],
+                      stored_bytes=metrics["compact_bytes"], train_images=metrics.get("train_images"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--out", type=Path, default=Path("bench/out/results"))
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.05, 0.2, 0.4])
+    parser.add_argument("--methods", nargs="+", default=["dq", "graphcut", "random"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--plot", type=Path, help="write figures and a table of the finished runs here")
+    args = parser.parse_args()
+    base = yaml.safe_load(args.params.read_text())
+    runs = grid(args.ratios, args.methods, args.seeds, args.full)
+    if args.plot is None:
+        for name, overrides in runs:
+            folder = args.out / name
+            if (folder / "train_metrics.json").exists():
+                continue
+            start = time.perf_counter()
+            run_one(args.data, folder, deep_merge(base, overrides))
+            print(f"results: {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+    finished = [experiment(name, args.out / name) for name, _ in runs
+                if (args.out / name / "train_metrics.json").exists()]
+    if args.plot is not None:
+        for path in write_results(args.plot, finished):
+            print(f"results: wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
