@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dq.errors import DQError
+from dq.figures import pyplot, save_png
 
 MIN_MAP_SIDE = 4  # the auto rule's preferred smallest feature map
 
@@ -228,13 +229,7 @@ def plot_patches(path, images: np.ndarray, maps: np.ndarray, keep: np.ndarray, p
 
     images uint8 [n, H, W, 3], maps float32 [n, H, W], keep bool [n, L].
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dq.io import atomic_path
-
+    plt = pyplot()
     n, h, w, _ = images.shape
     p = patch_size
     pixel_keep = keep.reshape(n, h // p, w // p).repeat(p, axis=1).repeat(p, axis=2)
@@ -252,6 +247,4 @@ def plot_patches(path, images: np.ndarray, maps: np.ndarray, keep: np.ndarray, p
     for i, name in enumerate(("original", "GradCAM++", "kept")):
         axes[i, 0].set_ylabel(name, fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, path)

@@ -46,6 +46,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from dq.errors import DQError
+from dq.figures import pyplot, save_png
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -678,13 +679,7 @@ def eval_keep(n: int, num_patches: int, drop: float, seed: int) -> np.ndarray:
 def save_reconstruction_figure(path: str | Path, originals: np.ndarray, kept: np.ndarray,
                                reconstructed: np.ndarray) -> None:
     """A PNG grid, one row per image: original | kept | reconstructed (uint8 [n, H, W, 3] each)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dq.io import atomic_path
-
+    plt = pyplot()
     n = len(originals)
     fig, axes = plt.subplots(n, 3, figsize=(4.5, 1.5 * n + 0.3), squeeze=False)
     for row in range(n):
@@ -697,6 +692,4 @@ def save_reconstruction_figure(path: str | Path, originals: np.ndarray, kept: np
             if row == 0:
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, path)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dq.errors import DQError
+from dq.figures import pyplot, save_png
 from dq.io import atomic_path, write_json
 
 COPIED_FIGURES = ("bins.png", "patches.png", "reconstruction.png")
@@ -78,25 +79,9 @@ def summary(train: dict, compact: dict, mae: dict, params: dict) -> dict:
 # --- figures ------------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    plt = _pyplot()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-
-
 def confusion_figure(path: str | Path, confusion: np.ndarray, classes: list[str]) -> None:
     """Rows are true classes, columns predictions; each cell shows its count, rows shaded by recall."""
-    plt = _pyplot()
+    plt = pyplot()
     confusion = np.asarray(confusion, dtype=np.int64)
     recall = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     c = len(classes)
@@ -112,12 +97,12 @@ def confusion_figure(path: str | Path, confusion: np.ndarray, classes: list[str]
     ax.set_ylabel("true")
     ax.set_title(f"test top-1 {np.trace(confusion) / max(confusion.sum(), 1):.3f}")
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_png(fig, path)
 
 
 def curves_figure(path: str | Path, history: list[dict]) -> None:
     """Loss and accuracy per epoch, training (augmented batches) and test."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(8, 3))
     for split in ("train", "test"):
@@ -127,7 +112,7 @@ def curves_figure(path: str | Path, history: list[dict]) -> None:
     acc_ax.set(xlabel="epoch", ylabel="top-1")
     acc_ax.legend()
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_png(fig, path)
 
 
 # --- the page -----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dq.errors import DQError, run_cli
+from dq.figures import pyplot, save_png
 from dq.io import atomic_path
 
 METRICS_SUFFIX = "train_metrics.json"
@@ -197,24 +198,11 @@ def markdown_table(experiments: list[Experiment]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
-    _pyplot().close(fig)
 
 
 def accuracy_vs_ratio_figure(path: str | Path, experiments: list[Experiment]) -> None:
     """One line per method (mean over seeds) with a min–max band; `full` as a horizontal line."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     all_cells = cells(experiments)
     for group in sorted({c.group for c in all_cells} - {"full"}):
@@ -234,12 +222,12 @@ def accuracy_vs_ratio_figure(path: str | Path, experiments: list[Experiment]) ->
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_png(fig, path, dpi=110)
 
 
 def accuracy_vs_bytes_figure(path: str | Path, experiments: list[Experiment]) -> None:
     """Every run: test top-1 against the bytes of its training input."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for group in sorted({e.group for e in experiments}):
         runs = [e for e in experiments if e.group == group]
@@ -249,7 +237,7 @@ def accuracy_vs_bytes_figure(path: str | Path, experiments: list[Experiment]) ->
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_png(fig, path, dpi=110)
 
 
 def write_results(out: str | Path, experiments: list[Experiment]) -> list[Path]:

@@ -10,8 +10,9 @@ import json
 
 import numpy as np
 
-from dq.errors import run_cli
 from dq.backbones import read_features
+from dq.errors import run_cli
+from dq.figures import pyplot, save_png
 from dq.io import atomic_path, read_prepared
 from dq.params import Params
 from dq.select import GradientFeatures, diversity, select_indices
@@ -60,11 +61,7 @@ def _cells(bins, labels) -> dict:
 
 def plot_bins(path, embedding, labels, bins, indices, classes) -> None:
     """2-D PCA of the first class, coloured by bin, kept samples ringed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     c = int(np.unique(labels)[0])
     members = np.flatnonzero(labels == c)
     x = np.asarray(embedding[members], np.float64)
@@ -85,9 +82,7 @@ def plot_bins(path, embedding, labels, bins, indices, classes) -> None:
     ax.set_ylabel("PC 2")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
