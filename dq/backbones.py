@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dq.errors import DQError
+from dq.errors import DQError, first_line
 from dq.io import H5_OPEN_ERRORS, atomic_path, check_free_space, h5_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,7 +80,7 @@ def _hub_weights(name: str, seed: int) -> nn.Module:
         return timm.create_model(name, pretrained=True)
     except Exception as exc:  # noqa: BLE001 - hub, network and cache errors come in many types
         offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = first_line(exc, 160)
         raise DQError(f"features.weights = 'hub': cannot fetch timm's pretrained weights for {name}{offline}: "
                       f"{reason}; use builtin, none or a checkpoint path") from None
 
@@ -141,7 +141,7 @@ def _torch_load(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = first_line(exc, 160)
         raise DQError(f"{path}: not a readable torch checkpoint ({reason})") from None
 
 
@@ -398,7 +398,7 @@ def read_features(path: str | Path, expected_rows: int | None = None) -> Feature
                 probe_train_accuracy=float(f.attrs["probe_train_accuracy"]),
             )
         except H5_OPEN_ERRORS as exc:
-            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            reason = first_line(exc, 160)
             raise DQError(f"{path}: cannot read ({reason}); the file is damaged, rerun the features stage") from None
     _check_shapes(path, features, expected_rows)
     return features

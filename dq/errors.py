@@ -25,6 +25,12 @@ def _log_stage_start() -> None:
             f.write(os.path.splitext(os.path.basename(sys.argv[0]))[0] + "\n")
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type), for one-line errors."""
+    text = str(exc)
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Call `main` and turn a DQError (or an OSError such as a full disk) into one error line."""
     _log_stage_start()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dq.errors import DQError, run_cli
+from dq.errors import DQError, first_line, run_cli
 from dq.io import H5_OPEN_ERRORS, atomic_path, check_free_space, h5_file
 
 FORMAT = "dq-compact"
@@ -234,11 +234,7 @@ def _open(path: Path):
     try:
         return h5py.File(path, "r", locking=False, rdcc_nbytes=READ_CACHE_BYTES, rdcc_nslots=100_003)
     except H5_OPEN_ERRORS as exc:
-        raise DQError(f"{path}: not a readable HDF5 file, truncated or damaged ({_reason(exc)})") from None
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise DQError(f"{path}: not a readable HDF5 file, truncated or damaged ({first_line(exc, 160)})") from None
 
 
 def read_header(f, path: Path) -> Header:
@@ -277,7 +273,7 @@ def _header_from_attrs(f, path: Path) -> Header:
                       source=str(f.attrs["source"]), params=json.loads(f.attrs["params"]),
                       num_images=int(f["labels"].shape[0]) if f["labels"].ndim == 1 else -1)
     except (TypeError, ValueError) as exc:
-        raise DQError(f"{path}: a root attribute has the wrong type ({_reason(exc)})") from None
+        raise DQError(f"{path}: a root attribute has the wrong type ({first_line(exc, 160)})") from None
 
 
 def _check_attrs(f, path: Path, header: Header) -> None:
@@ -332,7 +328,7 @@ class CompactFile:
         except H5_OPEN_ERRORS as exc:
             where = "" if rows == slice(None) else f" rows {rows.start}..{rows.stop - 1}"
             raise DQError(f"{self.path}: dataset '{name}'{where} fails its checksum or cannot be "
-                          f"decompressed; the file is damaged ({_reason(exc)})") from None
+                          f"decompressed; the file is damaged ({first_line(exc, 160)})") from None
 
     def close(self) -> None:
         self.file.close()
@@ -466,7 +462,7 @@ class CompactDataset(Dataset):
             return np.stack([self._patches[int(r)] for r in rows])
         except H5_OPEN_ERRORS as exc:
             raise DQError(f"{self.path}: dataset 'patches' rows {int(rows[0])}..{int(rows[-1])} fail their "
-                          f"checksum or cannot be decompressed; the file is damaged ({_reason(exc)})") from None
+                          f"checksum or cannot be decompressed; the file is damaged ({first_line(exc, 160)})") from None
 
     def _samples(self, rows: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         self._open()

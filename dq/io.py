@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from dq.errors import DQError
+from dq.errors import DQError, first_line
 
 H5_OPEN_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
 # Below this much free space a failed write is taken for a full disk: numpy, torch and HDF5 report
@@ -145,11 +145,9 @@ def h5_file(path: str | Path, mode: str = "r"):
             return h5py.File(path, "r", locking=False)
         return h5py.File(path, mode, libver="earliest", track_order=False)
     except H5_OPEN_ERRORS as exc:
-        raise DQError(f"{path}: not a readable HDF5 file ({_short(exc)})") from None
+        raise DQError(f"{path}: not a readable HDF5 file ({first_line(exc)})") from None
 
 
-def _short(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 @dataclass
@@ -198,7 +196,7 @@ def read_prepared(path: str | Path, *, images: bool = True) -> Prepared:
             shape = f["images"].shape
             imgs = f["images"][...] if images else np.empty((0,) + tuple(shape[1:]), np.uint8)
         except H5_OPEN_ERRORS as exc:
-            raise DQError(f"{path}: cannot read ({_short(exc)}); the file is damaged, rerun the prepare stage") from None
+            raise DQError(f"{path}: cannot read ({first_line(exc)}); the file is damaged, rerun the prepare stage") from None
     if len(shape) != 4 or shape[3] != 3 or shape[0] != labels.shape[0]:
         raise DQError(f"{path}: images must be uint8 [N, H, W, 3] with one label each, got {shape} "
                       f"and {labels.shape[0]} labels")

@@ -47,6 +47,7 @@ from timm.models.vision_transformer import Block
 
 from dq.errors import DQError
 from dq.figures import pyplot, save_png
+from dq.runtime import autocast
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -435,7 +436,7 @@ def train_epoch(state: TrainState, images: torch.Tensor, *, seed: int, mask_rati
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch + i / steps, lr=lr, warmup=warmup_epochs, total=epochs)
         x = to_model_input(images[idx].to(device, non_blocking=True), model.config)
-        with _autocast(device):
+        with autocast(device):
             loss, _, _ = model(x, keep.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -450,12 +451,6 @@ def train_epoch(state: TrainState, images: torch.Tensor, *, seed: int, mask_rati
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     # foreach: one kernel per step for all tensors; the per-tensor loop dominates small models on CPU
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), foreach=True)
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,7 +577,7 @@ def reconstruct(model: MaskedAutoencoderViT, images: np.ndarray, keep: np.ndarra
     batches = _batches_by_count(keep_m.sum(axis=1), batch_size)
     for rows in tqdm(batches, desc="mae reconstruct", unit="batch", disable=not progress, leave=False):
         x = to_model_input(torch.from_numpy(images[rows]).to(device, non_blocking=True), cfg)
-        with _autocast(device):
+        with autocast(device):
             filled = predict_images(model, x, torch.from_numpy(keep_m[rows]).to(device, non_blocking=True))
         filled = resize(filled.float(), h).clamp_(0.0, 1.0)
         filled = (filled * 255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

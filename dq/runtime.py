@@ -22,6 +22,17 @@ def device_for(runtime: RuntimeParams):
     return torch.device("cuda", local_rank)
 
 
+def autocast(device):
+    """bf16 autocast on CUDA GPUs that have it; full precision elsewhere (the CPU stays bit-exact)."""
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def seed_everything(seed: int, runtime: RuntimeParams | None = None) -> None:
     """Seed Python, NumPy and torch, and make CPU kernels deterministic."""
     import torch

@@ -43,7 +43,6 @@ it stopped; a checkpoint from other params or data is ignored with a note on std
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -67,6 +66,7 @@ from dq import mae as dq_mae
 from dq.errors import DQError
 from dq.io import Prepared, atomic_path
 from dq.params import TrainParams
+from dq.runtime import autocast
 
 CIFAR_STEM_MAX_SIZE = 64
 EVAL_BATCH_SIZE = 500
@@ -249,13 +249,6 @@ def to_input(images, norm: tuple[torch.Tensor, torch.Tensor], device):
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     mean, std = norm
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
-def autocast(device):
-    """bf16 autocast on CUDA GPUs that have it; full precision elsewhere (the CPU stays bit-exact)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # --- training -----------------------------------------------------------------------------------------
