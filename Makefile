@@ -10,6 +10,8 @@ STAMP  := $(VENV)/.installed-$(shell sha256sum requirements.lock | cut -c1-16)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE ?= 1
 export DVC_NO_ANALYTICS ?= 1
+# dvc.yaml's commands say `python`: it must be this venv's, whatever the caller's shell has on PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: pipeline test setup system-packages clean-venv
 
