@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dq.errors import DQError
+from dq.errors import DQError, first_line
 from dq.io import Prepared
 from dq.params import DataParams
 
@@ -153,7 +153,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
             img.load()
             img = _to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DQError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise DQError(f"{path}: not a readable image ({first_line(exc)})") from None
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))

@@ -27,7 +27,7 @@ def _log_stage_start() -> None:
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (or its type), for one-line errors."""
-    text = str(exc)
+    text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
@@ -53,7 +53,7 @@ def run_cli(main: Callable[[], None]) -> None:
         print("error: out of memory; lower the batch_size of this stage or data.train_limit", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as exc:  # a bug, not bad input: still one line, with the way to see more
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        print(f"error: internal error {type(exc).__name__}: {first} (set DQ_DEBUG=1 for the traceback)",
+        detail = first_line(exc, 300) if str(exc).strip() else ""
+        print(f"error: internal error {type(exc).__name__}: {detail} (set DQ_DEBUG=1 for the traceback)",
               file=sys.stderr)
         raise SystemExit(2) from None

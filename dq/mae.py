@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from dq.errors import DQError
+from dq.errors import DQError, first_line
 from dq.figures import pyplot, save_png
 from dq.runtime import autocast
 
@@ -317,8 +317,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged or foreign files
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise DQError(f"{path}: not a readable MAE checkpoint ({first})") from None
+        raise DQError(f"{path}: not a readable MAE checkpoint ({first_line(exc, 160)})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise DQError(f"{path}: expected a checkpoint dict with key 'model' holding the state dict")
     return ckpt

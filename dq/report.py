@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dq.errors import DQError
+from dq.errors import DQError, first_line
 from dq.figures import pyplot, save_png
 from dq.io import atomic_path, write_json
 
@@ -34,7 +34,7 @@ def read_json(path: str | Path, what: str) -> dict:
     except FileNotFoundError:
         raise DQError(f"{path}: not found; run the {what} stage first") from None
     except (OSError, ValueError) as exc:
-        raise DQError(f"{path}: not readable JSON ({str(exc).splitlines()[0][:120]}); rerun the {what} stage") from None
+        raise DQError(f"{path}: not readable JSON ({first_line(exc, 120)}); rerun the {what} stage") from None
     if not isinstance(obj, dict):
         raise DQError(f"{path}: expected a JSON object; rerun the {what} stage")
     return obj

@@ -63,7 +63,7 @@ from tqdm import tqdm
 from dq import distributed
 from dq import format as compact_format
 from dq import mae as dq_mae
-from dq.errors import DQError
+from dq.errors import DQError, first_line
 from dq.io import Prepared, atomic_path
 from dq.params import TrainParams
 from dq.runtime import autocast
@@ -181,7 +181,7 @@ def create_classifier(name: str, num_classes: int, image_size: int):
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     except (RuntimeError, ValueError) as exc:
-        raise DQError(f"train.model = {name!r}: timm cannot build it ({str(exc).splitlines()[0][:160]})") from None
+        raise DQError(f"train.model = {name!r}: timm cannot build it ({first_line(exc, 160)})") from None
     if uses_cifar_stem(model, image_size):
         replace_stem_with_cifar(model)
     return model
