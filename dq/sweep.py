@@ -3,6 +3,7 @@
     python -m dq.sweep queue --ratios 0.05 0.1 0.2 0.4 --methods dq graphcut random --seeds 0 1 --full
     python -m dq.sweep run [--jobs 1]          # dvc queue start, then wait until the queue is empty
     python -m dq.sweep plot --out docs/results  # reads `dvc exp show --json -A`
+    python -m dq.sweep show                     # one narrow line per run, for the terminal
 
 `queue` stages one `dvc exp run --queue` per (method, ratio, seed), and with `--full` one
 `train.input=full` run per seed. Every queued run sets ratio, select.method, seed and train.input
@@ -10,7 +11,8 @@ explicitly: a queued experiment starts from the workspace's params, which the la
 have changed. The `full` runs use the smallest ratio and `random` selection so that select and compress,
 which they do not need, stay cheap.
 
-`plot` writes accuracy_vs_ratio.png (one line per method: mean over seeds, band from min to max, the
+`show` prints what `dvc exp show` buries among 40 columns: one line per finished run with its method,
+ratio, seed, input, test top-1 and stored bytes, best first. `plot` writes accuracy_vs_ratio.png (one line per method: mean over seeds, band from min to max, the
 `full` run as a horizontal line), accuracy_vs_bytes.png (every run: test top-1 against the bytes its
 training input takes) and results.md (a table of mean, min, max over seeds). Failed, queued and running
 experiments are left out: DVC shows a failed run with the metrics of the workspace it started from.
@@ -257,6 +259,20 @@ def write_results(out: str | Path, experiments: list[Experiment]) -> list[Path]:
     return paths
 
 
+def runs_table(experiments: list[Experiment]) -> str:
+    """One aligned line per run, best top-1 first: what a terminal user wants from `dvc exp show`."""
+    header = ("experiment", "method", "ratio", "seed", "input", "top-1", "stored bytes", "images")
+    rows = [header] + [
+        (e.name, e.method, f"{e.ratio:g}", str(e.seed), e.input, f"{e.top1:.4f}", f"{e.stored_bytes:,}",
+         "" if e.train_images is None else f"{e.train_images:,}")
+        for e in sorted(experiments, key=lambda e: (-e.top1, e.name))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    left = {0, 1, 4}
+    return "\n".join("  ".join(cell.ljust(w) if i in left else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in rows) + "\n"
+
+
 # --- command line -------------------------------------------------------------------------------------
 
 
@@ -274,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("plot", help="figures and a Markdown table from dvc exp show --json")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     p.add_argument("--json", type=Path, default=None, help="read this saved `dvc exp show --json` instead")
+    s = sub.add_parser("show", help="one line per finished run: method, ratio, seed, top-1, bytes")
+    s.add_argument("--json", type=Path, default=None, help="read this saved `dvc exp show --json` instead")
     args = parser.parse_args(argv)
 
     if args.command == "queue":
@@ -286,15 +304,24 @@ def main(argv: list[str] | None = None) -> None:
         if counts.get("Failed"):
             print(f"sweep: {counts['Failed']} experiment(s) failed; see `dvc queue logs <name>`", file=sys.stderr)
     else:
-        if args.json is not None:
-            try:
-                experiments = parse_exp_show(json.loads(args.json.read_text()))
-            except json.JSONDecodeError as exc:
-                raise DQError(f"{args.json}: not JSON ({exc.msg}); save `dvc exp show --json` there") from None
-        else:
-            experiments = read_experiments()
+        experiments = read_experiments() if args.json is None else read_saved(args.json)
+        if args.command == "show":
+            if not experiments:
+                raise DQError("dvc exp show: no finished experiment with train metrics yet")
+            print(runs_table(experiments), end="")
+            return
         for path in write_results(args.out, experiments):
             print(path)
+
+
+def read_saved(path: Path) -> list[Experiment]:
+    """Experiments from a saved `dvc exp show --json` (CI artefacts, or a colleague's machine)."""
+    try:
+        return parse_exp_show(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise DQError(f"{path}: not JSON ({exc.msg}); save `dvc exp show --json` there") from None
+    except OSError as exc:
+        raise DQError(f"{path}: cannot read ({exc.strerror})") from None
 
 
 if __name__ == "__main__":

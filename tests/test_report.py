@@ -158,6 +158,25 @@ def test_plot_command_on_a_saved_exp_show(tmp_path, capsys):
     assert "| dq | 0.2 | 1 | 0.7100 |" in (tmp_path / "r" / "results.md").read_text()
 
 
+def test_show_command_prints_one_aligned_line_per_run_best_first(capsys):
+    sweep.main(["show", "--json", str(SAMPLE)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["experiment", "method", "ratio", "seed", "input", "top-1", "stored", "bytes", "images"]
+    names = [line.split()[0] for line in lines[1:]]
+    assert "surer-jump" not in names and "ghast-bite" in names
+    top1 = [float(line.split()[5]) for line in lines[1:]]
+    assert top1 == sorted(top1, reverse=True)
+    top1_end = lines[0].index("top-1") + len("top-1")
+    assert all(line[top1_end - 6:top1_end].strip().replace(".", "").isdigit() for line in lines[1:])
+    ghast = next(line for line in lines if line.startswith("ghast-bite"))
+    assert ghast.split()[1:7] == ["dq", "0.2", "1", "compact", "0.7100", "200"]
+
+
+def test_show_command_names_a_missing_saved_file(tmp_path):
+    with pytest.raises(DQError, match=r"missing\.json: cannot read"):
+        sweep.main(["show", "--json", str(tmp_path / "missing.json")])
+
+
 def test_queue_sets_every_swept_param_on_every_run():
     cmds = sweep.queue_commands([0.05, 0.1], ["dq", "random"], [0, 1], full=True)
     assert len(cmds) == 2 * 2 * 2 + 2
