@@ -1,6 +1,8 @@
 """Run the results grid in-process, reusing one workspace's prepare, features and mae outputs.
 
     python -m bench.results --data data --out bench/out/results [--ratios ...] [--methods ...] [--seeds ...]
+    python -m bench.results --full --selected                      # what docs/RESULTS.md reports
+    python -m bench.results --full --selected --plot docs/results  # its figures and table
 
 The DVC route (`python -m dq.sweep queue/run/plot`) reruns each experiment in its own copy of the
 workspace. On a 2-core machine that is slow, so this script calls the very same stage entry points
@@ -26,13 +28,20 @@ from stages import compress, select, train
 SHARED = ("prepared", "features", "mae")
 
 
-def grid(ratios, methods, seeds, full):
-    """(name, overrides) of every run, the default ratio first so the headline cells fill first."""
+def grid(ratios, methods, seeds, full, selected=False):
+    """(name, overrides) of every run, the default ratio first so the headline cells fill first.
+
+    `full` adds the upper bound (the whole training set) per seed; `selected` adds the ablation without
+    patch dropping: dq's kept images with their original pixels, at every ratio and seed.
+    """
     runs = [(f"{m}-r{r}-s{s}", {"ratio": r, "seed": s, "select": {"method": m}, "train": {"input": "compact"}})
             for r in ratios for s in seeds for m in methods]
     if full:
         runs += [(f"full-s{s}", {"ratio": min(ratios), "seed": s, "select": {"method": "random"},
                                   "train": {"input": "full"}}) for s in seeds]
+    if selected:
+        runs += [(f"dq-selected-r{r}-s{s}", {"ratio": r, "seed": s, "select": {"method": "dq"},
+                                              "train": {"input": "selected"}}) for r in ratios for s in seeds]
     return runs
 
 
@@ -64,11 +73,12 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.05, 0.2, 0.4])
     parser.add_argument("--methods", nargs="+", default=["dq", "graphcut", "random"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--full", action="store_true", help="add the full-training-set upper bound")
+    parser.add_argument("--selected", action="store_true", help="add dq without patch dropping")
     parser.add_argument("--plot", type=Path, help="write figures and a table of the finished runs here")
     args = parser.parse_args()
     base = yaml.safe_load(args.params.read_text())
-    runs = grid(args.ratios, args.methods, args.seeds, args.full)
+    runs = grid(args.ratios, args.methods, args.seeds, args.full, args.selected)
     if args.plot is None:
         for name, overrides in runs:
             folder = args.out / name
