@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,15 @@ def test_ci_runs_the_readme_test_command():
     assert "make pipeline" in readme and "make test" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+@pytest.mark.parametrize("stage", ["prepare", "select", "train"])
+def test_a_stage_run_by_a_python_without_the_packages_says_so_in_one_line(stage):
+    # -S hides site-packages: the same as dvc finding the system python on PATH.
+    done = subprocess.run([sys.executable, "-S", "-m", f"stages.{stage}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: {sys.executable} lacks the pinned packages (numpy, torch")
+    assert ". .venv/bin/activate" in lines[0]
