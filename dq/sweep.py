@@ -200,6 +200,10 @@ def markdown_table(experiments: list[Experiment]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def group_colors(groups) -> dict[str, str]:
+    """One colour per group, the same in every figure: `full` black, the rest tab10 in sorted order."""
+    others = sorted(set(groups) - {"full"})
+    return {"full": "black", **{g: f"C{i % 10}" for i, g in enumerate(others)}}
 
 
 def accuracy_vs_ratio_figure(path: str | Path, experiments: list[Experiment]) -> None:
@@ -207,11 +211,12 @@ def accuracy_vs_ratio_figure(path: str | Path, experiments: list[Experiment]) ->
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     all_cells = cells(experiments)
+    colors = group_colors(c.group for c in all_cells)
     for group in sorted({c.group for c in all_cells} - {"full"}):
         line = [c for c in all_cells if c.group == group]
         x = [c.ratio for c in line]
-        drawn = ax.plot(x, [c.mean for c in line], marker="o", label=group)[0]
-        ax.fill_between(x, [c.low for c in line], [c.high for c in line], color=drawn.get_color(), alpha=0.2)
+        ax.plot(x, [c.mean for c in line], marker="o", label=group, color=colors[group])
+        ax.fill_between(x, [c.low for c in line], [c.high for c in line], color=colors[group], alpha=0.2)
     for c in all_cells:
         if c.group == "full":
             ax.axhline(c.mean, color="black", linestyle="--", label=f"full ({c.n} run{'s' * (c.n > 1)})")
@@ -231,9 +236,10 @@ def accuracy_vs_bytes_figure(path: str | Path, experiments: list[Experiment]) ->
     """Every run: test top-1 against the bytes of its training input."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    colors = group_colors(e.group for e in experiments)
     for group in sorted({e.group for e in experiments}):
         runs = [e for e in experiments if e.group == group]
-        ax.scatter([e.stored_bytes for e in runs], [e.top1 for e in runs], label=group, s=18)
+        ax.scatter([e.stored_bytes for e in runs], [e.top1 for e in runs], label=group, s=18, color=colors[group])
     ax.set_xscale("log")
     ax.set(xlabel="stored bytes of the training input", ylabel="test top-1, final epoch")
     ax.legend()

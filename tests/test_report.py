@@ -153,6 +153,11 @@ def test_write_results_draws_both_figures_and_the_table(tmp_path):
         sweep.write_results(tmp_path / "empty", [])
 
 
+def test_each_group_has_one_colour_in_both_figures_and_full_is_black():
+    colors = sweep.group_colors(["random", "full", "dq", "graphcut", "dq"])
+    assert colors == {"full": "black", "dq": "C0", "graphcut": "C1", "random": "C2"}
+
+
 def test_plot_command_on_a_saved_exp_show(tmp_path, capsys):
     sweep.main(["plot", "--json", str(SAMPLE), "--out", str(tmp_path / "r")])
     assert "| dq | 0.2 | 1 | 0.7100 |" in (tmp_path / "r" / "results.md").read_text()
