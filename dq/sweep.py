@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -96,7 +97,9 @@ def run_queue(jobs: int = 1, poll_s: float = 10.0) -> dict[str, int]:
 
 
 def _dvc(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    # Queued experiments run dvc.yaml's `python` from PATH: make it this interpreter, activated or not.
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
         raise DQError(f"dvc {' '.join(args)} failed ({proc.returncode}): {last}")

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
-from tests.pipeline_repo import dvc, git, make_repo, ran_stages
+from tests.pipeline_repo import dvc, git, make_repo, ran_stages, run
 
 ALL_STAGES = ["prepare", "features", "select", "compress", "mae", "train", "report"]
 
@@ -50,6 +51,23 @@ def test_exp_run_ratio_reruns_select_and_after_only(repo):
     assert by_ratio[0.5]["train_images"] == 48 and by_ratio[0.25]["train_images"] == 24
     for metrics in by_ratio.values():
         assert "top1" in metrics and "compact_bytes" in metrics
+
+
+def test_sweep_queues_a_real_grid_runs_it_through_the_queue_and_reports_it(repo, tmp_path):
+    sweep = [sys.executable, "-m", "dq.sweep"]
+    queued = run(repo, *sweep, "queue", "--ratios", "0.25", "--methods", "random", "--seeds", "1").stdout
+    assert queued.count("dvc exp run --queue") == 1, queued
+    run(repo, *sweep, "run", timeout=900)
+    assert "Failed" not in dvc(repo, "queue", "status").stdout
+
+    lines = run(repo, *sweep, "show").stdout.splitlines()
+    runs = {tuple(line.split()[1:5]) for line in lines[1:]}
+    assert ("random", "0.25", "1", "compact") in runs, lines  # the queued run
+    assert ("dq", "0.25", "0", "compact") in runs, lines      # the committed baseline
+    run(repo, *sweep, "plot", "--out", str(tmp_path / "results"))
+    table = (tmp_path / "results" / "results.md").read_text()
+    assert "| random | 0.25 | 1 |" in table and "| dq | 0.25 |" in table
+    assert (tmp_path / "results" / "accuracy_vs_ratio.png").stat().st_size > 1000
 
 
 def _exp_rows(shown) -> list[dict]:

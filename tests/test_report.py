@@ -7,6 +7,9 @@ and one FAILED queued experiment, which DVC lists with the metrics of the worksp
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +194,20 @@ def test_queue_sets_every_swept_param_on_every_run():
         assert keys == ["ratio", "select.method", "seed", "train.input"]
     assert sum("train.input=full" in c for c in cmds) == 2
     assert cmds[0][4:] == ["-S", "ratio=0.05", "-S", "select.method=dq", "-S", "seed=0", "-S", "train.input=compact"]
+
+
+def test_dvc_calls_put_this_interpreter_first_on_path_for_queued_stages(monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen.update(cmd=cmd, path=kwargs["env"]["PATH"])
+        return subprocess.CompletedProcess(cmd, 0, stdout="ok", stderr="")
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    assert sweep._dvc("queue", "status") == "ok"
+    assert seen["cmd"][:3] == [sys.executable, "-m", "dvc"]
+    assert seen["path"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
 
 
 def test_queue_status_counts_parses_dvc_queue_status():
