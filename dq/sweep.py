@@ -12,7 +12,9 @@ have changed. The `full` runs use the smallest ratio and `random` selection so t
 which they do not need, stay cheap.
 
 `show` prints what `dvc exp show` buries among 40 columns: one line per finished run with its method,
-ratio, seed, input, test top-1 and stored bytes, best first. `plot` writes accuracy_vs_ratio.png (one line per method: mean over seeds, band from min to max, the
+ratio, seed, input, test top-1 and stored bytes, best first.
+
+`plot` writes accuracy_vs_ratio.png (one line per method: mean over seeds, band from min to max, the
 `full` run as a horizontal line), accuracy_vs_bytes.png (every run: test top-1 against the bytes its
 training input takes) and results.md (a table of mean, min, max over seeds). Failed, queued and running
 experiments are left out: DVC shows a failed run with the metrics of the workspace it started from.
