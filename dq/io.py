@@ -23,7 +23,7 @@ H5_OPEN_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
 # Below this much free space a failed write is taken for a full disk: numpy, torch and HDF5 report
 # ENOSPC as "requested and written", "file write failed" or a RuntimeError without an errno.
 DISK_FULL_BYTES = 1024 * 1024
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(\.old)?$")
 
 
 @contextlib.contextmanager
@@ -44,8 +44,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp.is_file():
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-        _remove(path)
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException as exc:
         full = _disk_full(exc, path.parent)
         _remove(tmp)
@@ -53,6 +52,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             raise DQError(f"{path}: no space left on the device while writing it; free some space or "
                           f"point --data at a larger disk") from None
         raise
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Put `tmp` at `path`, so that `path` always holds either the old or the new content.
+
+    A file is renamed over the old one in one step. A folder cannot be renamed over a non-empty folder,
+    so the old one is first renamed aside (`.<name>.tmp-<pid>.old`, swept like any temporary if the
+    process dies there) and removed after the swap.
+    """
+    if not (tmp.is_dir() and path.is_dir() and not path.is_symlink()):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return
+    aside = path.with_name(f".{path.name}.tmp-{os.getpid()}.old")
+    _remove(aside)
+    os.replace(path, aside)
+    os.replace(tmp, path)
+    _remove(aside)
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:

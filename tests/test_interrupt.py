@@ -8,6 +8,7 @@ A killed MAE training resumes from its last checkpoint (`mae.resume: true`) to t
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -175,20 +176,32 @@ def test_repro_after_the_kills_gives_the_uninterrupted_bytes(killed):
     assert not git(repo, "status", "--porcelain", "dvc.lock").stdout.strip()  # the same lock as before
 
 
+# The MAE stage as dvc.yaml runs it, except that the process SIGKILLs itself the moment the first
+# epoch's checkpoint is in place. Killing it from outside on seeing the file raced the tiny run's
+# second epoch (a few milliseconds) and failed under load; the random-time kills are `killed`'s job.
+KILLED_AFTER_FIRST_CHECKPOINT = """
+import os, signal
+import stages.mae as stage
+save_resume = stage.save_resume
+def save_then_die(*args, **kwargs):
+    save_resume(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+stage.save_resume = save_then_die
+stage.main([])
+"""
+
+
 def test_killed_mae_training_resumes_from_its_checkpoint(tiny_run, tmp_path):
-    """SIGKILL after the first epoch's checkpoint; `mae.resume: true` finishes to the same model bytes."""
+    """SIGKILL right after the first epoch's checkpoint; `mae.resume: true` finishes to the same model bytes."""
     repo = tmp_path / "repo"
     shutil.copytree(tiny_run, repo, symlinks=True)
     remove_outputs(repo, "mae")
     shutil.rmtree(repo / "data" / "mae_ckpt")
-    checkpoint = repo / "data" / "mae_ckpt" / "last.pt"
-    proc = start(repo, "mae", tmp_path / "mae.log")
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    kill(proc)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    assert saved["epoch"] == 1, "killed too late: the checkpoint already holds the last epoch"
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIRST_CHECKPOINT], cwd=repo, env=env(),
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    saved = torch.load(repo / "data" / "mae_ckpt" / "last.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 1
     assert not (repo / "data" / "mae" / "model.pt").exists()
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -217,3 +230,43 @@ def test_the_next_write_sweeps_temporaries_of_killed_processes(tmp_path):
     write_json(out, {"a": 1})
     assert json.loads(out.read_text()) == {"a": 1}
     assert not dead.exists() and alive.exists() and other.exists()
+
+
+def test_replacing_a_file_never_leaves_its_path_empty(tmp_path, monkeypatch):
+    """The old file stays whole until the new one is renamed over it; a failed rename keeps the old one."""
+    import dq.io
+    from dq.io import write_json
+
+    out = tmp_path / "last.json"
+    write_json(out, {"epoch": 1})
+
+    def refuse(src, dst):
+        assert out.exists(), "the old file was removed before the new one was in place"
+        raise OSError(errno.EIO, "rename refused")
+
+    monkeypatch.setattr(dq.io.os, "replace", refuse)
+    with pytest.raises(OSError, match="rename refused"):
+        write_json(out, {"epoch": 2})
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.json"]
+
+
+def test_replacing_a_folder_swaps_it_whole_and_sweeps_a_dead_swap(tmp_path):
+    """A folder output is replaced by the new folder; an old one set aside by a killed process is swept."""
+    from dq.io import atomic_path
+
+    out = tmp_path / "selection"
+    for version in ("old", "new"):
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            (tmp / f"{version}.npy").write_bytes(version.encode())
+    assert [p.name for p in out.iterdir()] == ["new.npy"]
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    aside = tmp_path / f".selection.tmp-{gone.pid}.old"
+    aside.mkdir()
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["selection"]
