@@ -55,15 +55,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def _replace(tmp: Path, path: Path) -> None:
-    """Put `tmp` at `path`, so that `path` always holds either the old or the new content.
+    """Put `tmp` at `path`, never removing the old content before the new is in place.
 
-    A file is renamed over the old one in one step. A folder cannot be renamed over a non-empty folder,
-    so the old one is first renamed aside (`.<name>.tmp-<pid>.old`, swept like any temporary if the
-    process dies there) and removed after the swap.
+    A file is renamed over the old one in one step, so `path` always holds one or the other. A folder
+    cannot be renamed over a non-empty folder, so the old one is first renamed aside
+    (`.<name>.tmp-<pid>.old`, swept like any temporary if the process dies there) and removed after the
+    swap; `path` is missing only between those two renames.
     """
     if not (tmp.is_dir() and path.is_dir() and not path.is_symlink()):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+        if path.exists() and path.is_dir() != tmp.is_dir():  # a file for a folder or back: no one-step rename
+            _remove(path)
         os.replace(tmp, path)
         return
     aside = path.with_name(f".{path.name}.tmp-{os.getpid()}.old")

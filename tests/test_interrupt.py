@@ -262,6 +262,12 @@ def test_replacing_a_folder_swaps_it_whole_and_sweeps_a_dead_swap(tmp_path):
             tmp.mkdir()
             (tmp / f"{version}.npy").write_bytes(version.encode())
     assert [p.name for p in out.iterdir()] == ["new.npy"]
+    with atomic_path(out) as tmp:  # a file where the folder was, and back
+        tmp.write_text("file")
+    assert out.read_text() == "file"
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+    assert out.is_dir()
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
