@@ -62,20 +62,20 @@ def _replace(tmp: Path, path: Path) -> None:
     (`.<name>.tmp-<pid>.old`, swept like any temporary if the process dies there) and removed after the
     swap; `path` is missing only between those two renames.
     """
-    if not (tmp.is_dir() and path.is_dir() and not path.is_symlink()):
-        if path.exists() and path.is_dir() != tmp.is_dir():  # a file for a folder or back: no one-step rename
-            _remove(path)
+    if tmp.is_dir() and path.is_dir() and not path.is_symlink():
+        aside = path.with_name(f".{path.name}.tmp-{os.getpid()}.old")
+        _remove(aside)  # a dead process that had our pid may have left one
+        os.replace(path, aside)
         os.replace(tmp, path)
+        _remove(aside)
         return
-    aside = path.with_name(f".{path.name}.tmp-{os.getpid()}.old")
-    _remove(aside)
-    os.replace(path, aside)
+    if path.exists() and path.is_dir() != tmp.is_dir():  # a file for a folder or back: no one-step rename
+        _remove(path)
     os.replace(tmp, path)
-    _remove(aside)
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Remove `.<name>.tmp-<pid>` beside `path` whose process no longer runs (a killed stage's temps)."""
+    """Remove `.<name>.tmp-<pid>[.old]` beside `path` whose process no longer runs (a killed stage's temps)."""
     path = Path(path)
     removed = []
     if not path.parent.is_dir():
