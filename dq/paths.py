@@ -1,0 +1,103 @@
+"""Where every pipeline artifact lives under the data root: the one place these paths are spelled.
+
+`dvc.yaml` declares the same paths as outputs and deps; `tests/test_dvc_yaml.py` checks that the two
+agree. Stages build a `DataPaths` from `--data` and pass its fields to the owner modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """The artifacts of one pipeline run, relative to `root` (`data/` by default)."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # prepare
+    @property
+    def prepared(self) -> Path:
+        return self.root / "prepared"
+
+    def prepared_split(self, split: str) -> Path:
+        return self.prepared / f"{split}.h5"
+
+    # features
+    @property
+    def features(self) -> Path:
+        return self.root / "features" / "train.h5"
+
+    # select
+    @property
+    def selection(self) -> Path:
+        return self.root / "selection"
+
+    @property
+    def selection_figure(self) -> Path:
+        return self.root / "selection_plots" / "bins.png"
+
+    # compress
+    @property
+    def compact(self) -> Path:
+        return self.root / "compact" / "dataset.h5"
+
+    @property
+    def compact_metrics(self) -> Path:
+        return self.root / "compact_metrics.json"
+
+    @property
+    def compact_figure(self) -> Path:
+        return self.root / "compact_plots" / "patches.png"
+
+    # mae
+    @property
+    def mae_model(self) -> Path:
+        return self.root / "mae" / "model.pt"
+
+    @property
+    def mae_metrics(self) -> Path:
+        return self.root / "mae_metrics.json"
+
+    @property
+    def mae_figure(self) -> Path:
+        return self.root / "mae_plots" / "reconstruction.png"
+
+    @property
+    def mae_live(self) -> Path:
+        return self.root / "mae_live"
+
+    @property
+    def mae_resume(self) -> Path:
+        """Not a DVC output on purpose: DVC deletes outputs before a stage runs, and this must survive."""
+        return self.root / "mae_ckpt" / "last.pt"
+
+    # train
+    @property
+    def classifier(self) -> Path:
+        return self.root / "train" / "model.pt"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "train" / "evaluation.json"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.root / "train_metrics.json"
+
+    @property
+    def train_live(self) -> Path:
+        return self.root / "train_live"
+
+    @property
+    def train_resume(self) -> Path:
+        """Not a DVC output, like `mae_resume`."""
+        return self.root / "train_ckpt" / "last.pt"
+
+    # report
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
