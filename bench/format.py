@@ -7,7 +7,7 @@ Reads: the same N images through a DataLoader (batch 64, 0/1/2 workers) from
   - the prepared HDF5 file (`prepared/train.h5` layout, one image per __getitem__: the baseline),
   - PNG files in a torchvision ImageFolder.
 Writes: `dq.format.write_compact` (patch extraction + gzip + checksums, no CAM) against
-`dq.io.write_prepared` and against writing the PNG folder. CAM: `dq.cam.attention_maps` on
+`dq.prepared.write_prepared` and against writing the PNG folder. CAM: `dq.cam.attention_maps` on
 efficientnet_lite0 (weights none) with a random probe, at input 32 and 128 (the default).
 
 Images come from `<data>/prepared/train.h5` when it exists (the default run's Fashion-MNIST), else
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dq import cam  # noqa: E402
 from dq.format import CompactDataset, Header, write_compact  # noqa: E402
-from dq.io import Prepared, read_prepared, write_prepared  # noqa: E402
+from dq.prepared import Prepared, read_prepared, write_prepared  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "format"
 BATCH = 64

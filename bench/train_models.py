@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dq.io import read_prepared
+from dq.prepared import read_prepared
 from dq.params import TrainParams
 from dq.train import selected_training_set, train_classifier
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dq.errors import DQError, first_line
-from dq.io import Prepared
+from dq.prepared import Prepared
 from dq.params import DataParams
 
 log = logging.getLogger("dq.datasets")

@@ -1,4 +1,4 @@
-"""Atomic outputs and the prepared-data HDF5 files that every stage after `prepare` reads.
+"""Atomic outputs, JSON and HDF5 opening: the file handling every artifact's owner module shares.
 
 Every stage writes each output to a temporary name beside it and renames it into place only when the
 write finished, so a killed or failing stage never leaves a partial file at a declared output path.
@@ -11,11 +11,9 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 
 from dq.errors import DQError, first_line
 
@@ -143,12 +141,6 @@ def write_json(path: str | Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def save_npy(path: str | Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-
-
 def h5_file(path: str | Path, mode: str = "r"):
     """Open an HDF5 file, turning h5py's errors into one DQError line naming the file.
 
@@ -165,61 +157,3 @@ def h5_file(path: str | Path, mode: str = "r"):
         return h5py.File(path, mode, libver="earliest", track_order=False)
     except H5_OPEN_ERRORS as exc:
         raise DQError(f"{path}: not a readable HDF5 file ({first_line(exc)})") from None
-
-
-
-
-@dataclass
-class Prepared:
-    """A prepared split: uint8 images [N, H, W, 3], int64 labels [N], the class names, the source."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    classes: list[str]
-    source: str
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-
-def write_prepared(path: str | Path, split: Prepared) -> None:
-    """Write a prepared split atomically, chunked along N, compressed, byte-identical for equal input."""
-    images = np.ascontiguousarray(split.images, dtype=np.uint8)
-    labels = np.ascontiguousarray(split.labels, dtype=np.int64)
-    n, h, w, c = images.shape
-    per_image = h * w * c
-    chunk_n = int(max(1, min(n, (256 * 1024) // per_image)))
-    check_free_space(path, images.nbytes + labels.nbytes)
-    with atomic_path(path) as tmp:
-        with h5_file(tmp, "w") as f:
-            f.create_dataset("images", data=images, chunks=(chunk_n, h, w, c), compression="gzip",
-                             compression_opts=4, shuffle=True, fletcher32=True)
-            f.create_dataset("labels", data=labels, chunks=(max(1, min(n, 65536)),), compression="gzip",
-                             fletcher32=True)
-            f.attrs["classes"] = json.dumps(list(split.classes))
-            f.attrs["source"] = split.source
-
-
-def read_prepared(path: str | Path, *, images: bool = True) -> Prepared:
-    """Read and validate a prepared split written by the `prepare` stage."""
-    path = Path(path)
-    with h5_file(path) as f:
-        for key in ("images", "labels"):
-            if key not in f:
-                raise DQError(f"{path}: missing dataset '{key}'; is this a file written by the prepare stage?")
-        try:
-            classes = json.loads(f.attrs["classes"])
-            source = str(f.attrs.get("source", ""))
-            labels = f["labels"][...]
-            shape = f["images"].shape
-            imgs = f["images"][...] if images else np.empty((0,) + tuple(shape[1:]), np.uint8)
-        except H5_OPEN_ERRORS as exc:
-            raise DQError(f"{path}: cannot read ({first_line(exc)}); the file is damaged, rerun the prepare stage") from None
-    if len(shape) != 4 or shape[3] != 3 or shape[0] != labels.shape[0]:
-        raise DQError(f"{path}: images must be uint8 [N, H, W, 3] with one label each, got {shape} "
-                      f"and {labels.shape[0]} labels")
-    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise DQError(f"{path}: labels must lie in [0, {len(classes) - 1}] for {len(classes)} classes, "
-                      f"found {int(labels.min())}..{int(labels.max())}")
-    return Prepared(imgs, labels.astype(np.int64), classes, source)

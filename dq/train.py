@@ -64,7 +64,8 @@ from dq import distributed
 from dq import format as compact_format
 from dq import mae as dq_mae
 from dq.errors import DQError, first_line
-from dq.io import Prepared, atomic_path
+from dq.io import atomic_path
+from dq.prepared import Prepared
 from dq.params import TrainParams
 from dq.runtime import autocast
 

@@ -23,7 +23,8 @@ import torch
 
 from dq import mae
 from dq.errors import DQError, run_cli
-from dq.io import atomic_path, read_prepared, write_json
+from dq.io import atomic_path, write_json
+from dq.prepared import read_prepared
 from dq.params import Params
 from dq.runtime import device_for, seed_everything
 from stages.common import parse_args

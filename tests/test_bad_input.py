@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 from dq.errors import run_cli
-from dq.io import read_prepared, write_prepared
+from dq.prepared import read_prepared, write_prepared
 from tests.pipeline_repo import ROOT, env, tiny_params
 
 PARALLEL = 3

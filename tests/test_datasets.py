@@ -13,7 +13,7 @@ from PIL import Image
 
 from dq.datasets import balanced_subset, decode_image, load_split, read_idx, LoadReport
 from dq.errors import DQError
-from dq.io import read_prepared
+from dq.prepared import read_prepared
 from dq.params import DataParams
 from stages import prepare
 

@@ -17,7 +17,7 @@ import yaml
 
 from dq import distributed
 from dq import train as dq_train
-from dq.io import write_prepared
+from dq.prepared import write_prepared
 from dq.params import TrainParams
 from tests.test_train import TINY, blobs, write_params
 

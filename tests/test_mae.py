@@ -11,7 +11,7 @@ import yaml
 
 from dq import mae
 from dq.errors import DQError
-from dq.io import Prepared, write_prepared
+from dq.prepared import Prepared, write_prepared
 
 # A copy of ../shared/fixtures/mae_state_dict_shapes.json, kept here so that no clone ever skips these tests.
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mae_state_dict_shapes.json"

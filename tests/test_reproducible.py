@@ -16,9 +16,9 @@ import h5py
 import pytest
 import torch
 
-from dq.backbones import read_features
+from dq.features import read_features
 from dq.format import CompactDataset, validate
-from dq.io import read_prepared
+from dq.prepared import read_prepared
 from tests.pipeline_repo import digest_tree, dvc, env, make_repo, ran_stages
 
 EPOCHS = 3

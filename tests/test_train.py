@@ -15,7 +15,7 @@ from dq import mae as dq_mae
 from dq import train as dq_train
 from dq.errors import DQError
 from dq.format import Header, write_compact
-from dq.io import Prepared, read_prepared, write_prepared
+from dq.prepared import Prepared, read_prepared, write_prepared
 from dq.params import TrainParams
 from stages import train as train_stage
 
