@@ -34,6 +34,7 @@ from torch import nn
 
 from dq.errors import DQError
 from dq.figures import pyplot, save_png
+from dq.grid import grid_of, kept_count
 
 MIN_MAP_SIDE = 4  # the auto rule's preferred smallest feature map
 
@@ -189,9 +190,8 @@ def patch_scores(maps: np.ndarray, patch_size: int) -> np.ndarray:
     """Mean of each p×p patch: maps [N, H, W] → float32 [N, L], L = (H/p)(W/p), raster order."""
     n, h, w = maps.shape
     p = patch_size
-    if h % p or w % p:
-        raise DQError(f"patches.patch_size = {p} is not allowed; expected a divisor of the image size {h}")
-    blocks = maps.reshape(n, h // p, p, w // p, p).astype(np.float64)
+    rows, cols = grid_of(h, p)
+    blocks = maps.reshape(n, rows, p, cols, p).astype(np.float64)
     return blocks.mean(axis=(2, 4)).reshape(n, -1).astype(np.float32)
 
 
@@ -201,7 +201,7 @@ def keep_mask(scores: np.ndarray, drop: float) -> np.ndarray:
     NaN scores rank lowest.
     """
     n, num_patches = scores.shape
-    k = num_patches - round(drop * num_patches)
+    k = kept_count(num_patches, drop)
     if k < 1:
         raise DQError(f"patches.drop = {drop} drops all {num_patches} patches of each image; "
                       f"expected a smaller drop or a smaller patch_size")

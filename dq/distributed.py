@@ -55,11 +55,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
 def gather_rows(rows: np.ndarray) -> np.ndarray | None:
     """Every rank's rows [n_r, ...] concatenated in rank order on rank 0; None on the other ranks."""
     if world_size() == 1:

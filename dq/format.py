@@ -1,7 +1,7 @@
 """The compact HDF5 format, version 1: write, read and validate it, and a torch Dataset over it.
 
 A compact file holds the images that selection kept, minus the patches that GradCAM++ scored lowest.
-Its layout is fixed by DESIGN.md and described for readers in other languages in docs/FORMAT.md:
+Its layout is fixed by docs/DESIGN.md and described for readers in other languages in docs/FORMAT.md:
 
     root attrs  format = "dq-compact", schema_version = 1, image_size, patch_size, channels,
                 grid [rows, cols], num_patches L, kept_patches K, drop, ratio, classes (JSON),
@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dq.errors import DQError, first_line, run_cli
+from dq.grid import assemble, extract_patches, grid_of, kept_count
 from dq.io import H5_OPEN_ERRORS, atomic_path, check_free_space, h5_file
 
 FORMAT = "dq-compact"
@@ -61,59 +62,6 @@ VALIDATE_BLOCK_BYTES = 4 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------------------------
-# Patches
-
-
-def grid_of(image_size: int, patch_size: int) -> tuple[int, int]:
-    """The patch grid (rows, cols) of a square image; `patch_size` must divide `image_size`."""
-    if patch_size < 1 or image_size % patch_size:
-        raise DQError(f"patches.patch_size = {patch_size} is not allowed; expected a divisor of the "
-                      f"image size {image_size}")
-    return image_size // patch_size, image_size // patch_size
-
-
-def kept_count(num_patches: int, drop: float) -> int:
-    """K = L - round(drop * L), with Python's round (half to even)."""
-    return num_patches - round(drop * num_patches)
-
-
-def patchify(images: np.ndarray, patch_size: int) -> np.ndarray:
-    """[N, H, W, C] → [N, L, p, p, C], patches in raster order (row by row of the grid)."""
-    n, h, w, c = images.shape
-    p = patch_size
-    x = images.reshape(n, h // p, p, w // p, p, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, (h // p) * (w // p), p, p, c)
-
-
-def unpatchify(patches: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """[N, L, p, p, C] → [N, H, W, C]; the inverse of `patchify`."""
-    n, _, p, _, c = patches.shape
-    rows, cols = grid
-    x = patches.reshape(n, rows, cols, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, rows * p, cols * p, c)
-
-
-def extract_patches(images: np.ndarray, keep: np.ndarray, patch_size: int) -> np.ndarray:
-    """uint8 images [N, H, W, C] and keep [N, L] (K True per row) → kept patches [N, K, p, p, C]."""
-    n = images.shape[0]
-    counts = keep.sum(axis=1)
-    if n and (counts != counts[0]).any():
-        raise ValueError("every row of keep must hold the same number of True values")
-    k = int(counts[0]) if n else 0
-    everything = patchify(images, patch_size)
-    # boolean indexing walks rows then grid positions: raster order within each image
-    return np.ascontiguousarray(everything[keep].reshape(n, k, patch_size, patch_size, images.shape[3]))
-
-
-def assemble(patches: np.ndarray, keep: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Kept patches [N, K, p, p, C] and keep [N, L] → images [N, H, W, C], dropped patches zero."""
-    n, k, p, _, c = patches.shape
-    full = np.zeros((n, keep.shape[1], p, p, c), dtype=patches.dtype)
-    full[keep] = patches.reshape(n * k, p, p, c)
-    return unpatchify(full, grid)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -133,7 +81,7 @@ class Header:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return self.image_size // self.patch_size, self.image_size // self.patch_size
+        return grid_of(self.image_size, self.patch_size)
 
     @property
     def num_patches(self) -> int:

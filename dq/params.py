@@ -18,10 +18,11 @@ from typing import Any
 import yaml
 
 from dq.errors import DQError
+from dq.grid import grid_of, kept_count
 
 SOURCES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 FEATURE_KINDS = ("embedding", "gradient")
-METHODS = ("dq", "graphcut", "random")
+METHODS = ("dq", "graphcut", "random")  # select.method; dq.select implements each
 TRAIN_INPUTS = ("compact", "selected", "full")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -209,9 +210,18 @@ class Params:
             section = getattr(self, f.name)
             if isinstance(section, _Section):
                 section.check(where, f"{f.name}.")
-        if self.data.image_size % self.patches.patch_size:
-            _fail(where, "patches.patch_size", self.patches.patch_size,
-                  f"a divisor of data.image_size ({self.data.image_size})")
+        self._check_patch_grid(where)
+
+    def _check_patch_grid(self, where: str) -> None:
+        """The patch grid's rules (dq.grid) against the prepared image side, which is data.image_size."""
+        size, p = self.data.image_size, self.patches
+        try:
+            rows, cols = grid_of(size, p.patch_size)
+        except DQError:
+            _fail(where, "patches.patch_size", p.patch_size, f"a divisor of data.image_size ({size})")
+        if kept_count(rows * cols, p.drop) < 1:
+            _fail(where, "patches.drop", p.drop, f"a share that keeps at least one of the {rows * cols} patches "
+                  "of each image, or a smaller patches.patch_size")
 
     def section_dict(self, *names: str) -> dict:
         """The named sections (or top-level keys) as plain data, for provenance in output files."""

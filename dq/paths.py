@@ -37,6 +37,10 @@ class DataPaths:
         return self.root / "selection"
 
     @property
+    def selection_metrics(self) -> Path:
+        return self.root / "selection_metrics.json"
+
+    @property
     def selection_figure(self) -> Path:
         return self.root / "selection_plots" / "bins.png"
 

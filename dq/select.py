@@ -34,8 +34,8 @@ from typing import Sequence
 import numpy as np
 
 from dq.errors import DQError
+from dq.params import METHODS
 
-METHODS = ("dq", "graphcut", "random")
 # Gains closer than this (relative to the gain's scale) are ties and go to the lowest index; it absorbs
 # float64 rounding so that duplicate rows tie however BLAS orders its sums.
 TIE_RTOL = 1e-9
@@ -78,9 +78,6 @@ class GradientFeatures:
         e = np.asarray(self.logit_grad, np.float64)
         h = np.asarray(self.embedding, np.float64)
         return np.concatenate([e, (e[:, :, None] * h[:, None, :]).reshape(len(e), -1)], axis=1)
-
-
-Features = "np.ndarray | GradientFeatures"
 
 
 def _blas_dtype(cost: float, precision: str = "auto"):

@@ -1,4 +1,4 @@
-"""What every stage entry point shares: the command line and the paths of DESIGN.md."""
+"""What every stage entry point shares: the command line (`--params`, `--data`) and the loaded params."""
 from __future__ import annotations
 
 import argparse

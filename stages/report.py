@@ -5,22 +5,22 @@ from __future__ import annotations
 import sys
 
 from dq.errors import run_cli
+from dq.paths import DataPaths
 from dq.report import build_report
 from stages.common import parse_args
 
 
 def main(argv: list[str] | None = None) -> None:
     args, params = parse_args("Collect the run's results into data/report/.", argv)
-    data = args.data
+    paths = DataPaths(args.data)
     s = build_report(
-        data / "report",
-        train_metrics=data / "train_metrics.json",
-        compact_metrics=data / "compact_metrics.json",
-        mae_metrics=data / "mae_metrics.json",
-        evaluation=data / "train" / "evaluation.json",
-        figures={"bins.png": data / "selection_plots" / "bins.png",
-                 "patches.png": data / "compact_plots" / "patches.png",
-                 "reconstruction.png": data / "mae_plots" / "reconstruction.png"},
+        paths.report,
+        train_metrics=paths.train_metrics,
+        compact_metrics=paths.compact_metrics,
+        mae_metrics=paths.mae_metrics,
+        evaluation=paths.evaluation,
+        figures={"bins.png": paths.selection_figure, "patches.png": paths.compact_figure,
+                 "reconstruction.png": paths.mae_figure},
         params={"ratio": params.ratio, "seed": params.seed, "method": params.select.method,
                 "drop": params.patches.drop},
     )

@@ -15,7 +15,9 @@ import sys
 
 from dq import distributed
 from dq.errors import DQError, run_cli
-from dq.io import read_prepared, write_json
+from dq.io import write_json
+from dq.paths import DataPaths
+from dq.prepared import read_prepared
 from dq.runtime import device_for, seed_everything
 from dq.train import evaluation_record, save_classifier, train_classifier, train_metrics, training_set
 from stages.common import parse_args
@@ -29,37 +31,36 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(params.seed, params.runtime)
     device = device_for(params.runtime)
     with distributed.process_group(device):
-        _train(args.data, params, device)
+        _train(DataPaths(args.data), params, device)
 
 
-def _train(data, params, device) -> None:
+def _train(paths: DataPaths, params, device) -> None:
     """Every rank trains; rank 0 alone logs, checkpoints and writes the outputs."""
     tp = params.train
     main_rank = distributed.is_main()
-    prepared = read_prepared(data / "prepared" / "train.h5")
-    test = read_prepared(data / "prepared" / "test.h5")
-    train_set = training_set(tp.input, prepared, data / "compact" / "dataset.h5", data / "mae" / "model.pt",
-                             device=device)
+    prepared = read_prepared(paths.prepared_split("train"))
+    test = read_prepared(paths.prepared_split("test"))
+    train_set = training_set(tp.input, prepared, paths.compact, paths.mae_model, device=device)
     if list(train_set.classes) != list(test.classes):
-        raise DQError(f"{data / 'compact' / 'dataset.h5'}: its classes differ from the prepared test "
+        raise DQError(f"{paths.compact}: its classes differ from the prepared test "
                       "set's; rerun the pipeline from compress")
     if main_rank:
         print(f"train: {tp.model} on {len(train_set.labels)} {tp.input} images, {tp.epochs} epochs, "
               f"{len(test.labels)} test images, device {device}, {distributed.world_size()} process(es)",
               file=sys.stderr)
 
-    live = _live(data / "train_live") if main_rank else None
+    live = _live(paths.train_live) if main_rank else None
     result = train_classifier(train_set, test, tp, seed=params.seed, device=device,
-                              checkpoint=data / "train_ckpt" / "last.pt",
+                              checkpoint=paths.train_resume,
                               on_epoch=(lambda record: _log_epoch(live, record)) if main_rank else None)
     if not main_rank:
         return
     live.end()
 
-    save_classifier(data / "train" / "model.pt", result, tp, test.classes, test.images.shape[1])
-    write_json(data / "train" / "evaluation.json", evaluation_record(result, test.classes))
+    save_classifier(paths.classifier, result, tp, test.classes, test.images.shape[1])
+    write_json(paths.evaluation, evaluation_record(result, test.classes))
     metrics = train_metrics(result, train_set, tp, full_raw_bytes=int(prepared.images.nbytes))
-    write_json(data / "train_metrics.json", metrics)
+    write_json(paths.train_metrics, metrics)
     print(f"train: final-epoch top-1 {metrics['top1']:.4f} on {len(test.labels)} test images", file=sys.stderr)
 
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 import yaml
 
+from dq import distributed
 from dq.backbones import (classifier_with_probe, create_backbone, embed, fit_probe, logit_gradients,
-                          normalization, preprocess, read_features)
+                          normalization, preprocess)
 from dq.errors import DQError
-from dq.io import Prepared, write_prepared
+from dq.features import read_features
+from dq.prepared import Prepared, write_prepared
 from stages import features as features_stage
 
 TINY = "resnet10t"  # a few hundred thousand weights: fast on the CPU
@@ -172,7 +174,7 @@ def test_classifier_with_probe_rejects_a_probe_of_another_width():
 
 def test_shards_cover_every_row_once_in_whole_batches():
     for n, batch, world in ((100, 8, 3), (5, 8, 4), (64, 16, 4), (0, 4, 2)):
-        shards = [features_stage.shard(n, batch, r, world) for r in range(world)]
+        shards = [distributed.shard(n, batch, r, world) for r in range(world)]
         assert [i for s in shards for i in range(n)[s]] == list(range(n))
         assert all(s.start % batch == 0 or s.start == s.stop == n for s in shards)
 

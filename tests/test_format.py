@@ -15,9 +15,10 @@ import torch
 import yaml
 
 from dq import format as fmt
+from dq import grid
 from dq.cam import keep_mask
 from dq.errors import DQError
-from dq.io import Prepared, write_prepared
+from dq.prepared import Prepared, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,11 +60,11 @@ def compact(tmp_path):
 def test_extract_patches_follow_raster_order_of_kept_positions():
     image = np.arange(4 * 4 * 1, dtype=np.uint8).reshape(1, 4, 4, 1)
     keep = np.array([[False, True, True, False]])  # top-right, bottom-left
-    patches = fmt.extract_patches(image, keep, 2)
+    patches = grid.extract_patches(image, keep, 2)
     assert patches.shape == (1, 2, 2, 2, 1)
     assert patches[0, 0, ..., 0].tolist() == [[2, 3], [6, 7]]
     assert patches[0, 1, ..., 0].tolist() == [[8, 9], [12, 13]]
-    rebuilt = fmt.assemble(patches, keep, (2, 2))[0, ..., 0]
+    rebuilt = grid.assemble(patches, keep, (2, 2))[0, ..., 0]
     assert rebuilt.tolist() == [[0, 0, 2, 3], [0, 0, 6, 7], [8, 9, 0, 0], [12, 13, 0, 0]]
 
 
@@ -226,7 +227,7 @@ def test_dataset_yields_zero_filled_images_masks_and_labels(compact):
     assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
     assert keep.dtype == torch.bool and keep.shape == (16,)
     assert label.dtype == torch.int64 and int(label) == src["labels"][5]
-    expected = fmt.assemble(fmt.extract_patches(src["images"][5:6], src["keep"][5:6], 4), src["keep"][5:6], (4, 4))
+    expected = grid.assemble(grid.extract_patches(src["images"][5:6], src["keep"][5:6], 4), src["keep"][5:6], (4, 4))
     np.testing.assert_array_equal(image.numpy().transpose(1, 2, 0), expected[0])
     assert torch.equal(keep, torch.from_numpy(src["keep"][5]))
     as_float = fmt.CompactDataset(path, as_float=True)[5][0]
@@ -287,7 +288,7 @@ def test_cli_reports_damage_as_one_error_line(compact):
 
 
 def _tiny_pipeline(root: Path) -> Path:
-    from dq.backbones import Features, write_features
+    from dq.features import Features, write_features
 
     n, classes = 24, ["zero", "one", "two"]
     labels = np.arange(n) % 3

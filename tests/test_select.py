@@ -11,7 +11,7 @@ import yaml
 
 import dq.select as sel
 from dq.errors import DQError
-from dq.io import Prepared, write_prepared
+from dq.prepared import Prepared, write_prepared
 from dq.select import GradientFeatures, bin_budgets, dq_bins, sample_bins, select_indices
 
 
@@ -285,7 +285,7 @@ def test_num_bins_errors():
 # ------------------------------------------------------------------------------------------ stage
 
 def _write_features(tmp_path, embedding, logit_grad=None):
-    from dq.backbones import Features, write_features
+    from dq.features import Features, write_features
 
     c = 3
     write_features(tmp_path / "features" / "train.h5", Features(
@@ -326,14 +326,38 @@ def test_stage_writes_selection(tmp_path, gradient):
     assert summary["kept"] == 30 and summary["kept_per_class"] == {"0": 10, "1": 10, "2": 10}
     assert summary["kind"] == ("gradient" if gradient else "embedding")
     assert sum(summary["per_bin"].values()) == 120
+    assert "diversity" not in summary  # floats that move with the BLAS live in the metrics file
+    metrics = json.loads((tmp_path / "selection_metrics.json").read_text())
     for part in ("kept", "full"):
-        assert 0 < summary["diversity"][part]["mean_nn_distance"] < 2
+        assert 0 < metrics["diversity"][part]["mean_nn_distance"] < 2
     png = (tmp_path / "selection_plots" / "bins.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     first = (out / "summary.json").read_bytes(), (out / "indices.npy").read_bytes()
     main(["--params", str(params), "--data", str(tmp_path)])  # same params: same bytes
     assert first == ((out / "summary.json").read_bytes(), (out / "indices.npy").read_bytes())
     assert not list(tmp_path.glob(".selection*"))
+
+
+def test_selection_bytes_do_not_move_with_the_last_bits_of_the_features(tmp_path):
+    """compress depends on data/selection: a 1-ulp change of every feature (as another BLAS or machine
+    gives) must leave its bytes alone, while the diversity metrics beside it may move."""
+    from dq.features import read_features
+    from stages.select import main
+
+    params, _ = _write_stage_inputs(tmp_path, False)
+    main(["--params", str(params), "--data", str(tmp_path)])
+    before = {p.name: p.read_bytes() for p in sorted((tmp_path / "selection").iterdir())}
+    metrics_before = (tmp_path / "selection_metrics.json").read_bytes()
+
+    embedding = read_features(tmp_path / "features" / "train.h5").embedding
+    nudged = np.nextafter(embedding, np.float32(np.inf))
+    assert (nudged != embedding).all()
+    _write_features(tmp_path, nudged)
+    main(["--params", str(params), "--data", str(tmp_path)])
+    after = {p.name: p.read_bytes() for p in sorted((tmp_path / "selection").iterdir())}
+    assert after == before
+    assert set(before) == {"bins.npy", "indices.npy", "summary.json"}
+    assert (tmp_path / "selection_metrics.json").read_bytes() != metrics_before  # the floats did move
 
 
 def test_stage_rejects_mismatched_files(tmp_path):
