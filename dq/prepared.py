@@ -91,9 +91,8 @@ def read_images(split: str | Path, rows=None) -> np.ndarray:
         if "images" not in f:
             raise DQError(f"{path}: missing dataset 'images'; is this a file written by the prepare stage?")
         n = f["images"].shape[0]
-        if rows.size and (rows.min() < -n or rows.max() >= n):
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
             raise DQError(f"{path}: rows must lie in [0, {n}), got {int(rows.min())}..{int(rows.max())}")
-        rows = rows % max(n, 1)
         unique, inverse = np.unique(rows, return_inverse=True)  # h5py reads increasing indices only
         try:
             return f["images"][unique][inverse] if unique.size else np.empty((0,) + f["images"].shape[1:], np.uint8)

@@ -213,3 +213,24 @@ def test_read_prepared_rejects_labels_out_of_range(tmp_path):
         f["labels"][0] = 7
     with pytest.raises(DQError, match=r"train.h5: labels must lie in \[0, 3\] for 4 classes, found 0..7"):
         read_prepared(out / "train.h5")
+
+
+def test_public_api_reads_a_split_by_its_design_name(tmp_path):
+    """dq.read_images / dq.read_labels take `data/prepared/train` (or the .h5 file), rows in the given order."""
+    import dq
+
+    out = run_prepare(tmp_path, {"source": "synthetic", "synthetic_train": 12, "synthetic_test": 4})
+    full = read_prepared(out / "train.h5")
+    for split in (out / "train", out / "train.h5", str(out / "train")):
+        assert np.array_equal(dq.read_images(split), full.images)
+        assert np.array_equal(dq.read_labels(split), full.labels) and dq.read_labels(split).dtype == np.int64
+    rows = [5, 0, 5, 11]
+    assert np.array_equal(dq.read_images(out / "train", rows), full.images[rows])
+    assert dq.read_images(out / "train", []).shape == (0, 32, 32, 3)
+    with pytest.raises(DQError, match=r"rows must lie in \[0, 12\)"):
+        dq.read_images(out / "train", [12])
+    assert set(dq.__all__) >= {"read_images", "read_labels", "read_features", "create_backbone",
+                               "classifier_with_probe", "preprocess"}
+    assert callable(dq.create_backbone) and callable(dq.preprocess) and callable(dq.classifier_with_probe)
+    with pytest.raises(AttributeError):
+        dq.no_such_name
