@@ -16,6 +16,7 @@ import sys
 from dq import distributed
 from dq.errors import DQError, run_cli
 from dq.io import read_prepared, write_json
+from dq.live import live_logger
 from dq.runtime import device_for, seed_everything
 from dq.train import evaluation_record, save_classifier, train_classifier, train_metrics, training_set
 from stages.common import parse_args
@@ -48,7 +49,7 @@ def _train(data, params, device) -> None:
               f"{len(test.labels)} test images, device {device}, {distributed.world_size()} process(es)",
               file=sys.stderr)
 
-    live = _live(data / "train_live") if main_rank else None
+    live = live_logger(data / "train_live") if main_rank else None
     result = train_classifier(train_set, test, tp, seed=params.seed, device=device,
                               checkpoint=data / "train_ckpt" / "last.pt",
                               on_epoch=(lambda record: _log_epoch(live, record)) if main_rank else None)
@@ -61,13 +62,6 @@ def _train(data, params, device) -> None:
     metrics = train_metrics(result, train_set, tp, full_raw_bytes=int(prepared.images.nbytes))
     write_json(data / "train_metrics.json", metrics)
     print(f"train: final-epoch top-1 {metrics['top1']:.4f} on {len(test.labels)} test images", file=sys.stderr)
-
-
-def _live(path):
-    """DVCLive that only writes its plots and summary: never dvc.yaml, never a DVC experiment."""
-    from dvclive import Live
-
-    return Live(dir=str(path), save_dvc_exp=False, dvcyaml=None, report=None)
 
 
 def _log_epoch(live, record: dict) -> None:
