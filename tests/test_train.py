@@ -143,14 +143,22 @@ def test_two_runs_are_identical_and_resume_matches_an_uninterrupted_run(data, ba
     assert state_bytes(resumed, tmp_path, "c.pt") == state_bytes(first, tmp_path, "a.pt")
 
 
-def test_a_checkpoint_from_other_params_is_not_resumed(data, tmp_path, capsys):
+def test_a_checkpoint_from_other_params_or_unreadable_is_refused(data, tmp_path):
     train, test = data
     ckpt = tmp_path / "last.pt"
     fit(train, test, dataclasses.replace(TINY, epochs=1), checkpoint=ckpt)
-    result = fit(train, test, dataclasses.replace(TINY, epochs=1, lr=0.01, resume=True), checkpoint=ckpt)
-    assert [r["epoch"] for r in result.history] == [1]
-    assert result.history[0]["lr"] == 0.01
-    assert "other params or data" in capsys.readouterr().err
+    saved = ckpt.read_bytes()
+    with pytest.raises(DQError, match=r"last.pt: was saved with other train params, seed or training data; "
+                                      r"delete it or set train.resume: false"):
+        fit(train, test, dataclasses.replace(TINY, epochs=1, lr=0.01, resume=True), checkpoint=ckpt)
+    assert ckpt.read_bytes() == saved  # refused, not overwritten
+    ckpt.write_bytes(saved[:100])
+    with pytest.raises(DQError, match="last.pt: not a readable classifier training state; delete it or set "
+                                      "train.resume: false"):
+        fit(train, test, dataclasses.replace(TINY, epochs=1, resume=True), checkpoint=ckpt)
+    # without `resume` the file is neither read nor a reason to stop
+    result = fit(train, test, dataclasses.replace(TINY, epochs=1, lr=0.01), checkpoint=ckpt)
+    assert [r["epoch"] for r in result.history] == [1] and result.history[0]["lr"] == 0.01
 
 
 # --- the stage and the compact input -------------------------------------------------------------------
