@@ -59,12 +59,12 @@ import torch.nn.functional as F
 from timm.models.resnet import ResNet
 from tqdm import tqdm
 
-from dq import distributed
+from dq import distributed, fill
 from dq import format as compact_format
-from dq import mae as dq_mae
 from dq.checkpoint import resume_state, save_atomic
 from dq.errors import DQError, first_line
 from dq.io import Prepared
+from dq.mae import load_mae
 from dq.params import TrainParams
 from dq.runtime import autocast
 
@@ -139,9 +139,9 @@ def compact_training_set(compact_path: str | Path, mae_path: str | Path, *, devi
     compact_path = Path(compact_path)
     store = compact_format.read_compact(compact_path)
     patch_size = store.header.patch_size
-    model = dq_mae.load_mae(mae_path)
-    filled = dq_mae.reconstruct(model, store.images(), store.keep, patch_size, batch_size=batch_size,
-                                device=device, progress=distributed.is_main())
+    model = load_mae(mae_path)
+    filled = fill.reconstruct(model, store.images(), store.keep, patch_size, batch_size=batch_size,
+                              device=device, progress=distributed.is_main())
     return TrainingSet(np.asarray(filled, dtype=np.uint8), np.asarray(store.labels, dtype=np.int64),
                        list(store.header.classes), "compact",
                        kept_pixels=int(store.keep.sum()) * patch_size * patch_size,

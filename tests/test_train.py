@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from dq import fill
 from dq import mae as dq_mae
 from dq import train as dq_train
 from dq.errors import DQError
@@ -197,13 +198,13 @@ def make_pipeline_inputs(root: Path, data: tuple[Prepared, Prepared]) -> np.ndar
 def test_compact_input_fills_once_and_keeps_stored_pixels(data, tmp_path, monkeypatch):
     keep = make_pipeline_inputs(tmp_path, data)
     calls = []
-    real = dq_mae.reconstruct
+    real = fill.reconstruct
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dq_mae, "reconstruct", counting)
+    monkeypatch.setattr(fill, "reconstruct", counting)
     train_set = dq_train.training_set("compact", data[0], tmp_path / "compact" / "dataset.h5",
                                       tmp_path / "mae" / "model.pt", device=torch.device("cpu"))
     assert len(calls) == 1
