@@ -22,7 +22,6 @@ reference visualisation checkpoint `mae_visualize_vit_large` was also trained wi
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -199,49 +198,37 @@ def psnr_dropped(pred: np.ndarray, target: np.ndarray, dropped: np.ndarray) -> f
     """Mean over images of the PSNR (dB, 8-bit range) on the dropped pixels; dropped bool [N, H, W].
 
     An exact match counts as 100 dB, so one perfect image cannot make the mean infinite."""
-    err = (pred.astype(np.float64) - target.astype(np.float64)) ** 2
+    from skimage.metrics import peak_signal_noise_ratio
+
     values = []
     for i in range(pred.shape[0]):
         if dropped[i].any():
-            mse = err[i][dropped[i]].mean()
-            values.append(min(100.0, 10.0 * math.log10(255.0**2 / max(mse, 1e-30))))
+            with np.errstate(divide="ignore"):  # an exact match is infinite here, capped below
+                db = peak_signal_noise_ratio(target[i][dropped[i]], pred[i][dropped[i]], data_range=255)
+            values.append(min(100.0, float(db)))
     return float(np.mean(values)) if values else float("nan")
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
-    g = np.exp(-(x**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
-def ssim_map(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, size: int = 11,
-             sigma: float = 1.5) -> np.ndarray:
-    """float64 [N, H, W]: SSIM (Wang et al. 2004) per pixel, averaged over channels, of [N, H, W, C]
-    images. Gaussian window (size, sigma), K1 = 0.01, K2 = 0.03, population (co)variances, borders
-    reflected."""
-    from scipy.ndimage import correlate1d
-
-    g = gaussian_window(size, sigma)
-
-    def blur(v):
-        for axis in (1, 2):
-            v = correlate1d(v, g, axis=axis, mode="reflect")
-        return v
-
-    x, y = a.astype(np.float64), b.astype(np.float64)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = blur(x), blur(y)
-    sxx = blur(x * x) - mx * mx
-    syy = blur(y * y) - my * my
-    sxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.mean(axis=-1)
-
-
 def ssim_dropped(pred: np.ndarray, target: np.ndarray, dropped: np.ndarray) -> float:
-    """Mean over images of the full-image SSIM map averaged over the dropped pixels."""
-    s = ssim_map(pred, target)
-    values = [s[i][dropped[i]].mean() for i in range(pred.shape[0]) if dropped[i].any()]
+    """Mean over images of the full-image SSIM map averaged over the dropped pixels; uint8 [N, H, W, 3],
+    dropped bool [N, H, W].
+
+    The map is Wang et al. 2004's, as scikit-image computes it: Gaussian window (sigma 1.5, 11 taps),
+    K1 = 0.01, K2 = 0.03, population (co)variances, borders reflected, averaged over channels.
+    """
+    from skimage.metrics import structural_similarity
+
+    # With Gaussian weights the window size only crops skimage's own mean, which is not used here; but
+    # skimage refuses a window larger than the image, and data.image_size may be as small as 8.
+    side = min(pred.shape[1:3])
+    win_size = min(11, side if side % 2 else side - 1)
+    values = []
+    for i in range(pred.shape[0]):
+        if dropped[i].any():
+            _, full = structural_similarity(pred[i], target[i], data_range=255, channel_axis=2,
+                                            gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                            full=True, win_size=win_size)
+            values.append(full.mean(axis=-1)[dropped[i]].mean())
     return float(np.mean(values)) if values else float("nan")
 
 

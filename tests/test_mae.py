@@ -232,23 +232,31 @@ def test_simple_fills():
     assert np.array_equal(near[0, 4:], images[0, 4:])
 
 
-def test_ssim_matches_skimage_and_psnr_is_on_dropped_pixels():
+@pytest.mark.parametrize("size", [32, 8])
+def test_ssim_and_psnr_count_only_the_dropped_pixels(size):
     from skimage.metrics import structural_similarity
 
-    a, b = _images(2, seed=1), _images(2, seed=2)
-    ours = fill.ssim_map(a, b)
-    for i in range(2):
-        ref, full = structural_similarity(a[i], b[i], data_range=255, channel_axis=2, gaussian_weights=True,
-                                          sigma=1.5, use_sample_covariance=False, full=True)
-        assert np.allclose(ours[i, 5:-5, 5:-5], full.mean(axis=-1)[5:-5, 5:-5], atol=1e-6)
-        assert ours[i, 5:-5, 5:-5].mean() == pytest.approx(ref, abs=1e-6)
-    dropped = np.zeros((2, 32, 32), bool)
+    a, b = _images(2, size, seed=1), _images(2, size, seed=2)
+    dropped = np.zeros((2, size, size), bool)
     dropped[:, :4, :4] = True
+    dropped[1, -3:, 2:] = True
+    expected = []
+    for i in range(2):
+        _, full = structural_similarity(b[i], a[i], data_range=255, channel_axis=2, gaussian_weights=True,
+                                        sigma=1.5, use_sample_covariance=False, full=True,
+                                        win_size=min(11, size - 1))
+        expected.append(full.mean(axis=-1)[dropped[i]].mean())
+    assert fill.ssim_dropped(b, a, dropped) == pytest.approx(np.mean(expected), abs=1e-12)
+    same = np.where(dropped[..., None], a, b)  # equal on the dropped pixels only
+    assert fill.ssim_dropped(same, a, dropped) > fill.ssim_dropped(b, a, dropped)
+
     noisy = a.copy()
     noisy[:, 4:] = 0  # errors outside the dropped pixels do not count
+    noisy[1, -3:, 2:] = a[1, -3:, 2:]
     assert fill.psnr_dropped(noisy, a, dropped) == pytest.approx(100.0)
     noisy[:, :4, :4] = np.clip(a[:, :4, :4].astype(int) + 10, 0, 255)
-    assert 25 < fill.psnr_dropped(noisy, a, dropped) < 29
+    mse = [((noisy[i][dropped[i]].astype(float) - a[i][dropped[i]]) ** 2).mean() for i in range(2)]
+    assert fill.psnr_dropped(noisy, a, dropped) == pytest.approx(np.mean([10 * np.log10(255**2 / m) for m in mse]))
 
 
 # ---------------------------------------------------------------------------------------------- stage
