@@ -365,6 +365,7 @@ def load_mae(path: str | Path, arch: str | None = None, **overrides) -> MaskedAu
     load_state_strict(model, ckpt["model"], str(path), str(arch))
     return model.eval()
 
+
 # --------------------------------------------------------------------------------------------------
 # Pixel convention: uint8 images in, [0, 1] images out
 # --------------------------------------------------------------------------------------------------
@@ -385,7 +386,7 @@ def from_model_output(x: torch.Tensor, config: MaeConfig) -> torch.Tensor:
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, C, size, size], bilinear without antialiasing (the footprint `map_keep` assumes)."""
+    """[N, C, H, W] -> [N, C, size, size], bilinear without antialiasing (the footprint `dq.fill.map_keep` assumes)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
