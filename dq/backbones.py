@@ -29,9 +29,8 @@ from torch import nn
 
 from dq.errors import DQError, first_line
 from dq.features import Features
+from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INIT_SEED = 0  # `weights: none` must build the same backbone in `features` and in `compress`
 
 # The probe is a fixed, full-batch optimisation: same data in, same bytes out.

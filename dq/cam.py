@@ -34,7 +34,7 @@ from torch import nn
 
 from dq.errors import DQError
 from dq.figures import pyplot, save_png
-from dq.grid import grid_of, kept_count
+from dq.grid import grid_of, kept_count, pixel_keep
 
 MIN_MAP_SIDE = 4  # the auto rule's preferred smallest feature map
 
@@ -159,7 +159,8 @@ def attention_maps(model: nn.Module, layer: nn.Module, images: np.ndarray, label
     from pytorch_grad_cam import GradCAMPlusPlus
     from tqdm import tqdm
 
-    from dq.backbones import IMAGENET_MEAN, IMAGENET_STD, preprocess
+    from dq.backbones import preprocess
+    from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
     n, h, w, _ = images.shape
     if h != w:
@@ -231,9 +232,7 @@ def plot_patches(path, images: np.ndarray, maps: np.ndarray, keep: np.ndarray, p
     """
     plt = pyplot()
     n, h, w, _ = images.shape
-    p = patch_size
-    pixel_keep = keep.reshape(n, h // p, w // p).repeat(p, axis=1).repeat(p, axis=2)
-    kept = np.where(pixel_keep[..., None], images, np.uint8(128))
+    kept = np.where(pixel_keep(keep, patch_size, (h, w))[..., None], images, np.uint8(128))
     fig, axes = plt.subplots(3, n, figsize=(1.4 * n, 4.4), squeeze=False)
     for j in range(n):
         axes[0, j].imshow(images[j])

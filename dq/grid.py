@@ -41,6 +41,13 @@ def unpatchify(patches: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return x.reshape(n, rows * p, cols * p, c)
 
 
+def pixel_keep(keep: np.ndarray, patch_size: int, image_size: int | tuple[int, int]) -> np.ndarray:
+    """keep bool [N, L] -> bool [N, H, W]: True on the pixels of kept patches (`image_size`: S or (H, W))."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    grid = np.asarray(keep, dtype=bool).reshape(-1, h // patch_size, w // patch_size)
+    return grid.repeat(patch_size, axis=1).repeat(patch_size, axis=2)
+
+
 def extract_patches(images: np.ndarray, keep: np.ndarray, patch_size: int) -> np.ndarray:
     """uint8 images [N, H, W, C] and keep [N, L] (K True per row) → kept patches [N, K, p, p, C]."""
     n = images.shape[0]

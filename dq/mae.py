@@ -1,42 +1,25 @@
-"""The masked autoencoder that rebuilds dropped patches: model, registry, training, reconstruction.
+"""The masked autoencoder that rebuilds dropped patches: model, registry and the `data/mae/model.pt` file.
 
 The model is the reference MAE (facebookresearch/mae, `models_mae.py`: MaskedAutoencoderViT) built from
 timm's ViT `Block` and `PatchEmbed`, so its `state_dict` has exactly the reference names and shapes and
 the official checkpoints (`{'model': state_dict}`) load strictly. The one change: the mask is given, a
 bool `keep` [N, L] (True = the encoder sees the patch), instead of drawn inside `forward_encoder`;
-training draws it with `random_keep`.
+training draws it with `random_keep` (the reference `random_masking`), the fill derives it from the
+stored patches (`dq.fill`).
 
 Pixel convention. Every model, small or reference, takes RGB in [0, 1] normalised with the ImageNet
 mean/std (`MaeConfig.mean/std`), as the reference checkpoints expect; for the small MAE this is just a
-fixed affine map, and one convention means one code path.
+fixed affine map, and one convention means one code path (`to_model_input`, `from_model_output`).
 
-Mask mapping (`map_keep`). Stored masks live on the stored grid (patch p_s on S-px images); the MAE has
-its own grid (patch p_m on T-px images, after a bilinear resize S -> T). An MAE patch is KEPT only if
-every stored pixel that its resized pixels are interpolated from lies in a kept stored patch. Why this
-conservative rule: dropped pixels are arbitrary (zero in the compact format), so an MAE patch that mixes
-in any of them would feed garbage to the encoder; with this rule the reconstruction does not depend on
-the dropped pixels at all (tested). The price is that a few kept pixels next to dropped ones are
-predicted too, which costs nothing: `reconstruct` pastes back every kept stored pixel exactly.
-
-Equal counts. The encoder needs the same number of kept tokens in every row of a batch. When grids
-differ, rows can map to different counts, so `reconstruct` groups rows by their count (stable order)
-and batches within a group; nothing is un-kept, and results do not depend on the batch size.
-
-norm_pix_loss. With it the decoder predicts each patch normalised by its own mean/std, which a dropped
-patch does not have. `reconstruct` then borrows them: the mean of the per-patch means and variances of
-the kept patches in the 3x3 neighbourhood (else of all kept patches of the image). The small default MAE
-is trained WITHOUT it (params.yaml `mae.norm_pix_loss: false`) and predicts pixels directly: with
-borrowed statistics the fills' PSNR stayed ~2.5 dB lower in a short Fashion-MNIST comparison. The
-reference visualisation checkpoint `mae_visualize_vit_large` was also trained without it.
+Training lives in `dq.mae_training`, the fill and its evaluation in `dq.fill`.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -46,11 +29,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from dq.errors import DQError, first_line
-from dq.figures import pyplot, save_png
-from dq.runtime import autocast
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from dq.io import atomic_path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,6 +108,15 @@ def mae_config(name: str, **overrides) -> MaeConfig:
 def create_mae(name: str, **overrides) -> "MaskedAutoencoderViT":
     """Build a registered MAE, e.g. `create_mae('mae_vit_tiny_patch4', norm_pix_loss=True)`."""
     return MaskedAutoencoderViT(mae_config(name, **overrides))
+
+
+def create_mae_for_input(name: str, input_size: int, norm_pix_loss: bool) -> "MaskedAutoencoderViT":
+    """The MAE `mae.arch` names, built for `mae.input_size`-px images; a DQError if its patches do not tile them."""
+    config = mae_config(name, img_size=input_size, norm_pix_loss=norm_pix_loss)
+    if input_size % config.patch_size:
+        raise DQError(f"params.yaml: mae.input_size = {input_size} is not allowed; expected a multiple "
+                      f"of the patch size of {name} ({config.patch_size})")
+    return MaskedAutoencoderViT(config)
 
 
 @register_mae
@@ -244,13 +233,19 @@ class MaskedAutoencoderViT(nn.Module):
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         return ids_shuffle, ids_restore, int(counts[0]) if keep.shape[0] else 0
 
+    def keep_tokens(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, L, D], keep bool [N, L] -> the kept tokens [N, K, D] in raster order, ids_restore [N, L].
+
+        The reference `random_masking`, with the mask given instead of drawn."""
+        ids_shuffle, ids_restore, len_keep = self.keep_order(keep)
+        ids_keep = ids_shuffle[:, :len_keep]
+        return torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, x.shape[2])), ids_restore
+
     def forward_encoder(self, imgs: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """imgs [N, 3, H, W], keep bool [N, L] -> latent [N, 1+K, D] of the kept tokens, ids_restore [N, L]"""
         x = self.patch_embed(imgs)
         x = x + self.pos_embed[:, 1:, :]
-        ids_shuffle, ids_restore, len_keep = self.keep_order(keep)
-        ids_keep = ids_shuffle[:, :len_keep]
-        x = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+        x, ids_restore = self.keep_tokens(x, keep)
 
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
@@ -309,6 +304,18 @@ def checkpoint_dict(model: MaskedAutoencoderViT, arch: str) -> dict:
     return {"model": sd, "arch": arch, "config": model.config.as_dict()}
 
 
+def save_mae(path: str | Path, model: MaskedAutoencoderViT, arch: str) -> None:
+    """Write `data/mae/model.pt` atomically.
+
+    torch.save goes to the temporary path itself, not through a buffer as `dq.checkpoint.save_atomic`
+    does: the archive inside then carries the name `.model.pt`, and the file's bytes, pinned in
+    dvc.lock, stay what they have always been.
+    """
+    with atomic_path(path) as tmp:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint_dict(model, arch), tmp)
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint dict with key 'model' (a state dict); a DQError naming the file otherwise."""
     path = Path(path)
@@ -360,7 +367,7 @@ def load_mae(path: str | Path, arch: str | None = None, **overrides) -> MaskedAu
 
 
 # --------------------------------------------------------------------------------------------------
-# Training
+# Pixel convention: uint8 images in, [0, 1] images out
 # --------------------------------------------------------------------------------------------------
 def to_model_input(images: torch.Tensor, config: MaeConfig) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, T, T], resized to the MAE's img_size and normalised."""
@@ -379,311 +386,7 @@ def from_model_output(x: torch.Tensor, config: MaeConfig) -> torch.Tensor:
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, C, size, size], bilinear without antialiasing (the footprint `map_keep` assumes)."""
+    """[N, C, H, W] -> [N, C, size, size], bilinear without antialiasing (the footprint `dq.fill.map_keep` assumes)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-
-
-def lr_at(step: float, *, lr: float, warmup: float, total: float, min_lr: float = 0.0) -> float:
-    """Linear warmup then half-cosine decay, in (fractional) epochs, as the reference lr_sched."""
-    if step < warmup:
-        return lr * step / warmup
-    progress = (step - warmup) / max(total - warmup, 1e-12)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and tokens (1-D or [1, 1, D]), as timm's add_weight_decay."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in ("cls_token", "mask_token") else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Each epoch's shuffle and masks come from (seed, epoch) alone, so a resumed run matches a straight one."""
-    state = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(state)
-
-
-@dataclass
-class TrainState:
-    model: MaskedAutoencoderViT
-    optimizer: torch.optim.Optimizer
-    epoch: int = 0  # epochs finished
-
-
-def train_epoch(state: TrainState, images: torch.Tensor, *, seed: int, mask_ratio: float, batch_size: int,
-                lr: float, warmup_epochs: int, epochs: int, device: torch.device,
-                progress=None) -> Iterator[float]:
-    """Train one epoch over uint8 images [N, H, W, 3]; yields each batch's loss, once the epoch is done.
-
-    The losses stay on the device until then: reading one per step would stall the GPU every step.
-    """
-    model, opt, epoch = state.model, state.optimizer, state.epoch
-    gen = epoch_generator(seed, epoch)
-    order = torch.randperm(images.shape[0], generator=gen)
-    steps = math.ceil(images.shape[0] / batch_size)
-    model.train()
-    losses = []
-    for i in range(steps):
-        idx = order[i * batch_size:(i + 1) * batch_size]
-        keep = random_keep(len(idx), model.patch_embed.num_patches, mask_ratio, gen)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch + i / steps, lr=lr, warmup=warmup_epochs, total=epochs)
-        x = to_model_input(images[idx].to(device, non_blocking=True), model.config)
-        with autocast(device):
-            loss, _, _ = model(x, keep.to(device, non_blocking=True))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress is not None:
-            progress.update(1)
-        losses.append(loss.detach())
-    state.epoch += 1
-    yield from (torch.stack(losses).tolist() if losses else [])
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    # foreach: one kernel per step for all tensors; the per-tensor loop dominates small models on CPU
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), foreach=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reconstruction
-# --------------------------------------------------------------------------------------------------
-def _footprint(i: int, mae_size: int, mae_patch: int, stored_size: int) -> tuple[int, int]:
-    """Stored pixel rows [lo, hi] that bilinear upsampling (align_corners=False) reads for MAE patch row i.
-
-    Output pixel t reads source x = (t + 0.5) * S / T - 0.5, i.e. floor(x) and ceil(x), clamped; in
-    integers x = ((2t + 1) * S - T) / (2T).
-    """
-    if mae_size == stored_size:
-        return i * mae_patch, (i + 1) * mae_patch - 1
-    a, b = i * mae_patch, (i + 1) * mae_patch - 1
-    den = 2 * mae_size
-    lo = ((2 * a + 1) * stored_size - mae_size) // den
-    hi = -((-((2 * b + 1) * stored_size - mae_size)) // den)
-    return max(lo, 0), min(hi, stored_size - 1)
-
-
-def grid_map(stored_size: int, stored_patch: int, mae_size: int, mae_patch: int) -> np.ndarray:
-    """bool [Gm, Gs]: MAE patch row i reads stored patch row j (the same holds for columns)."""
-    gm, gs = mae_size // mae_patch, stored_size // stored_patch
-    reads = np.zeros((gm, gs), dtype=bool)
-    for i in range(gm):
-        lo, hi = _footprint(i, mae_size, mae_patch, stored_size)
-        reads[i, lo // stored_patch:hi // stored_patch + 1] = True
-    return reads
-
-
-def map_keep(keep: np.ndarray, stored_size: int, stored_patch: int, mae_size: int, mae_patch: int) -> np.ndarray:
-    """keep bool [N, Ls] on the stored grid -> bool [N, Lm] on the MAE grid.
-
-    An MAE patch is kept only if every stored patch it reads (after the bilinear resize) is kept.
-    """
-    gs, gm = stored_size // stored_patch, mae_size // mae_patch
-    keep = np.asarray(keep, dtype=bool).reshape(-1, gs, gs)
-    reads = grid_map(stored_size, stored_patch, mae_size, mae_patch).astype(np.int64)  # [Gm, Gs]
-    dropped = (~keep).astype(np.int64)
-    # dropped stored patches read by MAE patch (i, k): sum_j,l reads[i, j] dropped[j, l] reads[k, l]
-    touched = np.einsum("ij,njl,kl->nik", reads, dropped, reads)
-    return (touched == 0).reshape(-1, gm * gm)
-
-
-def pixel_keep(keep: np.ndarray, patch_size: int, image_size: int) -> np.ndarray:
-    """keep bool [N, L] -> bool [N, H, W]: True on the pixels of kept patches."""
-    g = image_size // patch_size
-    grid = np.asarray(keep, dtype=bool).reshape(-1, g, g)
-    return grid.repeat(patch_size, axis=1).repeat(patch_size, axis=2)
-
-
-def _neighbour_stats(target: torch.Tensor, keep: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """target [N, L, p*p*3], keep [N, L] -> mean, var [N, L, 1]: each patch's own for kept patches, else
-    the average over kept patches in its 3x3 neighbourhood, else over all kept patches of the image."""
-    mean = target.mean(dim=-1)
-    var = target.var(dim=-1)
-    k = keep.to(target.dtype)
-    n = target.shape[0]
-
-    def pooled(v):
-        return F.avg_pool2d(v.view(n, 1, grid, grid), 3, stride=1, padding=1, count_include_pad=False)
-
-    weight = pooled(k).view(n, -1)
-    local_mean = pooled(mean * k).view(n, -1) / weight.clamp_min(1e-12)
-    local_var = pooled(var * k).view(n, -1) / weight.clamp_min(1e-12)
-    count = k.sum(dim=1, keepdim=True)
-    global_mean = (mean * k).sum(dim=1, keepdim=True) / count.clamp_min(1)
-    global_var = torch.where(count > 0, (var * k).sum(dim=1, keepdim=True) / count.clamp_min(1),
-                             torch.ones_like(count))
-    borrow_mean = torch.where(weight > 0, local_mean, global_mean)
-    borrow_var = torch.where(weight > 0, local_var, global_var)
-    return (torch.where(keep, mean, borrow_mean).unsqueeze(-1),
-            torch.where(keep, var, borrow_var).unsqueeze(-1))
-
-
-@torch.no_grad()
-def predict_images(model: MaskedAutoencoderViT, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x [N, 3, T, T] normalised, keep [N, L] (equal counts) -> [N, 3, T, T] in [0, 1]: kept patches
-    from x, dropped ones predicted."""
-    latent, ids_restore = model.forward_encoder(x, keep)
-    pred = model.forward_decoder(latent, ids_restore).float()
-    target = model.patchify(x.float())
-    if model.norm_pix_loss:
-        mean, var = _neighbour_stats(target, keep, model.config.grid)
-        pred = pred * (var + 1.0e-6) ** 0.5 + mean
-    patches = torch.where(keep.unsqueeze(-1), target, pred)
-    return from_model_output(model.unpatchify(patches), model.config)
-
-
-def _batches_by_count(counts: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Row indices grouped by their kept count (stable order), in batches of at most batch_size."""
-    out = []
-    for c in np.unique(counts):
-        rows = np.flatnonzero(counts == c)
-        out.extend(rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
-    return out
-
-
-@torch.no_grad()
-def reconstruct(model: MaskedAutoencoderViT, images: np.ndarray, keep: np.ndarray, patch_size: int, *,
-                batch_size: int = 256, device: torch.device | str | None = None,
-                progress: bool = True) -> np.ndarray:
-    """Fill the dropped patches of `images` with the MAE's prediction.
-
-    images uint8 [N, H, W, 3] (dropped pixels arbitrary), keep bool [N, L] on the stored grid of
-    `patch_size` -> uint8 [N, H, W, 3] where every kept pixel equals the input exactly.
-    """
-    from tqdm import tqdm
-
-    images = np.asarray(images)
-    keep = np.asarray(keep, dtype=bool)
-    n, h, w, c = images.shape if images.ndim == 4 else (0, 0, 0, 0)
-    if images.ndim != 4 or h != w or c != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [N, S, S, 3], got {images.dtype} {list(images.shape)}")
-    if h % patch_size or keep.shape != (n, (h // patch_size) ** 2):
-        raise ValueError(f"keep must be bool [N, {(h // patch_size) ** 2}] for {patch_size}-px patches on "
-                         f"{h}-px images, got {list(keep.shape)}")
-    cfg = model.config
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model = model.to(device).eval()
-    keep_m = map_keep(keep, h, patch_size, cfg.img_size, cfg.patch_size)
-    kept_px = pixel_keep(keep, patch_size, h)
-    out = images.copy()
-    batches = _batches_by_count(keep_m.sum(axis=1), batch_size)
-    for rows in tqdm(batches, desc="mae reconstruct", unit="batch", disable=not progress, leave=False):
-        x = to_model_input(torch.from_numpy(images[rows]).to(device, non_blocking=True), cfg)
-        with autocast(device):
-            filled = predict_images(model, x, torch.from_numpy(keep_m[rows]).to(device, non_blocking=True))
-        filled = resize(filled.float(), h).clamp_(0.0, 1.0)
-        filled = (filled * 255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        out[rows] = np.where(kept_px[rows, :, :, None], images[rows], filled)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Simple fills and quality metrics
-# --------------------------------------------------------------------------------------------------
-def mean_fill(images: np.ndarray, keep: np.ndarray, patch_size: int) -> np.ndarray:
-    """uint8 [N, H, W, 3]: dropped pixels set to the mean colour of the image's kept pixels."""
-    kept = pixel_keep(keep, patch_size, images.shape[1])[..., None]
-    total = (images.astype(np.float64) * kept).sum(axis=(1, 2))
-    count = np.maximum(kept.sum(axis=(1, 2)), 1)
-    colour = np.round(total / count).astype(np.uint8)[:, None, None, :]
-    return np.where(kept, images, colour)
-
-
-def nearest_fill(images: np.ndarray, keep: np.ndarray, patch_size: int) -> np.ndarray:
-    """uint8 [N, H, W, 3]: each dropped pixel copies its nearest kept pixel (Euclidean distance)."""
-    from scipy.ndimage import distance_transform_edt
-
-    kept = pixel_keep(keep, patch_size, images.shape[1])
-    out = images.copy()
-    for i in range(images.shape[0]):
-        if kept[i].all() or not kept[i].any():
-            continue
-        _, (rr, cc) = distance_transform_edt(~kept[i], return_indices=True)
-        out[i] = images[i][rr, cc]
-    return out
-
-
-def psnr_dropped(pred: np.ndarray, target: np.ndarray, dropped: np.ndarray) -> float:
-    """Mean over images of the PSNR (dB, 8-bit range) on the dropped pixels; dropped bool [N, H, W].
-
-    An exact match counts as 100 dB, so one perfect image cannot make the mean infinite."""
-    err = (pred.astype(np.float64) - target.astype(np.float64)) ** 2
-    values = []
-    for i in range(pred.shape[0]):
-        if dropped[i].any():
-            mse = err[i][dropped[i]].mean()
-            values.append(min(100.0, 10.0 * math.log10(255.0**2 / max(mse, 1e-30))))
-    return float(np.mean(values)) if values else float("nan")
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
-    g = np.exp(-(x**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
-def ssim_map(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, size: int = 11,
-             sigma: float = 1.5) -> np.ndarray:
-    """float64 [N, H, W]: SSIM (Wang et al. 2004) per pixel, averaged over channels, of [N, H, W, C]
-    images. Gaussian window (size, sigma), K1 = 0.01, K2 = 0.03, population (co)variances, borders
-    reflected."""
-    from scipy.ndimage import correlate1d
-
-    g = gaussian_window(size, sigma)
-
-    def blur(v):
-        for axis in (1, 2):
-            v = correlate1d(v, g, axis=axis, mode="reflect")
-        return v
-
-    x, y = a.astype(np.float64), b.astype(np.float64)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = blur(x), blur(y)
-    sxx = blur(x * x) - mx * mx
-    syy = blur(y * y) - my * my
-    sxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.mean(axis=-1)
-
-
-def ssim_dropped(pred: np.ndarray, target: np.ndarray, dropped: np.ndarray) -> float:
-    """Mean over images of the full-image SSIM map averaged over the dropped pixels."""
-    s = ssim_map(pred, target)
-    values = [s[i][dropped[i]].mean() for i in range(pred.shape[0]) if dropped[i].any()]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def eval_keep(n: int, num_patches: int, drop: float, seed: int) -> np.ndarray:
-    """bool [N, L]: round(drop * L) dropped patches per row, drawn from `seed` alone."""
-    rng = np.random.default_rng(seed)
-    num_drop = int(round(drop * num_patches))
-    keep = np.ones((n, num_patches), dtype=bool)
-    for i in range(n):
-        keep[i, rng.permutation(num_patches)[:num_drop]] = False
-    return keep
-
-
-def save_reconstruction_figure(path: str | Path, originals: np.ndarray, kept: np.ndarray,
-                               reconstructed: np.ndarray) -> None:
-    """A PNG grid, one row per image: original | kept | reconstructed (uint8 [n, H, W, 3] each)."""
-    plt = pyplot()
-    n = len(originals)
-    fig, axes = plt.subplots(n, 3, figsize=(4.5, 1.5 * n + 0.3), squeeze=False)
-    for row in range(n):
-        for col, (title, imgs) in enumerate((("original", originals), ("kept", kept),
-                                             ("reconstructed", reconstructed))):
-            ax = axes[row, col]
-            ax.imshow(imgs[row], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    save_png(fig, path)

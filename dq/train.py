@@ -39,15 +39,14 @@ On CUDA the forward pass runs under bf16 autocast.
 Resume. After every epoch the model, optimizer, scheduler, torch RNG state and the per-epoch history
 are written to the checkpoint (`data/train_ckpt/last.pt` in the pipeline). With `train.resume: true`, a
 checkpoint whose fingerprint (params, seed, training and test data) matches the run continues where
-it stopped; a checkpoint from other params or data is ignored with a note on stderr.
+it stopped; a checkpoint from other params or data, or one that cannot be read, is refused with one
+error line (the policy of `dq.checkpoint`, shared with the MAE).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -60,11 +59,11 @@ import torch.nn.functional as F
 from timm.models.resnet import ResNet
 from tqdm import tqdm
 
-from dq import distributed
+from dq import distributed, fill
 from dq import format as compact_format
-from dq import mae as dq_mae
+from dq.checkpoint import resume_state, save_atomic
 from dq.errors import DQError, first_line
-from dq.io import atomic_path
+from dq.mae import load_mae
 from dq.prepared import Prepared
 from dq.params import TrainParams
 from dq.runtime import autocast
@@ -140,9 +139,9 @@ def compact_training_set(compact_path: str | Path, mae_path: str | Path, *, devi
     compact_path = Path(compact_path)
     store = compact_format.read_compact(compact_path)
     patch_size = store.header.patch_size
-    model = dq_mae.load_mae(mae_path)
-    filled = dq_mae.reconstruct(model, store.images(), store.keep, patch_size, batch_size=batch_size,
-                                device=device, progress=distributed.is_main())
+    model = load_mae(mae_path)
+    filled = fill.reconstruct(model, store.images(), store.keep, patch_size, batch_size=batch_size,
+                              device=device, progress=distributed.is_main())
     return TrainingSet(np.asarray(filled, dtype=np.uint8), np.asarray(store.labels, dtype=np.int64),
                        list(store.header.classes), "compact",
                        kept_pixels=int(store.keep.sum()) * patch_size * patch_size,
@@ -255,12 +254,16 @@ def to_input(images, norm: tuple[torch.Tensor, torch.Tensor], device):
 # --- training -----------------------------------------------------------------------------------------
 
 
-def epoch_generator(seed: int, epoch: int):
-    """The generator of epoch `epoch`'s order and augmentation; independent of any resume."""
+def classifier_epoch_generator(seed: int, epoch: int):
+    """The generator of epoch `epoch`'s order and augmentation; independent of any resume.
+
+    Not the MAE's `dq.mae_training.mae_epoch_generator`: the two derive their seeds differently, and
+    either one changing would change its trained model's bytes.
+    """
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def train_epoch(model, optimizer, scheduler, images, labels, mean, std, config: TrainParams,
+def train_classifier_epoch(model, optimizer, scheduler, images, labels, mean, std, config: TrainParams,
                 generator, device) -> tuple[float, float]:
     """One pass over the shuffled training set; returns (mean loss, accuracy) on the augmented batches.
 
@@ -347,7 +350,7 @@ def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
     return full + (1 if rest >= MIN_IMAGES_PER_RANK * world else 0)
 
 
-def make_optimizer(model, config: TrainParams, total_steps: int):
+def sgd_with_cosine_schedule(model, config: TrainParams, total_steps: int):
     """SGD (no Nesterov) and a cosine schedule stepped once per batch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=False)
@@ -393,7 +396,7 @@ def train_classifier(train_set: TrainingSet, test: Prepared, config: TrainParams
     net = create_classifier(config.model, num_classes, train_set.images.shape[1])
     net = net.to(device).to(memory_format=torch.channels_last)
     total = config.epochs * steps_per_epoch(len(train_set.labels), config.batch_size, world)
-    optimizer, scheduler = make_optimizer(net, config, total)
+    optimizer, scheduler = sgd_with_cosine_schedule(net, config, total)
     fingerprint = run_fingerprint(train_set, test, config, seed)
 
     history: list[dict] = []
@@ -410,9 +413,9 @@ def train_classifier(train_set: TrainingSet, test: Prepared, config: TrainParams
     epochs = range(len(history), config.epochs)
     for epoch in tqdm(epochs, desc="train", unit="epoch", disable=not (progress and distributed.is_main()),
                       leave=False):
-        generator = epoch_generator(seed, epoch)
+        generator = classifier_epoch_generator(seed, epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_epoch(model, optimizer, scheduler, images, labels, mean, std, config,
+        train_loss, train_acc = train_classifier_epoch(model, optimizer, scheduler, images, labels, mean, std, config,
                                             generator, device)
         distributed.broadcast_buffers(net)
         final = evaluate(net, test.images, test.labels, mean, std, num_classes, device)
@@ -440,27 +443,26 @@ def _data_parallel(model, device):
 
 
 def _save_checkpoint(path, fingerprint, model, optimizer, scheduler, history) -> None:
-
-    state = {"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history}
-    _save_torch(path, state)
-
-
-def _save_torch(path, obj) -> None:
-    """torch.save through a buffer: a file's name would leak into the archive (and the bytes) otherwise."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    save_atomic(path, {"fingerprint": fingerprint, "model": model.state_dict(),
+                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "torch_rng": torch.get_rng_state(), "history": history})
 
 
 def _resume(path, fingerprint, model, optimizer, scheduler) -> list[dict]:
     """Load a matching checkpoint into model/optimizer/scheduler; return its history ([] if none).
 
-    Rank 0 reads the file and sends it to the other ranks, which need not see the same disk.
+    Rank 0 reads the file and sends it to the other ranks, which need not see the same disk; a refusal
+    travels the same way, so that every rank stops with the same error instead of waiting for rank 0.
     """
-    state = _read_checkpoint(Path(path), fingerprint) if distributed.is_main() else None
+    state = None
+    if distributed.is_main():
+        try:
+            state = resume_state(path, fingerprint, section="train", what="classifier")
+        except DQError as exc:
+            state = str(exc)
     state = distributed.broadcast_from_main(state)
+    if isinstance(state, str):
+        raise DQError(state)
     if state is None:
         return []
     model.load_state_dict(state["model"])
@@ -468,22 +470,6 @@ def _resume(path, fingerprint, model, optimizer, scheduler) -> list[dict]:
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return list(state["history"])
-
-
-def _read_checkpoint(path: Path, fingerprint: str) -> dict | None:
-    """The checkpoint's state when it matches `fingerprint`; None (with a note) when absent or another run's."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a torn or foreign file: say so and start afresh rather than fail
-        print(f"note: {path}: unreadable checkpoint ({type(exc).__name__}); training from scratch",
-              file=sys.stderr)
-        return None
-    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-        print(f"note: {path}: checkpoint is from other params or data; training from scratch", file=sys.stderr)
-        return None
-    return state
 
 
 # --- outputs ------------------------------------------------------------------------------------------
@@ -495,7 +481,45 @@ def save_classifier(path: str | Path, result: TrainResult, config: TrainParams, 
     state = {"model": result.model.state_dict(), "arch": config.model, "num_classes": len(classes),
              "classes": list(classes), "image_size": int(image_size), "mean": result.mean, "std": result.std,
              "cifar_stem": bool(result.meta.get("cifar_stem", False))}
-    _save_torch(path, state)
+    save_atomic(path, state)
+
+
+@dataclass
+class Classifier:
+    """A trained classifier read back from its model.pt: the model (eval mode) and how to feed it."""
+
+    model: nn.Module
+    classes: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+
+
+CLASSIFIER_KEYS = ("model", "arch", "num_classes", "classes", "image_size", "mean", "std", "cifar_stem")
+
+
+def read_classifier(path: str | Path) -> Classifier:
+    """Read and validate a classifier written by `save_classifier`, rebuilt in eval mode on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise DQError(f"{path}: classifier file not found; run the train stage")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many types for torn or foreign files
+        raise DQError(f"{path}: not a readable classifier file; rerun the train stage") from None
+    missing = [k for k in CLASSIFIER_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise DQError(f"{path}: missing '{missing[0]}'; is this a model.pt written by the train stage?")
+    model = create_classifier(state["arch"], int(state["num_classes"]), int(state["image_size"]))
+    if uses_cifar_stem(model, int(state["image_size"])) != bool(state["cifar_stem"]):
+        raise DQError(f"{path}: its stem does not match {state['arch']} at {state['image_size']} px; "
+                      "rerun the train stage")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise DQError(f"{path}: weights do not fit {state['arch']} ({first_line(exc, 160)})") from None
+    return Classifier(model.eval(), list(state["classes"]), int(state["image_size"]), list(state["mean"]),
+                      list(state["std"]))
 
 
 def train_metrics(result: TrainResult, train_set: TrainingSet, config: TrainParams,

@@ -16,6 +16,7 @@ import sys
 from dq import distributed
 from dq.errors import DQError, run_cli
 from dq.io import write_json
+from dq.live import live_logger
 from dq.paths import DataPaths
 from dq.prepared import read_prepared
 from dq.runtime import device_for, seed_everything
@@ -49,7 +50,7 @@ def _train(paths: DataPaths, params, device) -> None:
               f"{len(test.labels)} test images, device {device}, {distributed.world_size()} process(es)",
               file=sys.stderr)
 
-    live = _live(paths.train_live) if main_rank else None
+    live = live_logger(paths.train_live) if main_rank else None
     result = train_classifier(train_set, test, tp, seed=params.seed, device=device,
                               checkpoint=paths.train_resume,
                               on_epoch=(lambda record: _log_epoch(live, record)) if main_rank else None)
@@ -62,13 +63,6 @@ def _train(paths: DataPaths, params, device) -> None:
     metrics = train_metrics(result, train_set, tp, full_raw_bytes=int(prepared.images.nbytes))
     write_json(paths.train_metrics, metrics)
     print(f"train: final-epoch top-1 {metrics['top1']:.4f} on {len(test.labels)} test images", file=sys.stderr)
-
-
-def _live(path):
-    """DVCLive that only writes its plots and summary: never dvc.yaml, never a DVC experiment."""
-    from dvclive import Live
-
-    return Live(dir=str(path), save_dvc_exp=False, dvcyaml=None, report=None)
 
 
 def _log_epoch(live, record: dict) -> None:

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from dq import cam
-from dq.backbones import IMAGENET_MEAN, IMAGENET_STD, classifier_with_probe, create_backbone
+from dq.backbones import classifier_with_probe, create_backbone
+from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dq.errors import DQError
 
 

@@ -181,12 +181,13 @@ def test_repro_after_the_kills_gives_the_uninterrupted_bytes(killed):
 # second epoch (a few milliseconds) and failed under load; the random-time kills are `killed`'s job.
 KILLED_AFTER_FIRST_CHECKPOINT = """
 import os, signal
+import dq.mae_training as training
 import stages.mae as stage
-save_resume = stage.save_resume
+save_resume = training.save_resume
 def save_then_die(*args, **kwargs):
     save_resume(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
-stage.save_resume = save_then_die
+training.save_resume = save_then_die
 stage.main([])
 """
 

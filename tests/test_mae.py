@@ -1,4 +1,5 @@
-"""The MAE: reference names and shapes, strict loading, masking, mask mapping, reconstruction, the stage."""
+"""The MAE: reference names and shapes, strict loading, masking, training, mask mapping, reconstruction,
+the stage."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from dq import mae
+from dq import fill, mae, mae_training
 from dq.errors import DQError
+from dq.grid import pixel_keep
 from dq.prepared import Prepared, write_prepared
 
 # A copy of ../shared/fixtures/mae_state_dict_shapes.json, kept here so that no clone ever skips these tests.
@@ -115,7 +117,7 @@ def test_encoder_never_sees_dropped_tokens():
     model = mae.create_mae("mae_vit_micro_patch4").eval()
     x = torch.randn(3, 3, 32, 32)
     keep = mae.random_keep(3, 64, 0.5, torch.Generator().manual_seed(0))
-    dropped_px = torch.from_numpy(mae.pixel_keep(~keep.numpy(), 4, 32))[:, None].expand(-1, 3, -1, -1)
+    dropped_px = torch.from_numpy(pixel_keep(~keep.numpy(), 4, 32))[:, None].expand(-1, 3, -1, -1)
     changed = torch.where(dropped_px, torch.randn_like(x) * 100, x)
     with torch.no_grad():
         latent, ids_restore = model.forward_encoder(x, keep)
@@ -137,16 +139,16 @@ def test_short_training_lowers_the_loss():
             return float(model.eval()(mae.to_model_input(images, model.config), keep)[0])
 
     before = held_loss()
-    state = mae.TrainState(model, mae.make_optimizer(model, 3.0e-3, 0.05))
+    state = mae_training.TrainState(model, mae_training.adamw_optimizer(model, 3.0e-3, 0.05))
     for _ in range(8):
-        list(mae.train_epoch(state, images, seed=0, mask_ratio=0.75, batch_size=16, lr=3.0e-3,
-                             warmup_epochs=1, epochs=8, device=torch.device("cpu")))
+        list(mae_training.train_mae_epoch(state, images, seed=0, mask_ratio=0.75, batch_size=16, lr=3.0e-3,
+                                          warmup_epochs=1, epochs=8, device=torch.device("cpu")))
     assert state.epoch == 8
     assert held_loss() < 0.7 * before
 
 
 def test_lr_schedule_warms_up_then_decays():
-    lrs = [mae.lr_at(s, lr=1.0, warmup=2, total=10) for s in (0, 1, 2, 6, 10)]
+    lrs = [mae_training.lr_at(s, lr=1.0, warmup=2, total=10) for s in (0, 1, 2, 6, 10)]
     assert lrs[0] == 0 and lrs[1] == pytest.approx(0.5) and lrs[2] == pytest.approx(1.0)
     assert lrs[3] == pytest.approx(0.5) and lrs[4] == pytest.approx(0.0, abs=1e-12)
 
@@ -157,7 +159,7 @@ def test_map_keep_16px_mae_on_224_vs_4px_stored_on_32():
         keep = np.ones((1, 64), dtype=bool)
         for r, c in stored_dropped:
             keep[0, r * 8 + c] = False
-        kept = mae.map_keep(keep, 32, 4, 224, 16)
+        kept = fill.map_keep(keep, 32, 4, 224, 16)
         assert kept.shape == (1, 196)
         return {divmod(int(i), 14) for i in np.flatnonzero(~kept[0])}
 
@@ -172,11 +174,11 @@ def test_map_keep_16px_mae_on_224_vs_4px_stored_on_32():
 def test_map_keep_is_identity_on_equal_grids_and_never_reads_dropped_pixels():
     rng = np.random.default_rng(0)
     keep = rng.random((4, 64)) < 0.7
-    assert np.array_equal(mae.map_keep(keep, 32, 4, 32, 4), keep)
+    assert np.array_equal(fill.map_keep(keep, 32, 4, 32, 4), keep)
     # whatever the dropped pixels hold, the resized pixels of a kept MAE patch are the same
     for size, patch in ((224, 16), (56, 8), (64, 8), (24, 4)):
-        kept_m = mae.map_keep(keep, 32, 4, size, patch)
-        dropped_px = ~mae.pixel_keep(keep, 4, 32)
+        kept_m = fill.map_keep(keep, 32, 4, size, patch)
+        dropped_px = ~pixel_keep(keep, 4, 32)
         a = torch.from_numpy(np.where(dropped_px, rng.random((4, 32, 32)), 0.5))[:, None]
         b = torch.from_numpy(np.where(dropped_px, rng.random((4, 32, 32)) * 1e6, 0.5))[:, None]
         model = mae.create_mae("mae_vit_micro_patch4", img_size=size, patch_size=patch)
@@ -192,24 +194,24 @@ def test_reconstruct_keeps_kept_pixels_exactly(size, patch, norm_pix):
     torch.manual_seed(0)
     model = mae.create_mae("mae_vit_micro_patch4", img_size=size, patch_size=patch, norm_pix_loss=norm_pix)
     images = _images(7)
-    keep = mae.eval_keep(7, 64, 0.25, seed=3)
+    keep = fill.eval_keep(7, 64, 0.25, seed=3)
     keep[0] = True  # a row with nothing to fill
-    kept_px = mae.pixel_keep(keep, 4, 32)
+    kept_px = pixel_keep(keep, 4, 32)
     masked = np.where(kept_px[..., None], images, 0).astype(np.uint8)
-    out = mae.reconstruct(model, masked, keep, 4, batch_size=3, progress=False)
+    out = fill.reconstruct(model, masked, keep, 4, batch_size=3, progress=False)
     assert out.dtype == np.uint8 and out.shape == images.shape
     assert np.array_equal(out[kept_px], images[kept_px])
     assert np.array_equal(out[0], images[0])
     assert (out[~kept_px] != 0).any()  # dropped pixels were filled by the model
     # the dropped pixels' content never reaches the result, and batching does not matter
     scrambled = np.where(kept_px[..., None], images, 255 - images).astype(np.uint8)
-    assert np.array_equal(mae.reconstruct(model, scrambled, keep, 4, batch_size=5, progress=False), out)
+    assert np.array_equal(fill.reconstruct(model, scrambled, keep, 4, batch_size=5, progress=False), out)
 
 
 def test_reconstruct_rejects_a_mask_of_the_wrong_grid():
     model = mae.create_mae("mae_vit_micro_patch4")
     with pytest.raises(ValueError, match="keep must be bool"):
-        mae.reconstruct(model, _images(2), np.ones((2, 16), bool), 4, progress=False)
+        fill.reconstruct(model, _images(2), np.ones((2, 16), bool), 4, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- fills, metrics
@@ -218,10 +220,10 @@ def test_simple_fills():
     images[0, :, :4] = 10
     images[0, :, 4:] = 200
     keep = np.array([[True, False, True, True]])  # 2x2 grid of 4 px patches: top-right dropped
-    masked = np.where(mae.pixel_keep(keep, 4, 8)[..., None], images, 0).astype(np.uint8)
-    mean = mae.mean_fill(masked, keep, 4)
+    masked = np.where(pixel_keep(keep, 4, 8)[..., None], images, 0).astype(np.uint8)
+    mean = fill.mean_fill(masked, keep, 4)
     assert (mean[0, :4, 4:] == round((16 * 10 + 16 * 10 + 16 * 200) / 48)).all()
-    near = mae.nearest_fill(masked, keep, 4)
+    near = fill.nearest_fill(masked, keep, 4)
     for r in range(4):
         for c in range(4, 8):
             left, below = c - 3, 4 - r  # distances to the kept columns 0-3 (10) and rows 4-7 (200)
@@ -230,23 +232,31 @@ def test_simple_fills():
     assert np.array_equal(near[0, 4:], images[0, 4:])
 
 
-def test_ssim_matches_skimage_and_psnr_is_on_dropped_pixels():
+@pytest.mark.parametrize("size", [32, 8])
+def test_ssim_and_psnr_count_only_the_dropped_pixels(size):
     from skimage.metrics import structural_similarity
 
-    a, b = _images(2, seed=1), _images(2, seed=2)
-    ours = mae.ssim_map(a, b)
-    for i in range(2):
-        ref, full = structural_similarity(a[i], b[i], data_range=255, channel_axis=2, gaussian_weights=True,
-                                          sigma=1.5, use_sample_covariance=False, full=True)
-        assert np.allclose(ours[i, 5:-5, 5:-5], full.mean(axis=-1)[5:-5, 5:-5], atol=1e-6)
-        assert ours[i, 5:-5, 5:-5].mean() == pytest.approx(ref, abs=1e-6)
-    dropped = np.zeros((2, 32, 32), bool)
+    a, b = _images(2, size, seed=1), _images(2, size, seed=2)
+    dropped = np.zeros((2, size, size), bool)
     dropped[:, :4, :4] = True
+    dropped[1, -3:, 2:] = True
+    expected = []
+    for i in range(2):
+        _, full = structural_similarity(b[i], a[i], data_range=255, channel_axis=2, gaussian_weights=True,
+                                        sigma=1.5, use_sample_covariance=False, full=True,
+                                        win_size=min(11, size - 1))
+        expected.append(full.mean(axis=-1)[dropped[i]].mean())
+    assert fill.ssim_dropped(b, a, dropped) == pytest.approx(np.mean(expected), abs=1e-12)
+    same = np.where(dropped[..., None], a, b)  # equal on the dropped pixels only
+    assert fill.ssim_dropped(same, a, dropped) > fill.ssim_dropped(b, a, dropped)
+
     noisy = a.copy()
     noisy[:, 4:] = 0  # errors outside the dropped pixels do not count
-    assert mae.psnr_dropped(noisy, a, dropped) == pytest.approx(100.0)
+    noisy[1, -3:, 2:] = a[1, -3:, 2:]
+    assert fill.psnr_dropped(noisy, a, dropped) == pytest.approx(100.0)
     noisy[:, :4, :4] = np.clip(a[:, :4, :4].astype(int) + 10, 0, 255)
-    assert 25 < mae.psnr_dropped(noisy, a, dropped) < 29
+    mse = [((noisy[i][dropped[i]].astype(float) - a[i][dropped[i]]) ** 2).mean() for i in range(2)]
+    assert fill.psnr_dropped(noisy, a, dropped) == pytest.approx(np.mean([10 * np.log10(255**2 / m) for m in mse]))
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -292,18 +302,18 @@ def test_stage_trains_evaluates_is_deterministic_and_resumes(tmp_path, monkeypat
     # a run killed after epoch 2 and resumed gives the same model as a straight run
     for out in ("mae", "mae_ckpt", "mae_live"):
         __import__("shutil").rmtree(data / out)
-    real_epoch = mae.train_epoch
+    real_epoch = mae_training.train_mae_epoch
 
     def dies_in_epoch_3(state, *args, **kwargs):
         if state.epoch == 2:
             raise KeyboardInterrupt
         return real_epoch(state, *args, **kwargs)
 
-    monkeypatch.setattr(mae, "train_epoch", dies_in_epoch_3)
+    monkeypatch.setattr(mae_training, "train_mae_epoch", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         stage.main(["--params", str(params), "--data", str(data)])
     assert not (data / "mae" / "model.pt").exists() and (data / "mae_ckpt" / "last.pt").is_file()
-    monkeypatch.setattr(mae, "train_epoch", real_epoch)
+    monkeypatch.setattr(mae_training, "train_mae_epoch", real_epoch)
     stage.main(["--params", str(_params(tmp_path, resume=True)), "--data", str(data)])
     assert (data / "mae" / "model.pt").read_bytes() == model_bytes
     assert (data / "mae_metrics.json").read_bytes() == metrics_bytes

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from dq import fill
 from dq import mae as dq_mae
 from dq import train as dq_train
 from dq.errors import DQError
@@ -120,6 +121,25 @@ def test_learns_and_reports_the_final_epoch(data, baseline):
     assert result.final.confusion.sum() == len(test.labels)
 
 
+def test_classifier_file_reads_back_to_the_same_predictions(data, baseline, tmp_path):
+    """dq.train owns model.pt: what save_classifier writes, read_classifier rebuilds and validates."""
+    _, test = data
+    path = tmp_path / "model.pt"
+    dq_train.save_classifier(path, baseline, TINY, ["c0", "c1", "c2", "c3"], SIZE)
+    back = dq_train.read_classifier(path)
+    assert back.classes == ["c0", "c1", "c2", "c3"] and back.image_size == SIZE and not back.model.training
+    again = dq_train.evaluate(back.model, test.images, test.labels, back.mean, back.std, 4, torch.device("cpu"))
+    assert again.top1 == baseline.final.top1 and np.array_equal(again.confusion, baseline.final.confusion)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(DQError, match="model.pt: not a readable classifier file"):
+        dq_train.read_classifier(path)
+    torch.save({"model": {}}, path)
+    with pytest.raises(DQError, match="model.pt: missing 'arch'"):
+        dq_train.read_classifier(path)
+    with pytest.raises(DQError, match="classifier file not found"):
+        dq_train.read_classifier(tmp_path / "none.pt")
+
+
 def test_two_runs_are_identical_and_resume_matches_an_uninterrupted_run(data, baseline, tmp_path):
     train, test = data
     config = TINY
@@ -143,14 +163,22 @@ def test_two_runs_are_identical_and_resume_matches_an_uninterrupted_run(data, ba
     assert state_bytes(resumed, tmp_path, "c.pt") == state_bytes(first, tmp_path, "a.pt")
 
 
-def test_a_checkpoint_from_other_params_is_not_resumed(data, tmp_path, capsys):
+def test_a_checkpoint_from_other_params_or_unreadable_is_refused(data, tmp_path):
     train, test = data
     ckpt = tmp_path / "last.pt"
     fit(train, test, dataclasses.replace(TINY, epochs=1), checkpoint=ckpt)
-    result = fit(train, test, dataclasses.replace(TINY, epochs=1, lr=0.01, resume=True), checkpoint=ckpt)
-    assert [r["epoch"] for r in result.history] == [1]
-    assert result.history[0]["lr"] == 0.01
-    assert "other params or data" in capsys.readouterr().err
+    saved = ckpt.read_bytes()
+    with pytest.raises(DQError, match=r"last.pt: was saved with other train params, seed or training data; "
+                                      r"delete it or set train.resume: false"):
+        fit(train, test, dataclasses.replace(TINY, epochs=1, lr=0.01, resume=True), checkpoint=ckpt)
+    assert ckpt.read_bytes() == saved  # refused, not overwritten
+    ckpt.write_bytes(saved[:100])
+    with pytest.raises(DQError, match="last.pt: not a readable classifier training state; delete it or set "
+                                      "train.resume: false"):
+        fit(train, test, dataclasses.replace(TINY, epochs=1, resume=True), checkpoint=ckpt)
+    # without `resume` the file is neither read nor a reason to stop
+    result = fit(train, test, dataclasses.replace(TINY, epochs=1, lr=0.01), checkpoint=ckpt)
+    assert [r["epoch"] for r in result.history] == [1] and result.history[0]["lr"] == 0.01
 
 
 # --- the stage and the compact input -------------------------------------------------------------------
@@ -189,13 +217,13 @@ def make_pipeline_inputs(root: Path, data: tuple[Prepared, Prepared]) -> np.ndar
 def test_compact_input_fills_once_and_keeps_stored_pixels(data, tmp_path, monkeypatch):
     keep = make_pipeline_inputs(tmp_path, data)
     calls = []
-    real = dq_mae.reconstruct
+    real = fill.reconstruct
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dq_mae, "reconstruct", counting)
+    monkeypatch.setattr(fill, "reconstruct", counting)
     train_set = dq_train.training_set("compact", data[0], tmp_path / "compact" / "dataset.h5",
                                       tmp_path / "mae" / "model.pt", device=torch.device("cpu"))
     assert len(calls) == 1

@@ -1,0 +1,49 @@
+"""Training states that survive a killed run: the one atomic save and the one resume policy.
+
+Both trainers (the MAE in `dq.mae_training`, the classifier in `dq.train`) write their state after
+every epoch with `save_atomic` and read it back with `resume_state`. The policy is the same for both:
+no file means a fresh start; a file that cannot be read, or that another run wrote (its fingerprint
+differs: other params, seed or data), is refused with one DQError line that names the file and says
+how to go on. Silently training from scratch instead would hide a mistake and throw the epochs away.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dq.errors import DQError
+from dq.io import atomic_path
+
+
+def save_atomic(path: str | Path, state: dict) -> None:
+    """torch.save `state` to `path` atomically, through a buffer (resume states, the classifier's model.pt).
+
+    Saving to the temporary path directly would write that name into the archive, so the bytes would
+    depend on the temporary's name; through a buffer they depend on `state` alone.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def resume_state(path: str | Path, fingerprint: Any, *, section: str, what: str) -> dict | None:
+    """The state saved at `path` when its fingerprint equals `fingerprint`; None when there is no file.
+
+    `section` is the params section whose `resume` flag asked for it (`mae`, `train`) and `what` names
+    the model in the message (`MAE`, `classifier`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    how = f"delete it or set {section}.resume: false"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many types for torn or foreign files
+        raise DQError(f"{path}: not a readable {what} training state; {how}") from None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        raise DQError(f"{path}: was saved with other {section} params, seed or training data; {how}")
+    return state

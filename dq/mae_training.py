@@ -1,0 +1,185 @@
+"""Training the MAE on the prepared training set, resumable after every epoch.
+
+The recipe is the reference pre-training's: AdamW (betas 0.9, 0.95) without weight decay on biases,
+norms and tokens, a linear warmup then half-cosine learning rate set per step, and a random mask of
+`mae.mask_ratio` per image drawn afresh every step.
+
+Determinism. Each epoch's shuffle and masks come from `mae_epoch_generator(seed, epoch)` alone, so a run
+resumed after epoch e draws what an uninterrupted run draws. After every epoch the model, optimizer,
+epoch and per-epoch history are saved (`dq.checkpoint.save_atomic`) to the resume state,
+`data/mae_ckpt/last.pt` in the pipeline; `mae.resume: true` continues from it, and a state another run
+saved is refused (`dq.checkpoint.resume_state`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dq.checkpoint import resume_state, save_atomic
+from dq.errors import DQError
+from dq.prepared import read_prepared
+from dq.live import live_logger
+from dq.mae import (MaskedAutoencoderViT, create_mae_for_input, load_state_strict, random_keep,
+                    read_checkpoint, to_model_input)
+from dq.params import MaeParams
+from dq.runtime import autocast
+
+
+def lr_at(step: float, *, lr: float, warmup: float, total: float, min_lr: float = 0.0) -> float:
+    """Linear warmup then half-cosine decay, in (fractional) epochs, as the reference lr_sched."""
+    if step < warmup:
+        return lr * step / warmup
+    progress = (step - warmup) / max(total - warmup, 1e-12)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and tokens (1-D or [1, 1, D]), as timm's add_weight_decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in ("cls_token", "mask_token") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def adamw_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # foreach: one kernel per step for all tensors; the per-tensor loop dominates small models on CPU
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), foreach=True)
+
+
+def mae_epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Each epoch's shuffle and masks come from (seed, epoch) alone, so a resumed run matches a straight one.
+
+    Not the classifier's `dq.train.classifier_epoch_generator`: the two derive their seeds differently,
+    and either one changing would change its trained model's bytes.
+    """
+    state = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(state)
+
+
+@dataclass
+class TrainState:
+    model: MaskedAutoencoderViT
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0  # epochs finished
+
+
+def train_mae_epoch(state: TrainState, images: torch.Tensor, *, seed: int, mask_ratio: float, batch_size: int,
+                    lr: float, warmup_epochs: int, epochs: int, device: torch.device,
+                    progress=None) -> Iterator[float]:
+    """Train one epoch over uint8 images [N, H, W, 3]; yields each batch's loss, once the epoch is done.
+
+    The losses stay on the device until then: reading one per step would stall the GPU every step.
+    """
+    model, opt, epoch = state.model, state.optimizer, state.epoch
+    gen = mae_epoch_generator(seed, epoch)
+    order = torch.randperm(images.shape[0], generator=gen)
+    steps = math.ceil(images.shape[0] / batch_size)
+    model.train()
+    losses = []
+    for i in range(steps):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        keep = random_keep(len(idx), model.patch_embed.num_patches, mask_ratio, gen)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch + i / steps, lr=lr, warmup=warmup_epochs, total=epochs)
+        x = to_model_input(images[idx].to(device, non_blocking=True), model.config)
+        with autocast(device):
+            loss, _, _ = model(x, keep.to(device, non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress.update(1)
+        losses.append(loss.detach())
+    state.epoch += 1
+    yield from (torch.stack(losses).tolist() if losses else [])
+
+
+def trained_mae(p: MaeParams, seed: int, train_images: Path, *, resume_path: Path, live_dir: Path,
+                device: torch.device) -> tuple[MaskedAutoencoderViT, float | None]:
+    """The MAE of `mae.arch` and its final training loss: trained on `train_images` (prepared HDF5), or
+    loaded strictly from `mae.checkpoint` (loss None)."""
+    model = create_mae_for_input(p.arch, p.input_size, p.norm_pix_loss)
+    if p.checkpoint:
+        load_state_strict(model, read_checkpoint(p.checkpoint)["model"], p.checkpoint, p.arch)
+        return model, None
+    return model, train_mae(model, p, seed, train_images, resume_path=resume_path, live_dir=live_dir,
+                            device=device)
+
+
+def train_mae(model: MaskedAutoencoderViT, p: MaeParams, seed: int, train_images: Path, *, resume_path: Path,
+              live_dir: Path, device: torch.device) -> float:
+    """Train `model` in place; save the resume state after every epoch; log to DVCLive. The last epoch's
+    mean loss."""
+    from tqdm import tqdm
+
+    images = torch.from_numpy(read_prepared(train_images).images)
+    model.to(device)
+    optimizer = adamw_optimizer(model, p.lr, p.weight_decay)
+    state = TrainState(model, optimizer)
+    history: list[dict] = []
+    fingerprint = resume_fingerprint(p, seed, images)
+    if p.resume:
+        history = load_resume(resume_path, state, fingerprint)
+        if history:
+            print(f"mae: resuming after epoch {state.epoch} from {resume_path}", file=sys.stderr)
+
+    steps = math.ceil(images.shape[0] / p.batch_size)
+    with live_logger(live_dir) as live, \
+            tqdm(total=p.epochs * steps, initial=state.epoch * steps, desc="mae train", unit="step") as bar:
+        for record in history:
+            log_epoch(live, record)
+        while state.epoch < p.epochs:
+            epoch = state.epoch
+            losses = list(train_mae_epoch(state, images, seed=seed, mask_ratio=p.mask_ratio,
+                                          batch_size=p.batch_size, lr=p.lr, warmup_epochs=p.warmup_epochs,
+                                          epochs=p.epochs, device=device, progress=bar))
+            record = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
+            if not math.isfinite(record["loss"]):
+                raise DQError(f"params.yaml: mae.lr = {p.lr} made the MAE loss diverge (epoch {epoch}); "
+                              "expected a smaller learning rate")
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            log_epoch(live, record)
+            save_resume(resume_path, state, fingerprint, history)
+    model.eval()
+    return history[-1]["loss"] if history else float("nan")
+
+
+def resume_fingerprint(p: MaeParams, seed: int, images: torch.Tensor) -> dict:
+    """What a resume state must match: the mae params but `resume` and `eval_images`, the seed, the
+    training set's shape."""
+    return {"seed": seed, "mae": dataclasses.asdict(p) | {"resume": None, "eval_images": None},
+            "images": list(images.shape)}
+
+
+def log_epoch(live, record: dict) -> None:
+    live.step = record["epoch"]
+    live.log_metric("train/loss", record["loss"])
+    live.log_metric("train/lr", record["lr"])
+    live.next_step()
+
+
+def save_resume(path: Path, state: TrainState, fingerprint: dict, history: list[dict]) -> None:
+    save_atomic(path, {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                      "epoch": state.epoch, "fingerprint": fingerprint, "history": history})
+
+
+def load_resume(path: Path, state: TrainState, fingerprint: dict) -> list[dict]:
+    """Load the resume state at `path` into `state`; its history ([] when there is no file)."""
+    saved = resume_state(path, fingerprint, section="mae", what="MAE")
+    if saved is None:
+        return []
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.epoch = int(saved["epoch"])
+    return list(saved["history"])
