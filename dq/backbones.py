@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dq.checkpoint import read_torch
 from dq.errors import DQError, first_line
 from dq.features import Features
 from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
@@ -135,15 +136,8 @@ def _checkpoint_weights(name: str, path: Path, seed: int) -> nn.Module:
 
 
 def _torch_load(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise DQError(f"{path}: checkpoint file not found (features.weights expects builtin, hub, none "
-                      f"or the path of a checkpoint)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors
-        reason = first_line(exc, 160)
-        raise DQError(f"{path}: not a readable torch checkpoint ({reason})") from None
+    return read_torch(path, "torch checkpoint", fix=" (features.weights expects builtin, hub, none or the path "
+                      "of a checkpoint)")
 
 
 def _state_dict_of(obj, path: Path) -> dict:

@@ -14,8 +14,19 @@ from typing import Any
 
 import torch
 
-from dq.errors import DQError
+from dq.errors import DQError, first_line
 from dq.io import atomic_path
+
+
+def read_torch(path: str | Path, what: str, *, fix: str = "") -> Any:
+    """torch.load a file on the CPU (tensors only, no code), or one DQError line naming it and `what` it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise DQError(f"{path}: {what} not found{fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for torn or foreign files
+        raise DQError(f"{path}: not a readable {what} ({first_line(exc, 160)})") from None
 
 
 def save_atomic(path: str | Path, state: dict) -> None:

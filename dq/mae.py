@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from dq.errors import DQError, first_line
+from dq.checkpoint import read_torch
+from dq.errors import DQError
 from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dq.io import atomic_path
 
@@ -318,13 +319,7 @@ def save_mae(path: str | Path, model: MaskedAutoencoderViT, arch: str) -> None:
 
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint dict with key 'model' (a state dict); a DQError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise DQError(f"{path}: MAE checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged or foreign files
-        raise DQError(f"{path}: not a readable MAE checkpoint ({first_line(exc, 160)})") from None
+    ckpt = read_torch(path, "MAE checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise DQError(f"{path}: expected a checkpoint dict with key 'model' holding the state dict")
     return ckpt

@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from dq import distributed, fill
 from dq import format as compact_format
-from dq.checkpoint import resume_state, save_atomic
+from dq.checkpoint import read_torch, resume_state, save_atomic
 from dq.errors import DQError, first_line
 from dq.mae import load_mae
 from dq.prepared import Prepared
@@ -501,12 +501,7 @@ CLASSIFIER_KEYS = ("model", "arch", "num_classes", "classes", "image_size", "mea
 def read_classifier(path: str | Path) -> Classifier:
     """Read and validate a classifier written by `save_classifier`, rebuilt in eval mode on the CPU."""
     path = Path(path)
-    if not path.is_file():
-        raise DQError(f"{path}: classifier file not found; run the train stage")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises many types for torn or foreign files
-        raise DQError(f"{path}: not a readable classifier file; rerun the train stage") from None
+    state = read_torch(path, "classifier file", fix="; run the train stage")
     missing = [k for k in CLASSIFIER_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise DQError(f"{path}: missing '{missing[0]}'; is this a model.pt written by the train stage?")
