@@ -23,6 +23,7 @@ from dq.grid import grid_of, kept_count
 SOURCES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 FEATURE_KINDS = ("embedding", "gradient")
 METHODS = ("dq", "graphcut", "random")  # select.method; dq.select implements each
+PRECISIONS = ("float64", "float32")  # select.precision
 TRAIN_INPUTS = ("compact", "selected", "full")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -105,9 +106,11 @@ class SelectParams(_Section):
     num_bins: int = 10
     lam: float = 1.0  # weight of the pool term in the GraphCut gain
     per_class: bool = True
+    precision: str = "float64"  # float64: bins equal a float64 reference exactly; float32: faster, near-ties may flip
 
     def check(self, where, prefix):
         self._need(self.method in METHODS, where, prefix, "method", f"one of {', '.join(METHODS)}")
+        self._need(self.precision in PRECISIONS, where, prefix, "precision", f"one of {', '.join(PRECISIONS)}")
         self._need(self.num_bins >= 1, where, prefix, "num_bins", "a positive integer")
         self._need(math.isfinite(self.lam) and self.lam > 0, where, prefix, "lam", "a finite number > 0")
 

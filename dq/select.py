@@ -20,9 +20,11 @@ recompute every gain per step:
   Cauchy-Schwarz since the last projection of all candidates (O(n D), once per bin and whenever the
   recomputations have cost as much), keeps the candidates far from the top out of the recomputations.
 
-Gains are accumulated in float64. Small problems use float64 kernels throughout (exact agreement with a
-brute-force reference); large dense blocks use float32 BLAS products, which can flip a near-tie now and
-then. The lazy engine computes every gain as a float64 dot product.
+Gains are accumulated in float64, and by default (`select.precision: float64`) the rows are normalised and
+the dense kernels computed in float64 too: the bins then equal a float64 brute-force reference exactly,
+at CIFAR-10 scale as on small inputs. `float32` computes large dense blocks with float32 BLAS, about 1.4x
+faster there, but a near-tie can flip, and every later pick of that class moves with it. The lazy
+engine computes every gain as a float64 dot product.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from dq.errors import DQError
-from dq.params import METHODS
+from dq.params import METHODS, PRECISIONS
 
 # Gains closer than this (relative to the gain's scale) are ties and go to the lowest index; it absorbs
 # float64 rounding so that duplicate rows tie however BLAS orders its sums.
@@ -80,10 +82,12 @@ class GradientFeatures:
         return np.concatenate([e, (e[:, :, None] * h[:, None, :]).reshape(len(e), -1)], axis=1)
 
 
-def _blas_dtype(cost: float, precision: str = "auto"):
-    if precision == "auto":
-        return np.float64 if cost <= FLOAT64_MAX_COST else np.float32
-    return {"float64": np.float64, "float32": np.float32}[precision]
+def _blas_dtype(cost: float, precision: str):
+    """float64 kernels are exact against the float64 reference; `float32` trades that for speed where a
+    kernel is large (small ones stay float64: there it costs nothing)."""
+    if precision not in PRECISIONS:
+        raise DQError(f"select.precision = {precision!r} is not allowed; expected one of {', '.join(PRECISIONS)}")
+    return np.float32 if precision == "float32" and cost > FLOAT64_MAX_COST else np.float64
 
 
 class _UnitRows:
@@ -97,9 +101,10 @@ class _UnitRows:
         self._cast = {rows.dtype.type: rows}
 
     @classmethod
-    def from_features(cls, x: np.ndarray) -> "_UnitRows":
-        # Large float32 inputs stay float32 (their kernels are float32 anyway); norms are float64.
-        keep32 = x.dtype == np.float32 and x.size > FLOAT64_MAX_COST // 32
+    def from_features(cls, x: np.ndarray, precision: str = "float64") -> "_UnitRows":
+        # With float32 precision, large float32 inputs stay float32 (their kernels are float32 anyway);
+        # norms are float64 either way.
+        keep32 = precision == "float32" and x.dtype == np.float32 and x.size > FLOAT64_MAX_COST // 32
         norm = np.sqrt(np.einsum("nd,nd->n", x, x, dtype=np.float64))
         return cls(x / norm[:, None].astype(x.dtype) if keep32 else np.asarray(x, np.float64) / norm[:, None])
 
@@ -213,8 +218,11 @@ def _chunked(fn, n: int, rows: np.ndarray | None) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def unit_features(features) -> "_UnitRows | _UnitGradients":
-    """Check `features` (dense [N, D] or GradientFeatures) and return its unit-norm view."""
+def unit_features(features, precision: str = "float64") -> "_UnitRows | _UnitGradients":
+    """Check `features` (dense [N, D] or GradientFeatures) and return its unit-norm view.
+
+    precision float64 (the default) normalises in float64; float32 keeps large float32 inputs in float32.
+    """
     if isinstance(features, GradientFeatures):
         e, h = _finite_2d(features.logit_grad, "logit_grad"), _finite_2d(features.embedding, "embedding")
         if len(e) != len(h):
@@ -224,7 +232,7 @@ def unit_features(features) -> "_UnitRows | _UnitGradients":
         return _UnitGradients.from_features(GradientFeatures(e, h))
     x = _finite_2d(features, "features")
     _nonzero_rows(x, "features")
-    return _UnitRows.from_features(x)
+    return _UnitRows.from_features(x, precision)
 
 
 def _finite_2d(x, name: str) -> np.ndarray:
@@ -477,12 +485,12 @@ def _lazy_bins(unit, budgets: Sequence[int], lam: float, out: np.ndarray, stats:
 
 
 def greedy_bins(unit, budgets: Sequence[int], *, lam: float = 1.0, engine: str = "auto",
-                precision: str = "auto", stats: dict | None = None, progress: bool = False) -> np.ndarray:
+                precision: str = "float64", stats: dict | None = None, progress: bool = False) -> np.ndarray:
     """Recursive GraphCut bins of one pool: bin k takes budgets[k] items, the last bin the rest.
 
     unit: the pool's unit-norm features (`unit_features`); returns int32 [n], values 0..len(budgets).
     engine: dense | lazy | auto (dense up to DENSE_MAX_ITEMS items). precision (dense engine only):
-    auto | float32 | float64. stats (lazy engine only): filled with the counts of picks and of
+    float64 | float32 (float32 BLAS for kernels larger than FLOAT64_MAX_COST). stats (lazy engine only): filled with the counts of picks and of
     candidates recomputed.
     """
     n = len(unit)
@@ -512,14 +520,17 @@ def _check_num_bins(num_bins, labels: np.ndarray) -> None:
 
 
 def dq_bins(features, labels, num_bins: int, *, lam: float = 1.0, per_class: bool = True,
-            progress: bool = False) -> np.ndarray:
+            precision: str = "float64", progress: bool = False) -> np.ndarray:
     """The DQ bin of every sample, int32 [N], values 0..num_bins-1.
 
     features: float [N, D] or GradientFeatures; labels: int [N]. Per class (default) every class is
     split by its own recursion with the budgets of `bin_budgets`; with per_class=False bin k takes
-    round(N / num_bins) items from everything bins 0..k-1 left, in O(N D) memory.
+    round(N / num_bins) items from everything bins 0..k-1 left, in O(N D) memory. precision float64
+    (the default) gives exactly the bins of a float64 brute-force reference; float32 is faster on large
+    classes but can flip a near-tie, and a flip moves every later pick of that class.
     """
-    unit = unit_features(features)
+    _blas_dtype(0, precision)  # refuse an unknown precision before any work
+    unit = unit_features(features, precision)
     labels = _check_labels(labels, len(unit))
     _check_num_bins(num_bins, labels)
     if not (math.isfinite(lam) and lam > 0):
@@ -532,7 +543,7 @@ def dq_bins(features, labels, num_bins: int, *, lam: float = 1.0, per_class: boo
     bins = np.empty(len(unit), np.int32)
     for c in _progress(range(len(classes)), progress, "dq bins", len(classes)):
         members = np.flatnonzero(inverse == c)
-        bins[members] = greedy_bins(unit.subset(members), budgets[:, c], lam=lam)
+        bins[members] = greedy_bins(unit.subset(members), budgets[:, c], lam=lam, precision=precision)
     return bins
 
 
@@ -563,9 +574,9 @@ def sample_bins(bins, labels, ratio: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(kept)).astype(np.int64) if kept else np.zeros(0, np.int64)
 
 
-def graphcut_indices(features, labels, ratio: float, *, lam: float = 1.0) -> np.ndarray:
+def graphcut_indices(features, labels, ratio: float, *, lam: float = 1.0, precision: str = "float64") -> np.ndarray:
     """One-shot GraphCut per class; class budgets apportioned from round(ratio * N) as in sample_bins."""
-    unit = unit_features(features)
+    unit = unit_features(features, precision)
     labels = _check_labels(labels, len(unit))
     classes, inverse = np.unique(labels, return_inverse=True)
     sizes = np.bincount(inverse)
@@ -573,27 +584,29 @@ def graphcut_indices(features, labels, ratio: float, *, lam: float = 1.0) -> np.
     kept = []
     for c in range(len(classes)):
         members = np.flatnonzero(inverse == c)
-        first = greedy_bins(unit.subset(members), [int(quotas[c])], lam=lam) == 0
+        first = greedy_bins(unit.subset(members), [int(quotas[c])], lam=lam, precision=precision) == 0
         kept.append(members[first])
     return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
 def select_indices(method: str, features, labels, ratio: float, seed: int, num_bins: int = 10,
-                   lam: float = 1.0, per_class: bool = True, progress: bool = False):
+                   lam: float = 1.0, per_class: bool = True, precision: str = "float64", progress: bool = False):
     """(bins int32 [N], sorted int64 indices) for select.method dq | graphcut | random.
 
+    The keyword arguments after `seed` are the keys of params.yaml's `select` section but `method`.
     Methods without bins return bins of -1.
     """
     labels = np.asarray(labels)
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1):
         raise DQError(f"ratio = {ratio!r} is not allowed; expected a number in (0, 1]")
     if method == "dq":
-        bins = dq_bins(features, labels, num_bins, lam=lam, per_class=per_class, progress=progress)
+        bins = dq_bins(features, labels, num_bins, lam=lam, per_class=per_class, precision=precision,
+                       progress=progress)
         return bins, sample_bins(bins, labels, ratio, seed)
     n = len(unit_features(features)) if method == "graphcut" else len(labels)
     no_bins = np.full(n, -1, np.int32)
     if method == "graphcut":
-        return no_bins, graphcut_indices(features, labels, ratio, lam=lam)
+        return no_bins, graphcut_indices(features, labels, ratio, lam=lam, precision=precision)
     if method == "random":
         return no_bins, sample_bins(no_bins, labels, ratio, seed)
     raise DQError(f"select.method = {method!r} is not allowed; expected one of {', '.join(METHODS)}")

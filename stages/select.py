@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     prepared = read_prepared(paths.prepared_split("train"), images=False)
     stored = read_features(paths.features, len(prepared.labels))
     features, labels, sel = selection.selection_features(stored), prepared.labels, params.select
-    bins, indices = select_indices(sel.method, features, labels, params.ratio, params.seed,
-                                   sel.num_bins, sel.lam, sel.per_class, progress=True)
+    bins, indices = select_indices(sel.method, features, labels, params.ratio, params.seed, num_bins=sel.num_bins,
+                                   lam=sel.lam, per_class=sel.per_class, precision=sel.precision, progress=True)
     summary = selection.summary(sel.method, params.section_dict("ratio", "seed", "select"), features, labels,
                                 bins, indices, prepared.classes)
     selection.write_selection(paths.selection, bins, indices, summary)

@@ -40,6 +40,7 @@ BAD_VALUES = [
     ("features.batch_size", 0, "positive"),
     ("select.method", "kmeans", "one of"), ("select.num_bins", 0, "positive"),
     ("select.lam", -1.0, "> 0"), ("select.per_class", "no", "true or false"),
+    ("select.precision", "float16", "one of float64, float32"),
     ("patches.drop", 1.0, "[0, 1)"), ("patches.drop", -0.1, "[0, 1)"), ("patches.patch_size", 0, "positive"),
     ("patches.patch_size", 5, "divisor of data.image_size"), ("patches.cam_layer", 3, "a string"),
     ("patches.batch_size", 0, "positive"),

@@ -96,6 +96,24 @@ def test_bins_equal_brute_force_reference(seed, kind, per_class, monkeypatch):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("seed", range(0, 33, 4))
+def test_float64_precision_stays_exact_where_float32_kernels_would_be_used(seed, monkeypatch):
+    """select.precision float64 (the default) never drops to float32, however large a kernel: with the size
+    threshold at 0, every float32 kernel would be float32, and the default still equals the reference."""
+    monkeypatch.setattr(sel, "FLOAT64_MAX_COST", 0)
+    feats, labels, num_bins, lam = random_case(seed, "embedding")
+    feats = np.asarray(feats, np.float32)  # float32 features: the case where rows used to stay float32
+    expected = reference_bins(feats, labels, num_bins, lam)
+    np.testing.assert_array_equal(dq_bins(feats, labels, num_bins, lam=lam), expected)
+    fast = dq_bins(feats, labels, num_bins, lam=lam, precision="float32")
+    assert np.array_equal(np.bincount(fast, minlength=num_bins), np.bincount(expected, minlength=num_bins))
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(DQError, match="select.precision = 'float16' is not allowed"):
+        dq_bins(_x(), np.zeros(30, int), 3, precision="float16")
+
+
 def test_duplicates_tie_to_the_lowest_index():
     for seed in range(5):
         x = np.random.default_rng(seed).normal(size=(12, 4))
