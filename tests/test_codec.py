@@ -1,0 +1,105 @@
+"""dq.codec: the one image codec module of the prepared and compact stores."""
+import numpy as np
+import pytest
+
+from dq import codec
+
+
+def photo() -> np.ndarray:
+    from skimage import data  # a real photo shipped inside scikit-image: no download
+
+    return np.ascontiguousarray(data.chelsea()[:96, :128])
+
+
+def grey() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    g = rng.integers(0, 256, (32, 32, 1), dtype=np.uint8)
+    return np.repeat(g, 3, axis=2)
+
+
+@pytest.mark.parametrize("name", codec.LOSSLESS)
+@pytest.mark.parametrize("make", [photo, grey])
+def test_lossless_codecs_give_back_the_exact_pixels(name, make):
+    image = make()
+    stream = codec.encode(image, name)
+    assert np.array_equal(codec.decode(stream, name, image.shape), image)
+
+
+@pytest.mark.parametrize("name", codec.CODECS)
+def test_equal_inputs_give_equal_bytes(name):
+    image = photo()
+    assert codec.encode(image, name, 75) == codec.encode(image.copy(), name, 75)
+
+
+@pytest.mark.parametrize("name", ["jpeg", "webp"])
+def test_lossy_codecs_stay_close_and_quality_matters(name):
+    image = photo()
+    small, large = codec.encode(image, name, 50), codec.encode(image, name, 95)
+    assert len(small) < len(large) < image.nbytes
+    back = codec.decode(large, name, image.shape).astype(int)
+    assert np.abs(back - image).mean() < 4.0
+
+
+def test_grey_images_are_stored_as_one_channel_streams():
+    image = grey()
+    from PIL import Image
+    import io
+
+    stream = codec.encode(image, "png")
+    assert Image.open(io.BytesIO(stream)).mode == "L"
+    # a grey JPEG decodes to exactly equal channels, so the image stays grey
+    back = codec.decode(codec.encode(image, "jpeg", 90), "jpeg", image.shape)
+    assert np.array_equal(back[..., 0], back[..., 1]) and np.array_equal(back[..., 0], back[..., 2])
+
+
+def test_streams_are_the_standard_files():
+    image = photo()
+    assert codec.encode(image, "png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert codec.encode(image, "jpeg")[:2] == b"\xff\xd8"
+    for name in ("webp", "webp-lossless"):
+        s = codec.encode(image, name)
+        assert s[:4] == b"RIFF" and s[8:12] == b"WEBP"
+    assert codec.encode(image, "webp-lossless")[12:16] == b"VP8L"
+
+
+def test_torchvision_batch_decode_equals_pillow_for_jpeg():
+    image = photo()
+    streams = [codec.encode(image, "jpeg", q) for q in (60, 90)]
+    batch = codec.decode_jpeg_batch(streams, image.shape)
+    for s, b in zip(streams, batch):
+        assert np.array_equal(b, codec.decode(s, "jpeg", image.shape))
+
+
+@pytest.mark.parametrize("name", ["png", "webp-lossless", "webp", "jpeg", "raw"])
+def test_a_damaged_stream_is_a_one_line_codec_error(name):
+    image = photo()
+    stream = codec.encode(image, name)
+    with pytest.raises(codec.CodecError) as err:
+        codec.decode(stream[: len(stream) // 3], name, image.shape)
+    assert "\n" not in str(err.value)
+
+
+def test_a_stream_of_another_size_is_refused():
+    image = photo()
+    with pytest.raises(codec.CodecError, match="expected"):
+        codec.decode(codec.encode(image, "png"), "png", (96, 96, 3))
+
+
+def test_fill_dropped_sets_only_dropped_pixels_to_the_mean_kept_colour():
+    image = photo()
+    keep = np.ones(image.shape[:2], bool)
+    keep[:16, :32] = False
+    filled = codec.fill_dropped(image, keep)
+    assert np.array_equal(filled[keep], image[keep])
+    colour = np.rint(image[keep].mean(axis=0)).astype(np.uint8)
+    assert (filled[~keep] == colour).all()
+    # the flat fill is what makes dropping patches pay: the stream shrinks
+    assert len(codec.encode(filled, "png")) < len(codec.encode(image, "png"))
+
+
+@pytest.mark.parametrize("setting, problem", [
+    (("gif", 90), "codec"), (("jpeg", 0), "quality"), (("jpeg", 101), "quality"), (("png", True), "quality"),
+])
+def test_codec_problem_names_the_bad_key(setting, problem):
+    assert codec.codec_problem(*setting).startswith(problem)
+    assert codec.codec_problem("jpeg", 90) is None
