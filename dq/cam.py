@@ -1,24 +1,35 @@
-"""GradCAM++ attention → per-patch scores → which patches of each image are kept.
+"""Patch scorers → per-patch scores → which patches of each image are kept, and how good the kept ones are.
 
 The steps, one function each:
 
-    attention_maps  uint8 images [N, H, W, 3] → GradCAM++ maps float32 [N, H, W] in [0, 1]
-    patch_scores    maps [N, H, W] → mean of each p×p patch, float32 [N, L], raster order
-    keep_mask       scores [N, L] → bool [N, L], the K = L - round(drop * L) highest scores
+    PatchScorer.maps  uint8 images [N, H, W, 3], labels [N] → importance maps float32 [N, H, W]
+    patch_scores      maps [N, H, W] → mean of each p×p patch, float32 [N, L], raster order
+    keep_mask         scores [N, L] → bool [N, L], the K = L - round(drop * L) highest scores
+    probe_metrics     the probe's top-1 on the kept images with dropped patches zeroed, for the
+                      scorer's masks and for random and highest-pixel-std masks with the same K
 
-GradCAM++ (pytorch-grad-cam's `GradCAMPlusPlus`) runs on the features backbone followed by the linear
-probe of the features stage, and targets each image's TRUE label: the ImageNet head knows nothing of
-the dataset's classes, and the paper's code, which targeted the predicted class, scores the wrong
-evidence on misclassified images. Images are resized to `features.input_size` before the backbone,
-exactly as in the features stage. pytorch-grad-cam upsamples the map to that size; `attention_maps`
-then resizes it to the stored image size (area averaging when shrinking).
+Scorers (`patches.scorer`), pytorch-grad-cam's BaseCAM style: `PatchScorer` owns the machinery (patch
+pooling, keep masks), each variant overrides `maps` only:
+
+    gradcam++   GradCAM++ on the features backbone followed by the features stage's linear probe (the paper)
+    pixel-std   the standard deviation of each patch's pixel values: flat patches (background) go first
+    random      uniform random scores under `seed`: the baseline every scorer must beat
+
+GradCAM++ (pytorch-grad-cam's `GradCAMPlusPlus`) targets each image's TRUE label: the ImageNet head knows
+nothing of the dataset's classes, and the paper's code, which targeted the predicted class, scores the
+wrong evidence on misclassified images. Images are resized to `features.input_size` and normalised with
+the backbone's own mean/std (its `pretrained_cfg`), exactly as in the features stage. pytorch-grad-cam
+upsamples the map to that size; `attention_maps` then resizes it to the stored image size (area averaging
+when shrinking).
 
 The layer (`patches.cam_layer`): a module name of the backbone, or `auto`. The `auto` rule: among the
 backbone's feature blocks (timm's `feature_info`; the top-level children for other models), take the
 deepest whose feature map at `features.input_size` is at least 4×4; if none is, the deepest larger than
 1×1. A 1×1 map is one number per channel: its CAM is flat and every patch would tie. For
 efficientnet_lite0 that is `blocks.6` (4×4) at input 128 and `blocks.2` (4×4) at input 32; for
-resnet10t `layer4` at 128 and `layer2` at 32. A named layer whose map is 1×1 is an error.
+resnet10t `layer4` at 128 and `layer2` at 32. A named layer whose map is 1×1 is an error. A map at
+least as fine as the patch grid (8×8 for 4-px patches at 32 px: `blocks.4` at input 128) was measured
+and keeps worse patches (docs/RESULTS.md, "Patch scorers"): the deepest 4×4 map stays the rule.
 
 Ties in `keep_mask` go to the lower grid index (a stable sort), so a flat map keeps the first K
 patches. On the CPU the whole pass is deterministic: the same inputs give the same bytes.
@@ -35,8 +46,10 @@ from torch import nn
 from dq.errors import DQError
 from dq.figures import pyplot, save_png
 from dq.grid import grid_of, kept_count, pixel_keep
+from dq.params import SCORERS
 
 MIN_MAP_SIDE = 4  # the auto rule's preferred smallest feature map
+MAX_UINT8_STD = 127.5  # the largest std uint8 values can have: scales pixel-std maps into [0, 1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,14 +166,14 @@ def attention_maps(model: nn.Module, layer: nn.Module, images: np.ndarray, label
     """GradCAM++ maps of uint8 images [N, H, W, 3] for their labels [N] → float32 [N, H, W] in [0, 1].
 
     `model` maps [N, 3, S, S] to logits over the dataset's classes; `layer` is one of its modules.
-    Images are normalised with `mean`/`std` (the backbone's, ImageNet's by default) and resized to S =
-    input_size; each map is min-max scaled per image by pytorch-grad-cam, then resized to H × W.
+    Images are normalised with `mean`/`std` (by default the model's own, `dq.backbones.normalization`)
+    and resized to S = input_size; each map is min-max scaled per image by pytorch-grad-cam, then resized
+    to H × W.
     """
     from pytorch_grad_cam import GradCAMPlusPlus
     from tqdm import tqdm
 
-    from dq.backbones import preprocess
-    from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
+    from dq.backbones import normalization, preprocess
 
     n, h, w, _ = images.shape
     if h != w:
@@ -170,6 +183,8 @@ def attention_maps(model: nn.Module, layer: nn.Module, images: np.ndarray, label
     cuda = device.type == "cuda"
     if cuda:  # the layout cuDNN's fastest convolutions want; no autocast: pytorch-grad-cam needs float32
         model = model.to(memory_format=torch.channels_last)
+    if mean is None or std is None:
+        mean, std = normalization(model)
     maps = np.zeros((n, h, w), np.float32)
     with _gradients_down_to(model, layer):
         cam = GradCAMPlusPlus(model=model, target_layers=[layer])
@@ -177,8 +192,7 @@ def attention_maps(model: nn.Module, layer: nn.Module, images: np.ndarray, label
             for start in tqdm(range(0, n, batch_size), desc="gradcam++", unit="batch", leave=False,
                               disable=not progress):
                 stop = min(start + batch_size, n)
-                x = preprocess(images[start:stop], input_size, mean=mean or IMAGENET_MEAN,
-                               std=std or IMAGENET_STD, device=device)
+                x = preprocess(images[start:stop], input_size, mean=mean, std=std, device=device)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 maps[start:stop] = _resize_maps(_batch_maps(cam, x, labels[start:stop]), h)
@@ -214,6 +228,152 @@ def keep_mask(scores: np.ndarray, drop: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Scorers: one base owns the machinery, each variant overrides `maps`
+
+
+class PatchScorer:
+    """Images → importance maps → patch scores → keep masks. Subclasses override `maps` only."""
+
+    name = ""
+
+    def __init__(self, patch_size: int):
+        self.patch_size = patch_size
+
+    def maps(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """uint8 images [N, H, W, 3], int labels [N] → float32 [N, H, W]; higher = keep first."""
+        raise NotImplementedError
+
+    def scores(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(maps float32 [N, H, W], patch scores float32 [N, L])."""
+        maps = self.maps(images, labels)
+        return maps, patch_scores(maps, self.patch_size)
+
+
+def _per_patch_map(values: np.ndarray, patch_size: int) -> np.ndarray:
+    """One value per patch [N, rows, cols] → a map [N, rows·p, cols·p] constant over each patch."""
+    return np.repeat(np.repeat(values, patch_size, axis=1), patch_size, axis=2).astype(np.float32)
+
+
+def pixel_std_scores(images: np.ndarray, patch_size: int) -> np.ndarray:
+    """Standard deviation of each patch's pixel values (all channels): uint8 [N, H, W, C] → float32 [N, L]."""
+    n, h, w, c = images.shape
+    rows, cols = grid_of(h, patch_size)
+    blocks = images.reshape(n, rows, patch_size, cols, patch_size, c).astype(np.float64)
+    return blocks.std(axis=(2, 4, 5)).reshape(n, -1).astype(np.float32)
+
+
+def random_scores(n: int, num_patches: int, seed: int) -> np.ndarray:
+    """Uniform random scores float32 [n, L] under `seed`: the same for the random scorer and its metric."""
+    return np.random.default_rng(seed).random((n, num_patches), dtype=np.float32)
+
+
+class PixelStd(PatchScorer):
+    """Keeps the patches whose pixels vary most: edges and texture, not flat background."""
+
+    name = "pixel-std"
+
+    def maps(self, images, labels):
+        rows, cols = grid_of(images.shape[1], self.patch_size)
+        values = pixel_std_scores(images, self.patch_size).reshape(len(images), rows, cols)
+        return _per_patch_map(values / MAX_UINT8_STD, self.patch_size)
+
+
+class RandomScores(PatchScorer):
+    """Uniform random patch scores: the baseline."""
+
+    name = "random"
+
+    def __init__(self, patch_size: int, seed: int):
+        super().__init__(patch_size)
+        self.seed = seed
+
+    def maps(self, images, labels):
+        rows, cols = grid_of(images.shape[1], self.patch_size)
+        values = random_scores(len(images), rows * cols, self.seed).reshape(len(images), rows, cols)
+        return _per_patch_map(values, self.patch_size)
+
+
+class GradCamPlusPlus(PatchScorer):
+    """GradCAM++ of the probed backbone for each image's true label (`attention_maps`)."""
+
+    name = "gradcam++"
+
+    def __init__(self, patch_size: int, model: nn.Module, layer: nn.Module, input_size: int, batch_size: int,
+                 device: torch.device | str = "cpu", *, progress: bool = True):
+        super().__init__(patch_size)
+        self.model, self.layer, self.input_size = model, layer, input_size
+        self.batch_size, self.device, self.progress = batch_size, device, progress
+
+    def maps(self, images, labels):
+        return attention_maps(self.model, self.layer, images, labels, self.input_size, self.batch_size,
+                              self.device, progress=self.progress)
+
+
+def create_scorer(name: str, patch_size: int, *, seed: int = 0, model: nn.Module | None = None,
+                  layer: nn.Module | None = None, input_size: int = 0, batch_size: int = 64,
+                  device: torch.device | str = "cpu", progress: bool = True) -> PatchScorer:
+    """The scorer `patches.scorer` names; gradcam++ needs the probed `model` and its target `layer`."""
+    if name not in SCORERS:
+        raise DQError(f"patches.scorer = {name!r} is not a scorer; expected one of {', '.join(SCORERS)}")
+    if name == "pixel-std":
+        return PixelStd(patch_size)
+    if name == "random":
+        return RandomScores(patch_size, seed)
+    if model is None or layer is None:
+        raise DQError("patches.scorer = 'gradcam++' needs the probed backbone and a target layer")
+    return GradCamPlusPlus(patch_size, model, layer, input_size, batch_size, device, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------
+# How good the kept patches are: the probe's top-1 with the dropped ones zeroed
+
+
+def zero_dropped(images: np.ndarray, keep: np.ndarray, patch_size: int) -> np.ndarray:
+    """uint8 images [N, H, W, C] with the pixels of dropped patches (keep [N, L] False) set to 0."""
+    return np.where(pixel_keep(keep, patch_size, images.shape[1:3])[..., None], images, np.uint8(0))
+
+
+@torch.no_grad()
+def probe_top1(model: nn.Module, images: np.ndarray, labels: np.ndarray, input_size: int, batch_size: int,
+               device: torch.device | str = "cpu") -> float:
+    """Share of uint8 images [N, H, W, 3] whose argmax logit of `model` (backbone + probe) is the label.
+
+    Preprocessed as in the features stage: resized to input_size, normalised with the model's own mean/std.
+    """
+    from dq.backbones import normalization, preprocess
+
+    if len(images) == 0:
+        return 0.0
+    model = model.eval().to(device)
+    mean, std = normalization(model)
+    hits = 0
+    for start in range(0, len(images), batch_size):
+        x = preprocess(images[start:start + batch_size], input_size, mean=mean, std=std, device=device)
+        predicted = model(x).argmax(1).cpu().numpy()
+        hits += int((predicted == labels[start:start + batch_size]).sum())
+    return hits / len(images)
+
+
+def probe_metrics(model: nn.Module, images: np.ndarray, labels: np.ndarray, keep: np.ndarray, patch_size: int,
+                  input_size: int, batch_size: int, device: torch.device | str = "cpu", *,
+                  seed: int = 0) -> dict[str, float]:
+    """The probe's top-1 on full images, and on images kept with `keep` [N, L], random and highest-pixel-std
+    masks of the same K (dropped patches zeroed). A scorer earns its place when `probe_top1_kept` beats
+    `probe_top1_random_keep` and reaches `probe_top1_std_keep`."""
+    n, num_patches = keep.shape
+    drop = 1.0 - float(keep[0].sum()) / num_patches if n else 0.0
+    # the baselines' masks are exactly those the random and pixel-std scorers would store
+    masks = {"kept": keep,
+             "random_keep": keep_mask(RandomScores(patch_size, seed).scores(images, labels)[1], drop),
+             "std_keep": keep_mask(PixelStd(patch_size).scores(images, labels)[1], drop)}
+    out = {"probe_top1_full": probe_top1(model, images, labels, input_size, batch_size, device)}
+    for name, mask in masks.items():
+        out[f"probe_top1_{name}"] = probe_top1(model, zero_dropped(images, mask, patch_size), labels, input_size,
+                                               batch_size, device)
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
 # The figure
 
 
@@ -225,8 +385,8 @@ def figure_rows(labels: np.ndarray, count: int = 8) -> np.ndarray:
 
 
 def plot_patches(path, images: np.ndarray, maps: np.ndarray, keep: np.ndarray, patch_size: int,
-                 titles: list[str]) -> None:
-    """A PNG grid, one column per image; rows: original | GradCAM++ map | kept patches over grey.
+                 titles: list[str], map_name: str = "GradCAM++") -> None:
+    """A PNG grid, one column per image; rows: original | the scorer's map | kept patches over grey.
 
     images uint8 [n, H, W, 3], maps float32 [n, H, W], keep bool [n, L].
     """
@@ -243,7 +403,7 @@ def plot_patches(path, images: np.ndarray, maps: np.ndarray, keep: np.ndarray, p
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    for i, name in enumerate(("original", "GradCAM++", "kept")):
+    for i, name in enumerate(("original", map_name, "kept")):
         axes[i, 0].set_ylabel(name, fontsize=8)
     fig.tight_layout()
     save_png(fig, path)

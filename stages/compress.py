@@ -1,8 +1,9 @@
-"""DVC stage `compress`: GradCAM++ patch scores for the selected images → data/compact/dataset.h5.
+"""DVC stage `compress`: patch scores (`patches.scorer`) for the selected images → data/compact/dataset.h5.
 
 Reads data/prepared/train.h5, data/selection/ and data/features/train.h5 (its linear probe gives
-GradCAM++ the dataset's classes). Writes the compact file (owned by dq.format), the storage metrics
-data/compact_metrics.json and the figure data/compact_plots/patches.png.
+GradCAM++ the dataset's classes). Writes the compact file (owned by dq.format), the storage metrics and
+the probe's top-1 on the kept images (dq.cam.probe_metrics) in data/compact_metrics.json, and the figure
+data/compact_plots/patches.png.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import torch
 
 from dq import cam
-from dq.backbones import classifier_with_probe, create_backbone, normalization
+from dq.backbones import classifier_with_probe, create_backbone
 from dq.errors import run_cli
 from dq.features import check_made_with, read_features
 from dq.format import Header, storage_metrics, write_compact
@@ -27,7 +28,7 @@ from stages.common import parse_args
 def provenance(params: Params) -> dict:
     """Exactly the params this stage reads (dvc.yaml lists the same), for the file's `params` attribute."""
     f = params.features
-    return {"ratio": params.ratio,
+    return {"ratio": params.ratio, "seed": params.seed,
             "features": {"backbone": f.backbone, "weights": f.weights, "input_size": f.input_size},
             "patches": params.section_dict("patches")["patches"],
             "runtime": {"device": params.runtime.device}}
@@ -43,24 +44,31 @@ def main(argv: list[str] | None = None) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     images, labels = prepared.images[indices], prepared.labels[indices]
+    device = device_for(params.runtime)
     backbone = create_backbone(fp.backbone, fp.weights)
-    model = classifier_with_probe(backbone, features.probe_weight, features.probe_bias)
-    layer_name, layer = cam.target_layer(backbone, pp.cam_layer, fp.input_size)
-    print(f"compress: GradCAM++ on {fp.backbone}.{layer_name} at {fp.input_size}px for {len(indices)} images",
-          file=sys.stderr)
-    mean, std = normalization(backbone)
-    maps = cam.attention_maps(model, layer, images, labels, fp.input_size, pp.batch_size,
-                              device_for(params.runtime), mean=mean, std=std)
-    scores = cam.patch_scores(maps, pp.patch_size)
+    model = classifier_with_probe(backbone, features.probe_weight, features.probe_bias)  # normalises as backbone
+    layer_name, layer = "", None
+    if pp.scorer == "gradcam++":
+        layer_name, layer = cam.target_layer(backbone, pp.cam_layer, fp.input_size)
+    where = f" on {fp.backbone}.{layer_name} at {fp.input_size}px" if layer_name else ""
+    print(f"compress: {pp.scorer}{where} for {len(indices)} images", file=sys.stderr)
+    scorer = cam.create_scorer(pp.scorer, pp.patch_size, seed=params.seed, model=model, layer=layer,
+                               input_size=fp.input_size, batch_size=pp.batch_size, device=device)
+    maps, scores = scorer.scores(images, labels)
     keep = cam.keep_mask(scores, pp.drop)
 
     header = Header(image_size=images.shape[1], patch_size=pp.patch_size, channels=images.shape[3], drop=pp.drop,
                     ratio=params.ratio, classes=prepared.classes, source=prepared.source, params=provenance(params))
     write_compact(paths.compact, header, images, keep, labels, indices, bins[indices], scores)
-    write_json(paths.compact_metrics, storage_metrics(paths.compact, len(prepared.labels)))
+    probe = cam.probe_metrics(model, images, labels, keep, pp.patch_size, fp.input_size, pp.batch_size, device,
+                              seed=params.seed)
+    print(f"compress: probe top-1 full {probe['probe_top1_full']:.3f}, kept {probe['probe_top1_kept']:.3f}, "
+          f"random masks {probe['probe_top1_random_keep']:.3f}, pixel-std masks {probe['probe_top1_std_keep']:.3f}",
+          file=sys.stderr)
+    write_json(paths.compact_metrics, {**storage_metrics(paths.compact, len(prepared.labels)), **probe})
     rows = cam.figure_rows(labels)
     cam.plot_patches(paths.compact_figure, images[rows], maps[rows], keep[rows], pp.patch_size,
-                     [prepared.classes[int(y)] for y in labels[rows]])
+                     [prepared.classes[int(y)] for y in labels[rows]], map_name=pp.scorer)
 
 
 if __name__ == "__main__":

@@ -196,3 +196,112 @@ def test_cam_on_a_probed_backbone_is_deterministic(resnet):
     np.testing.assert_array_equal(first, second)
     np.testing.assert_allclose(first, whole, atol=1e-4)  # batching changes nothing but float order
     assert all(p.requires_grad for p in model.parameters())  # the weights are frozen only meanwhile
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scorers and the probe metrics
+
+
+def _textured_quadrant_images(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Grey (100) images with one textured quadrant, [150, 255] noise: top-left for label 0, bottom-right for 1."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    images = np.full((n, size, size, 3), 100, np.uint8)
+    half = size // 2
+    for i, y in enumerate(labels):
+        rows = slice(None, half) if y == 0 else slice(half, None)
+        images[i, rows, rows] = rng.integers(150, 256, (half, half, 3))
+    return images, labels
+
+
+def test_pixel_std_scores_are_each_patch_std_over_pixels_and_channels():
+    images = np.zeros((1, 8, 8, 3), np.uint8)
+    images[0, :4, 4:] = 255  # flat bright patch: std 0
+    images[0, 4:, :4, 0] = 255  # one channel of three on: std of {255, 0, 0}
+    images[0, 4:, 4:] = np.indices((4, 4)).sum(0)[..., None] % 2 * 255  # checkerboard: std 127.5
+    scores = cam.pixel_std_scores(images, 4)
+    np.testing.assert_allclose(scores, [[0.0, 0.0, np.std([255, 0, 0]), 127.5]], rtol=1e-6)
+    maps, pooled = cam.create_scorer("pixel-std", 4).scores(images, np.zeros(1, np.int64))
+    assert maps.shape == (1, 8, 8) and maps.max() <= 1.0
+    np.testing.assert_allclose(pooled, scores / 127.5, rtol=1e-6)
+
+
+def test_pixel_std_keeps_texture_and_drops_flat_background():
+    images, labels = _textured_quadrant_images(4)
+    _, scores = cam.create_scorer("pixel-std", 4).scores(images, labels)
+    keep = cam.keep_mask(scores, drop=0.75).reshape(4, 4, 4)
+    for k, y in zip(keep, labels):
+        quadrant = (slice(None, 2), slice(None, 2)) if y == 0 else (slice(2, None), slice(2, None))
+        assert k[quadrant].all() and k.sum() == 4
+
+
+def test_random_scorer_is_seeded_and_not_the_grid_order():
+    images, labels = _textured_quadrant_images(6)
+    first = cam.create_scorer("random", 4, seed=3).scores(images, labels)[1]
+    np.testing.assert_array_equal(first, cam.create_scorer("random", 4, seed=3).scores(images, labels)[1])
+    assert not np.array_equal(first, cam.create_scorer("random", 4, seed=4).scores(images, labels)[1])
+    np.testing.assert_allclose(first, cam.random_scores(6, 16, 3), rtol=1e-6)
+    keep = cam.keep_mask(first, 0.5)
+    assert len({tuple(row) for row in keep}) > 1  # not the same patches in every image
+
+
+def test_unknown_or_incomplete_scorer_is_a_one_line_error():
+    with pytest.raises(DQError, match=r"^patches.scorer = 'saliency' is not a scorer; expected one of gradcam\+\+, "
+                                      r"pixel-std, random$"):
+        cam.create_scorer("saliency", 4)
+    with pytest.raises(DQError, match="patches.scorer = 'gradcam\\+\\+' needs"):
+        cam.create_scorer("gradcam++", 4)
+
+
+class QuadrantBrightness(nn.Module):
+    """logit_0 = mean of the top-left quadrant, logit_1 = mean of the bottom-right: a known probe."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        half = x.shape[-1] // 2
+        s = x.sum(dim=1)
+        return self.scale * torch.stack([s[:, :half, :half].mean((1, 2)), s[:, half:, half:].mean((1, 2))], 1)
+
+
+def test_probe_metrics_score_kept_random_and_pixel_std_masks():
+    images, labels = _textured_quadrant_images(8)
+    model = QuadrantBrightness()
+    wrong = np.zeros((8, 16), bool)  # keeps only the quadrant of the other class: that one wins
+    for i, y in enumerate(labels):
+        wrong[i].reshape(4, 4)[(slice(2, None),) * 2 if y == 0 else (slice(None, 2),) * 2] = True
+    metrics = cam.probe_metrics(model, images, labels, wrong, 4, 16, 3, seed=0)
+    assert metrics["probe_top1_full"] == 1.0 and metrics["probe_top1_kept"] == 0.0
+    assert metrics["probe_top1_std_keep"] == 1.0  # pixel-std keeps exactly the textured quadrant
+    random_keep = cam.keep_mask(cam.random_scores(8, 16, 0), 0.75)
+    expected = cam.probe_top1(model, cam.zero_dropped(images, random_keep, 4), labels, 16, 8)
+    assert metrics["probe_top1_random_keep"] == round(expected, 4)
+    zeroed = cam.zero_dropped(images, wrong, 4)
+    assert (zeroed[0, :8, :8] == 0).all() and (zeroed[0, 8:, 8:] == 100).all()
+
+
+def test_compress_stage_writes_probe_metrics_for_every_scorer(tmp_path):
+    import json
+
+    import yaml
+
+    from stages import compress
+    from tests.test_format import _tiny_pipeline
+
+    results = {}
+    for scorer in ("gradcam++", "pixel-std", "random"):
+        root = _tiny_pipeline(tmp_path / scorer)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["patches"]["scorer"] = scorer
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        compress.main(["--params", str(root / "params.yaml"), "--data", str(root / "data")])
+        results[scorer] = json.loads((root / "data/compact_metrics.json").read_text())
+    for metrics in results.values():
+        for key in ("probe_top1_full", "probe_top1_kept", "probe_top1_random_keep", "probe_top1_std_keep"):
+            assert 0.0 <= metrics[key] <= 1.0, key
+        assert metrics["compact_bytes"] > 0  # the storage metrics are still there
+    # the baselines are the masks those scorers store
+    assert results["pixel-std"]["probe_top1_kept"] == results["pixel-std"]["probe_top1_std_keep"]
+    assert results["random"]["probe_top1_kept"] == results["random"]["probe_top1_random_keep"]
