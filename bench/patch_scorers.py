@@ -6,8 +6,8 @@ for every scorer at several drops, in one pass.
 
 Reads what the compress stage reads (`prepared/train.h5`, `selection/`, `features/train.h5` under
 --data; run `dvc repro select` first) and the params file. For each scorer (`patches.scorer`; gradcam++
-once per --cam-layers entry, `auto` being dq.cam's layer rule) and each drop, it keeps K = L - round(drop
-* L) patches of every selected image, zeroes the dropped ones, and prints the probe's top-1 on them:
+and gradcam++-flat-first once per --cam-layers entry, `auto` being dq.cam's layer rule) and each drop,
+it keeps K = L - round(drop * L) patches of every selected image, zeroes the dropped ones, and prints the probe's top-1 on them:
 the `probe_top1_kept` the compress stage would write with that scorer. Random and highest-pixel-std
 masks of the same K are the compress stage's `probe_top1_random_keep` and `probe_top1_std_keep` (rows
 `random` and `pixel-std`, same seed). Nothing is written.
@@ -42,7 +42,7 @@ def scorer_scores(name: str, layer_name: str, model, backbone, images, labels, p
     """Patch scores float32 [N, L] of one scorer, as the compress stage computes them."""
     fp, pp = params.features, params.patches
     layer = None
-    if name == "gradcam++":
+    if name.startswith("gradcam++"):
         _, layer = cam.target_layer(backbone, layer_name, fp.input_size)
     scorer = cam.create_scorer(name, pp.patch_size, seed=params.seed, model=model, layer=layer,
                                input_size=fp.input_size, batch_size=pp.batch_size, device=device, progress=False)
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     full = cam.probe_top1(model, images, labels, fp.input_size, pp.batch_size, device)
     print(f"probe top-1 on the full images: {full:.4f}")
 
-    rows = [("random", ""), ("pixel-std", "")] + [("gradcam++", layer) for layer in args.cam_layers]
+    rows = [("random", ""), ("pixel-std", "")] + [(name, layer) for name in ("gradcam++", "gradcam++-flat-first")
+                                                  for layer in args.cam_layers]
     print(f"\n| scorer | {' | '.join(f'drop {d}' for d in args.drops)} | seconds |")
     print(f"|---|{'---:|' * len(args.drops)}---:|")
     for name, layer_name in rows:

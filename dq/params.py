@@ -24,7 +24,7 @@ SOURCES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 FEATURE_KINDS = ("embedding", "gradient")
 METHODS = ("dq", "graphcut", "random")  # select.method; dq.select implements each
 PRECISIONS = ("float64", "float32")  # select.precision
-SCORERS = ("gradcam++", "pixel-std", "random")  # patches.scorer; dq.cam implements each
+SCORERS = ("gradcam++-flat-first", "gradcam++", "pixel-std", "random")  # patches.scorer; dq.cam implements each
 TRAIN_INPUTS = ("compact", "selected", "full")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -120,7 +120,7 @@ class SelectParams(_Section):
 class PatchesParams(_Section):
     drop: float = 0.25  # share of patches dropped from every kept image
     patch_size: int = 4
-    scorer: str = "gradcam++"  # gradcam++ | pixel-std | random (see dq.cam)
+    scorer: str = "gradcam++-flat-first"  # gradcam++-flat-first | gradcam++ | pixel-std | random (see dq.cam)
     cam_layer: str = "auto"  # a module name of the backbone, or auto (see dq.cam)
     batch_size: int = 64
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     backbone = create_backbone(fp.backbone, fp.weights)
     model = classifier_with_probe(backbone, features.probe_weight, features.probe_bias)  # normalises as backbone
     layer_name, layer = "", None
-    if pp.scorer == "gradcam++":
+    if pp.scorer.startswith("gradcam++"):
         layer_name, layer = cam.target_layer(backbone, pp.cam_layer, fp.input_size)
     where = f" on {fp.backbone}.{layer_name} at {fp.input_size}px" if layer_name else ""
     print(f"compress: {pp.scorer}{where} for {len(indices)} images", file=sys.stderr)

@@ -246,11 +246,39 @@ def test_random_scorer_is_seeded_and_not_the_grid_order():
 
 
 def test_unknown_or_incomplete_scorer_is_a_one_line_error():
-    with pytest.raises(DQError, match=r"^patches.scorer = 'saliency' is not a scorer; expected one of gradcam\+\+, "
-                                      r"pixel-std, random$"):
+    with pytest.raises(DQError, match=r"^patches.scorer = 'saliency' is not a scorer; expected one of "
+                                      r"gradcam\+\+-flat-first, gradcam\+\+, pixel-std, random$"):
         cam.create_scorer("saliency", 4)
     with pytest.raises(DQError, match="patches.scorer = 'gradcam\\+\\+' needs"):
         cam.create_scorer("gradcam++", 4)
+
+
+def test_flat_first_drops_flat_patches_then_follows_gradcam():
+    size, p = 16, 4
+    rng = np.random.default_rng(2)
+    images = rng.integers(128, 256, (4, size, size, 3), dtype=np.uint8)
+    images[:, :4, :] = 200  # the first row of patches is flat (one colour)
+    images[:, 8:12, 12:] = 0  # and one more patch, in the bottom-right quadrant
+    labels = np.array([0, 1, 0, 1])
+    model = QuadrantNet(size)
+    plain = cam.create_scorer("gradcam++", p, model=model, layer=model.features, input_size=size, batch_size=2,
+                              progress=False)
+    first = cam.create_scorer("gradcam++-flat-first", p, model=model, layer=model.features, input_size=size,
+                              batch_size=2, progress=False)
+    cam_scores = plain.scores(images, labels)[1]
+    maps, scores = first.scores(images, labels)
+    assert 0.0 <= maps.min() and maps.max() <= 1.0
+    flat = np.zeros(16, bool)
+    flat[[0, 1, 2, 3, 11]] = True
+    keep = cam.keep_mask(scores, drop=5 / 16)
+    assert (keep == ~flat).all()  # exactly the five flat patches go
+    for row_first, row_cam in zip(scores, cam_scores):  # among the rest, GradCAM++'s order
+        content = np.flatnonzero(~flat)
+        np.testing.assert_array_equal(np.argsort(-row_first[content], kind="stable"),
+                                      np.argsort(-row_cam[content], kind="stable"))
+    # with a bigger drop, the next patches to go are GradCAM++'s lowest among the content
+    plain_keep = cam.keep_mask(np.where(flat, -1.0, cam_scores), drop=0.75)
+    np.testing.assert_array_equal(cam.keep_mask(scores, drop=0.75), plain_keep)
 
 
 class QuadrantBrightness(nn.Module):
@@ -291,7 +319,7 @@ def test_compress_stage_writes_probe_metrics_for_every_scorer(tmp_path):
     from tests.test_format import _tiny_pipeline
 
     results = {}
-    for scorer in ("gradcam++", "pixel-std", "random"):
+    for scorer in ("gradcam++-flat-first", "gradcam++", "pixel-std", "random"):
         root = _tiny_pipeline(tmp_path / scorer)
         params = yaml.safe_load((root / "params.yaml").read_text())
         params["patches"]["scorer"] = scorer

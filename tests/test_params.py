@@ -43,7 +43,7 @@ BAD_VALUES = [
     ("select.precision", "float16", "one of float64, float32"),
     ("patches.drop", 1.0, "[0, 1)"), ("patches.drop", -0.1, "[0, 1)"), ("patches.patch_size", 0, "positive"),
     ("patches.patch_size", 5, "divisor of data.image_size"), ("patches.cam_layer", 3, "a string"),
-    ("patches.batch_size", 0, "positive"), ("patches.scorer", "saliency", "one of gradcam++, pixel-std, random"),
+    ("patches.batch_size", 0, "positive"), ("patches.scorer", "saliency", "one of gradcam++-flat-first, gradcam++, pixel-std, random"),
     ("mae.arch", 1, "a string"), ("mae.checkpoint", 2, "a string or null"), ("mae.input_size", 4, ">= 8"),
     ("mae.mask_ratio", 1.0, "(0, 1)"), ("mae.epochs", 0, "positive"), ("mae.batch_size", 0, "positive"),
     ("mae.lr", 0.0, "> 0"), ("mae.weight_decay", -1.0, ">= 0"), ("mae.warmup_epochs", -1, ">= 0"),
