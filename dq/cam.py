@@ -8,10 +8,10 @@ The steps, one function each:
     probe_metrics     the probe's top-1 on the kept images with dropped patches zeroed, for the
                       scorer's masks and for random and highest-pixel-std masks with the same K
 
-Scorers (`patches.scorer`), pytorch-grad-cam's BaseCAM style: `PatchScorer` owns the machinery (patch
-pooling, keep masks), each variant overrides `maps` only:
+Scorers (`patches.scorer`), pytorch-grad-cam's BaseCAM style: `PatchScorer` owns the machinery (maps to
+patch scores), each variant overrides `maps` only:
 
-    gradcam++-flat-first  flat patches (every pixel the same value: empty background, padding) go first,
+    gradcam++-flat-first  flat patches (every pixel the same colour: empty background, padding) go first,
                           then GradCAM++ decides among the rest (the default)
     gradcam++             GradCAM++ on the features backbone followed by the features stage's linear
                           probe (the paper)
@@ -271,6 +271,14 @@ def pixel_std_scores(images: np.ndarray, patch_size: int) -> np.ndarray:
     return blocks.std(axis=(2, 4, 5)).reshape(n, -1).astype(np.float32)
 
 
+def flat_patches(images: np.ndarray, patch_size: int) -> np.ndarray:
+    """bool [N, L]: True where every pixel of the patch has the same colour (uint8 images [N, H, W, C])."""
+    n, h, w, c = images.shape
+    rows, cols = grid_of(h, patch_size)
+    blocks = images.reshape(n, rows, patch_size, cols, patch_size, c)
+    return (blocks.max(axis=(2, 4)) == blocks.min(axis=(2, 4))).all(axis=-1).reshape(n, -1)
+
+
 def random_scores(n: int, num_patches: int, seed: int) -> np.ndarray:
     """Uniform random scores float32 [n, L] under `seed`: the same for the random scorer and its metric."""
     return np.random.default_rng(seed).random((n, num_patches), dtype=np.float32)
@@ -319,13 +327,13 @@ class GradCamPlusPlus(PatchScorer):
 
 
 class GradCamFlatFirst(GradCamPlusPlus):
-    """GradCAM++ among the patches with content: flat patches (pixel std 0) rank below every other."""
+    """GradCAM++ among the patches with content: flat patches (one colour) rank below every other."""
 
     name = "gradcam++-flat-first"
 
     def maps(self, images, labels):
         rows, cols = grid_of(images.shape[1], self.patch_size)
-        content = (pixel_std_scores(images, self.patch_size) > 0).reshape(len(images), rows, cols)
+        content = ~flat_patches(images, self.patch_size).reshape(len(images), rows, cols)
         # [0, 1/3] on flat patches, [2/3, 1] on the rest (no tie across the groups): GradCAM++'s order within each
         return (super().maps(images, labels) + 2 * _per_patch_map(content, self.patch_size)) / 3
 

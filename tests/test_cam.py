@@ -226,6 +226,15 @@ def test_pixel_std_scores_are_each_patch_std_over_pixels_and_channels():
     np.testing.assert_allclose(pooled, scores / 127.5, rtol=1e-6)
 
 
+def test_flat_patches_are_one_colour_not_one_value():
+    images = np.zeros((1, 8, 8, 3), np.uint8)
+    images[0, :4, 4:] = (255, 0, 0)  # flat red: one colour, though its values differ across channels
+    images[0, 4:, :4] = 7
+    images[0, 4:, 4:] = 7
+    images[0, 7, 7, 2] = 8  # one value of one pixel differs
+    assert cam.flat_patches(images, 4).tolist() == [[True, True, True, False]]
+
+
 def test_pixel_std_keeps_texture_and_drops_flat_background():
     images, labels = _textured_quadrant_images(4)
     _, scores = cam.create_scorer("pixel-std", 4).scores(images, labels)
