@@ -2,15 +2,15 @@
 for every scorer at several drops, in one pass.
 
     python -m bench.patch_scorers [--data data] [--params params.yaml] [--drops 0.25 0.5]
-                                  [--cam-layers auto blocks.6]
+                                  [--cam-layers auto blocks.4]
 
 Reads what the compress stage reads (`prepared/train.h5`, `selection/`, `features/train.h5` under
 --data; run `dvc repro select` first) and the params file. For each scorer (`patches.scorer`; gradcam++
 and gradcam++-flat-first once per --cam-layers entry, `auto` being dq.cam's layer rule) and each drop,
-it keeps K = L - round(drop * L) patches of every selected image, zeroes the dropped ones, and prints the probe's top-1 on them:
-the `probe_top1_kept` the compress stage would write with that scorer. Random and highest-pixel-std
-masks of the same K are the compress stage's `probe_top1_random_keep` and `probe_top1_std_keep` (rows
-`random` and `pixel-std`, same seed). Nothing is written.
+it keeps K = L - round(drop * L) patches of every selected image, zeroes the dropped ones, and prints
+the probe's top-1 on them: the `probe_top1_kept` the compress stage would write with that scorer.
+Random and highest-pixel-std masks of the same K are the compress stage's `probe_top1_random_keep` and
+`probe_top1_std_keep` (rows `random` and `pixel-std`, same seed). Nothing is written.
 """
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ patch scores), each variant overrides `maps` only:
 
 Why flat-first: a flat patch holds one colour and nothing else, and dropping it loses only that colour
 (MAE fills it back from its neighbours). GradCAM++ alone, at 4×4 resolution on 32-px images, spends part
-of the drop budget on content next to the object while flat background survives; measured on the
-default (docs/RESULTS.md, "Patch scorers"), flat-first GradCAM++ keeps what the probe needs at least as
-well as pixel-std at drop 0.25 and better at 0.5, where pixel-std has to cut into content too.
+of the drop budget on content next to the object while flat background survives. Measured on the
+default (docs/RESULTS.md, "The backbone and the patch scorers"), flat-first GradCAM++ keeps what the
+probe needs as well as pixel-std at drop 0.25 and better at 0.5, where pixel-std has to cut into content.
 
 GradCAM++ (pytorch-grad-cam's `GradCAMPlusPlus`) targets each image's TRUE label: the ImageNet head knows
 nothing of the dataset's classes, and the paper's code, which targeted the predicted class, scores the
@@ -38,7 +38,8 @@ deepest whose feature map at `features.input_size` is at least 4×4; if none is,
 efficientnet_lite0 that is `blocks.6` (4×4) at input 128 and `blocks.2` (4×4) at input 32; for
 resnet10t `layer4` at 128 and `layer2` at 32. A named layer whose map is 1×1 is an error. A map at
 least as fine as the patch grid (8×8 for 4-px patches at 32 px: `blocks.4` at input 128) was measured
-and keeps worse patches (docs/RESULTS.md, "Patch scorers"): the deepest 4×4 map stays the rule.
+and keeps worse patches (docs/RESULTS.md, "The backbone and the patch scorers"), so the deepest 4×4 map
+stays the rule.
 
 Ties in `keep_mask` go to the lower grid index (a stable sort), so a flat map keeps the first K
 patches. On the CPU the whole pass is deterministic: the same inputs give the same bytes.
