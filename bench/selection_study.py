@@ -19,7 +19,8 @@ Candidates (bins are computed once per feature kind; only the draw depends on th
 - dq-gradient: bins of the features.kind gradient features (logit gradients of the full-train probe);
 - dq-zscore: bins of the per-dimension standardised embeddings (cosine then measures in-domain spread);
 - dq-logits: bins of the full-train probe's logits (in-domain: the data's own linear classifier);
-- dq-w{beta}: dq bins, class quotas split over bins in proportion to size * exp(beta * k / (K - 1));
+- dq-w{beta}: dq bins, bin-weighted sampling (tried as a select.bin_weighting option, not shipped): class quotas split over bins in proportion to
+  size * exp(beta * k / (K - 1)) (sample_bins_weighted below);
   beta < 0 favours the early (central) bins, beta > 0 the late (peripheral) ones (Sorscher et al. 2022);
 - graphcut: one-shot GraphCut per class at the ratio's quota (select.method graphcut; no seed);
 - dq-early / dq-late: fill the class quota from bin 0 upwards / from the last bin downwards;
@@ -29,7 +30,6 @@ Candidates (bins are computed once per feature kind; only the draw depends on th
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 import os
 import resource
@@ -38,7 +38,8 @@ import time
 
 import numpy as np
 
-from dq.select import GradientFeatures, _apportion, dq_bins, graphcut_indices, sample_bins
+from dq.errors import DQError
+from dq.select import GradientFeatures, _apportion, _check_labels, dq_bins, graphcut_indices, sample_bins
 
 SPLITS = {"train": 60000, "test": 10000}
 CHUNK = 5000
@@ -102,27 +103,63 @@ def load_split_features(cache: str, split: str, size: int) -> tuple[np.ndarray, 
 
 # ---------------------------------------------------------------------------------------- sampling
 
-def split_quota(total: int, sizes: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Split `total` over cells in proportion to sizes * weights, each capped at its size: integer quotas
-    by largest remainder (ties to the earlier cell), the overflow of full cells spread over the rest."""
+def bin_weights(num_bins: int, bin_weighting: float) -> np.ndarray:
+    """Sampling weight of every bin, [num_bins]: exp(bin_weighting * k / (num_bins - 1)).
+
+    Negative values favour the early (central) bins, positive ones the late (peripheral) ones; 0 weights
+    every bin the same."""
+    return np.exp(bin_weighting * np.arange(num_bins) / max(num_bins - 1, 1))
+
+
+def _split_weighted(total: int, sizes: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Split `total` (at most sizes.sum()) over cells in proportion to sizes * weights, each capped at its
+    size: cells whose share reaches their size are filled and the rest is shared again over the others;
+    then integer quotas by largest remainder (equal remainders to the earlier cell)."""
     sizes = np.asarray(sizes, np.int64)
+    mass = sizes * np.asarray(weights, np.float64)
     quotas = np.zeros(len(sizes), np.int64)
-    left = int(total)
-    while left > 0:
-        open_ = quotas < sizes
-        mass = np.where(open_, sizes * np.asarray(weights, np.float64), 0.0)
-        if mass.sum() <= 0:  # only zero-weight cells are open: fill them in order
-            mass = np.where(open_, 1.0, 0.0)
-        share = left * mass / mass.sum()
-        add = np.floor(share).astype(np.int64)
-        rest = left - int(add.sum())
-        if rest:
-            order = np.argsort(-(share - add), kind="stable")
-            add[order[:rest]] += 1
-        add = np.minimum(add, sizes - quotas)
-        quotas += add
-        left = int(total) - int(quotas.sum())
-    return quotas
+    open_ = sizes > 0
+    while True:
+        left = total - int(quotas.sum())
+        share = np.where(open_, left * mass / max(mass[open_].sum(), 1e-300), 0.0)
+        full = open_ & (share >= sizes)
+        if not full.any():
+            break
+        quotas[full] = sizes[full]
+        open_ &= ~full
+    add = np.floor(share).astype(np.int64)
+    order = np.argsort(-(share - add), kind="stable")
+    add[order[:left - int(add.sum())]] += 1
+    return quotas + add
+
+
+def sample_bins_weighted(bins, labels, ratio: float, seed: int, weights) -> np.ndarray:
+    """Keep round(ratio * N) samples, favouring bins by `weights` [num_bins]: sorted int64 indices.
+
+    Class quotas are those of class-balanced random (largest remainder over the classes); each class
+    quota is split over the class's bins in proportion to bin size * weight, capped at the bin's size
+    (`_split_weighted`); each cell's quota is drawn uniformly with np.random.default_rng(seed), classes
+    in order, bins in order within a class.
+    """
+    bins = np.asarray(bins).astype(np.int64)
+    labels = _check_labels(labels, bins.shape[0] if bins.ndim == 1 else -1)
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1):
+        raise DQError(f"ratio = {ratio!r} is not allowed; expected a number in (0, 1]")
+    weights = np.asarray(weights, np.float64)
+    if bins.min(initial=0) < 0 or bins.max(initial=0) >= len(weights):
+        raise DQError(f"bins: expected bin ids in 0..{len(weights) - 1}, one weight per bin")
+    if not (np.isfinite(weights).all() and (weights > 0).all()):
+        raise DQError("bin weights: expected finite numbers > 0")
+    classes, inverse = np.unique(labels, return_inverse=True)
+    class_quota = _apportion(np.bincount(inverse), round(ratio * len(labels)))
+    rng = np.random.default_rng(seed)
+    kept = []
+    for c in range(len(classes)):
+        members = np.flatnonzero(inverse == c)
+        cells = [members[bins[members] == k] for k in range(len(weights))]
+        quotas = _split_weighted(int(class_quota[c]), np.array([len(m) for m in cells]), weights)
+        kept += [rng.choice(m, size=int(q), replace=False) for m, q in zip(cells, quotas) if q]
+    return np.sort(np.concatenate(kept)).astype(np.int64) if kept else np.zeros(0, np.int64)
 
 
 def fill_in_order(total: int, sizes: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -135,7 +172,7 @@ def fill_in_order(total: int, sizes: np.ndarray, order: np.ndarray) -> np.ndarra
 
 
 def weighted_sample(bins, labels, ratio, seed, cell_weight) -> np.ndarray:
-    """Class quotas as class-balanced random draws them (largest remainder over classes, total
+    """As sample_bins_weighted, with weights per (class, bin). Class quotas as class-balanced random draws them (largest remainder over classes, total
     round(ratio * N)); each class quota split over its bins by cell_weight(c, sizes [K]) -> quotas [K];
     each cell drawn uniformly. The rng is used in (class, bin) order."""
     bins = np.asarray(bins, np.int64)
@@ -151,10 +188,6 @@ def weighted_sample(bins, labels, ratio, seed, cell_weight) -> np.ndarray:
         assert quotas.sum() == class_quota[c] and (quotas <= sizes).all()
         kept += [rng.choice(m, size=q, replace=False) for m, q in zip(members, quotas) if q]
     return np.sort(np.concatenate(kept)).astype(np.int64)
-
-
-def exp_weights(beta: float, k_bins: int) -> np.ndarray:
-    return np.exp(beta * np.arange(k_bins) / max(k_bins - 1, 1))
 
 
 def cell_spread(unit: np.ndarray, bins: np.ndarray, labels: np.ndarray) -> dict:
@@ -277,15 +310,14 @@ def study_cmd(args) -> None:
         if cand in ("dq", "dq-gradient", "dq-zscore", "dq-logits"):
             return sample_bins(bins[feature_kind(cand)], y, ratio, seed)
         b = bins["embedding"]
-        if cand.startswith("dq-w"):
-            w = exp_weights(float(cand[4:]), sp.num_bins)
-            return weighted_sample(b, y, ratio, seed, lambda c, s, q: split_quota(q, s, w))
+        if cand.startswith("dq-w"):  # a candidate select.bin_weighting (not shipped: it never helped)
+            return sample_bins_weighted(b, y, ratio, seed, bin_weights(sp.num_bins, float(cand[4:])))
         if cand == "dq-early":
             return weighted_sample(b, y, ratio, seed, lambda c, s, q: fill_in_order(q, s, np.arange(len(s))))
         if cand == "dq-late":
             return weighted_sample(b, y, ratio, seed, lambda c, s, q: fill_in_order(q, s, np.arange(len(s))[::-1]))
         if cand == "dq-adaptive":
-            return weighted_sample(b, y, ratio, seed, lambda c, s, q: split_quota(
+            return weighted_sample(b, y, ratio, seed, lambda c, s, q: _split_weighted(
                 q, s, np.array([spread[c, k] for k in range(len(s))])))
         raise SystemExit(f"unknown candidate {cand!r}")
 
