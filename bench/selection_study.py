@@ -172,9 +172,9 @@ def fill_in_order(total: int, sizes: np.ndarray, order: np.ndarray) -> np.ndarra
 
 
 def weighted_sample(bins, labels, ratio, seed, cell_weight) -> np.ndarray:
-    """As sample_bins_weighted, with weights per (class, bin). Class quotas as class-balanced random draws them (largest remainder over classes, total
-    round(ratio * N)); each class quota split over its bins by cell_weight(c, sizes [K]) -> quotas [K];
-    each cell drawn uniformly. The rng is used in (class, bin) order."""
+    """As sample_bins_weighted, with the split chosen per class: class quotas as class-balanced random
+    draws them (largest remainder over classes, total round(ratio * N)); each class quota split over its
+    bins by cell_weight(c, sizes [K], quota) -> quotas [K]; each cell drawn uniformly, in (class, bin) order."""
     bins = np.asarray(bins, np.int64)
     classes, inverse = np.unique(labels, return_inverse=True)
     class_quota = _apportion(np.bincount(inverse), round(ratio * len(labels)))
