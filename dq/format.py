@@ -282,26 +282,14 @@ def decode_streams(streams: list, codec: str, shape: tuple[int, int, int], path:
                    rows: np.ndarray) -> np.ndarray:
     """uint8 [B, H, W, C]: the streams of file rows `rows`, decoded; a bad one is a DQError naming its row.
 
-    JPEG goes through torchvision's batch decoder (libjpeg-turbo without Pillow's per-image cost, see
-    bench/format.py); writer and readers both use it, so the PSNR in `stats` is what readers see.
+    dq.codec.decode_batch picks the decoder (torchvision's for JPEG, in one call per batch, and WebP);
+    writer and readers both decode here, so the PSNR in `stats` is what readers see.
     """
-    if codec == "jpeg":
-        try:
-            return codecs.decode_jpeg_batch(streams, shape)
-        except codecs.CodecError:
-            for stream, row in zip(streams, rows):  # find the row to name
-                try:
-                    codecs.decode_jpeg_batch([stream], shape)
-                except codecs.CodecError as exc:
-                    raise DQError(f"{path}: image row {int(row)}: {exc}; the file is damaged") from None
-            raise
-    out = np.empty((len(streams),) + tuple(shape), np.uint8)
-    for i, (stream, row) in enumerate(zip(streams, rows)):
-        try:
-            out[i] = codecs.decode(stream, codec, shape)
-        except codecs.CodecError as exc:
-            raise DQError(f"{path}: image row {int(row)}: {exc}; the file is damaged") from None
-    return out
+    try:
+        return codecs.decode_batch(streams, codec, shape)
+    except codecs.CodecError as exc:
+        row = int(rows[exc.index]) if exc.index is not None else int(rows[0])
+        raise DQError(f"{path}: image row {row}: {exc}; the file is damaged") from None
 
 
 def check_crc(path: Path, streams: list, crcs: np.ndarray, rows: np.ndarray) -> None:
@@ -436,17 +424,28 @@ class CompactFile:
             self.file.close()
             raise
         self._offsets = None
+        self._datasets: dict = {}
 
     def __getitem__(self, name: str):
-        return self.file[name]
+        # looking a dataset up by name costs more than a small read: one lookup per name
+        if name not in self._datasets:
+            self._datasets[name] = self.file[name]
+        return self._datasets[name]
 
     def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
         """Rows of a dataset; a checksum or decompression failure is a DQError naming the rows."""
         try:
-            return self.file[name][rows]
+            return self[name][rows]
         except H5_OPEN_ERRORS as exc:
             where = "" if rows == slice(None) else f" rows {rows.start}..{rows.stop - 1}"
             raise DQError(f"{self.path}: dataset '{name}'{where} fails its checksum or cannot be "
+                          f"decompressed; the file is damaged ({first_line(exc, 160)})") from None
+
+    def _read_row(self, name: str, row: int) -> np.ndarray:
+        try:
+            return self[name][row]
+        except H5_OPEN_ERRORS as exc:
+            raise DQError(f"{self.path}: dataset '{name}' row {row} fails its checksum or cannot be "
                           f"decompressed; the file is damaged ({first_line(exc, 160)})") from None
 
     @property
@@ -463,7 +462,7 @@ class CompactFile:
 
     def read_streams(self, rows: np.ndarray) -> list[np.ndarray]:
         """The CRC-checked stream of each of the sorted `rows`: one read of their span when dense."""
-        offsets, streams = self.offsets, self.file["streams"]
+        offsets, streams = self.offsets, self["streams"]
         try:
             if len(rows) and rows[-1] - rows[0] < 2 * len(rows):
                 base = int(offsets[rows[0]])
@@ -492,7 +491,7 @@ class CompactFile:
             if rows[-1] - rows[0] < 2 * len(rows):  # dense: one read of the span
                 patches = self.read("patches", slice(int(rows[0]), int(rows[-1]) + 1))[rows - rows[0]]
             else:
-                patches = np.stack([self.read("patches", slice(int(r), int(r) + 1))[0] for r in rows])
+                patches = np.stack([self._read_row("patches", int(r)) for r in rows])
             return assemble(patches, keep, h.grid)
         streams = self.read_streams(rows)
         return masked(decode_streams(streams, h.codec, h.image_shape, self.path, rows), keep, h.patch_size)
