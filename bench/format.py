@@ -1,6 +1,6 @@
 """Benchmark of the compact format: bytes per codec on natural photos, read and write throughput, CAM.
 
-    python -m bench.format [--photos 400] [--read-sizes 2000 8000] [--sizes ...] [--cam-images 64]
+    python -m bench.format [--photos 400] [--fashion 600] [--read-sizes 2000 8000] [--sizes ...] [--cam-images 64]
 
 Photos (the issue-15 targets): `--photos` crops of the colour photographs shipped inside scikit-image
 (astronaut, chelsea, coffee, rocket, motorcycles, retina, hubble, ihc: files in skimage/data), random square crops resized to
@@ -9,6 +9,9 @@ which is the same cost for every codec). For every codec it prints the file byte
 copy of the same images with nothing dropped (the bare JPEG streams, no container: the smallest
 ordinary copy) and against the v1 layout (codec raw: gzip'd raw patches, what version 1 wrote), the
 kept-pixel PSNR, and write images/s.
+
+Fashion-MNIST (`--fashion`): the same table on the default run's data (600 images: ratio 0.1 of the
+default 6,000), patch 4, the numbers that chose the default codec.
 
 Reads (`--read-sizes`): the photos downscaled to 32 px (patch 4), read through a DataLoader (batch 64,
 0/1/2 workers, shuffled) from `dq.format.CompactDataset` per codec, against the v1 layout at the same
@@ -210,15 +213,28 @@ def write_codec_file(path: Path, images: np.ndarray, keep: np.ndarray, patch_siz
 
 def bench_photos(n: int, drop: float) -> None:
     """Bytes of every codec on n photo crops at 224 px, against a JPEG q90 copy and the v1 layout."""
-    size, patch = 224, 16
-    images = photo_crops(n, size)
+    images = photo_crops(n, 224)
+    bench_bytes(images, 16, drop, "photos", f"photos: {n} crops of {len(PHOTOS)} scikit-image photos")
+
+
+def bench_fashion(n: int, drop: float) -> None:
+    """The same table on the default run's data: n Fashion-MNIST training images as `prepare` makes them."""
+    from dq.datasets import load_fashion_mnist
+    from dq.params import DataParams
+
+    images = load_fashion_mnist(DataParams(train_limit=n), "train").images
+    bench_bytes(images, 4, drop, "fashion", f"Fashion-MNIST: {n} training images as the default prepare makes them")
+
+
+def bench_bytes(images: np.ndarray, patch: int, drop: float, name: str, title: str) -> None:
+    """Bytes of every codec on `images` [N, S, S, 3], against a JPEG q90 copy and the v1 layout."""
+    n, size = images.shape[:2]
     keep = cam.keep_mask(np.random.default_rng(1).random((n, (size // patch) ** 2), dtype=np.float32), drop)
-    folder = OUT / "photos"
+    folder = OUT / name
     folder.mkdir(parents=True, exist_ok=True)
     jpeg_copy = sum(len(codecs.encode(image, "jpeg", 90)) for image in images)
     raw = images.nbytes
-    print(f"\n== photos: {n} crops of {len(PHOTOS)} scikit-image photos, {size}x{size}, patch {patch}, "
-          f"drop {drop} (keep at random)")
+    print(f"\n== {title}, {size}x{size}, patch {patch}, drop {drop} (keep at random)")
     print(f"raw pixels {raw:,} bytes; JPEG q90 copy, nothing dropped: {jpeg_copy:,} bytes ({jpeg_copy / raw:.3f} of raw)")
     print(f"  {'codec':16s} {'file bytes':>12s} {'/raw px':>8s} {'vs JPEG q90 copy':>17s} {'vs v1 (raw)':>12s} "
           f"{'PSNR kept dB':>13s} {'write img/s':>12s}")
@@ -301,6 +317,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data"))
     parser.add_argument("--photos", type=int, default=400, help="photo crops at 224 px (0: skip)")
+    parser.add_argument("--fashion", type=int, default=600, help="Fashion-MNIST images (0: skip)")
     parser.add_argument("--read-sizes", type=int, nargs="*", default=[2000, 8000])
     parser.add_argument("--sizes", type=int, nargs="*", default=[], help="the older prepared/PNG comparison")
     parser.add_argument("--cam-images", type=int, default=0)
@@ -312,6 +329,8 @@ def main() -> None:
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.photos:
         bench_photos(args.photos, args.drop)
+    if args.fashion:
+        bench_fashion(args.fashion, args.drop)
     if args.read_sizes:
         bench_reads(args.read_sizes, args.drop)
     for n in args.sizes:
