@@ -25,6 +25,7 @@ Peak RSS of this process and of its DataLoader workers is printed after each sec
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import resource
 import shutil
@@ -43,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dq import cam  # noqa: E402
 from dq import codec as codecs  # noqa: E402
-from dq.format import CompactDataset, Header, write_compact  # noqa: E402
+from dq.format import CompactDataset, Header, read_compact, write_compact  # noqa: E402
 from dq.prepared import Prepared, read_prepared, write_prepared  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "format"
@@ -237,7 +238,7 @@ def bench_bytes(images: np.ndarray, patch: int, drop: float, name: str, title: s
     print(f"\n== {title}, {size}x{size}, patch {patch}, drop {drop} (keep at random)")
     print(f"raw pixels {raw:,} bytes; JPEG q90 copy, nothing dropped: {jpeg_copy:,} bytes ({jpeg_copy / raw:.3f} of raw)")
     print(f"  {'codec':16s} {'file bytes':>12s} {'/raw px':>8s} {'vs JPEG q90 copy':>17s} {'vs v1 (raw)':>12s} "
-          f"{'PSNR kept dB':>13s} {'write img/s':>12s}")
+          f"{'PSNR kept dB':>13s} {'write img/s':>12s}  {'sha256 read':16s}")
     v1 = None
     for codec, quality in CODECS:
         path = folder / f"{codec}-q{quality}.h5"
@@ -246,8 +247,11 @@ def bench_bytes(images: np.ndarray, patch: int, drop: float, name: str, title: s
         v1 = v1 or size_bytes  # raw comes first
         psnr = stats["kept_pixel_psnr"]
         name = codec if codecs.is_lossless(codec) else f"{codec} q{quality}"
+        digest = hashlib.sha256(read_compact(path).images().tobytes()).hexdigest()[:16]
         print(f"  {name:16s} {size_bytes:12,d} {size_bytes / raw:8.3f} {size_bytes / jpeg_copy:16.3f}x "
-              f"{size_bytes / v1:11.3f}x {'exact' if psnr is None else f'{psnr:.2f}':>13s} {n / seconds:12.1f}")
+              f"{size_bytes / v1:11.3f}x {'exact' if psnr is None else f'{psnr:.2f}':>13s} {n / seconds:12.1f}  "
+              f"{digest}")
+    print("  (last column: SHA-256 of the decoded images, dropped pixels zero: what training reads)")
     print(peak_rss())
 
 

@@ -555,3 +555,24 @@ def test_compress_stage_refuses_features_from_another_backbone(tmp_path):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(DQError, match=r"features/train.h5: made with features.input_size = 32"):
         compress.main(["--params", str(root / "params.yaml"), "--data", str(root / "data")])
+
+
+def test_source_bytes_estimates_the_share_of_the_source_files(tmp_path):
+    import gzip
+
+    from dq.params import DataParams
+    from stages.compress import source_bytes
+
+    idx = tmp_path / "fm" / "train-images-idx3-ubyte.gz"
+    idx.parent.mkdir()
+    with gzip.open(idx, "wb") as fh:  # IDX header: magic 0x00000803, 10 images of 28x28
+        fh.write(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(7840))
+    size = idx.stat().st_size
+    assert source_bytes(DataParams(root=str(idx.parent)), 4) == (round(4 * size / 10), f"4 x mean bytes per image of {idx}")
+    folder = tmp_path / "img" / "train"
+    for name, n in (("a", 100), ("b", 300)):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "0.png").write_bytes(bytes(n))
+    (folder / "a" / "notes.txt").write_text("not an image")
+    assert source_bytes(DataParams(source="imagefolder", root=str(tmp_path / "img")), 3)[0] == 600
+    assert source_bytes(DataParams(source="synthetic"), 3)[0] is None
