@@ -422,6 +422,9 @@ def _cli_error(capsys, main, argv) -> str:
     ({"ratio": None}, "ratio = None is not allowed; expected a number"),
     ({"bogus": 1}, "unknown key bogus"),
     ({"mae": {"arch": "mae_vit_giant"}}, "mae.arch = 'mae_vit_giant' is not a known MAE"),
+    ({"patches": {"codec": "avif"}},
+     "patches.codec = 'avif' is not allowed; expected one of raw, png, webp-lossless, webp, jpeg"),
+    ({"patches": {"codec": "jpeg", "quality": 0}}, "patches.quality = 0 is not allowed; expected an integer in [1, 100]"),
 ])
 def test_more_params_in_process(tmp_path, capsys, monkeypatch, overrides, expected):
     from stages import mae, prepare
