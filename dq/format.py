@@ -215,7 +215,7 @@ def write_compact(path: str | Path, header: Header, images: np.ndarray, keep: np
         raise ValueError(f"header {problem}")
     images = np.ascontiguousarray(images, np.uint8)
     _check_keep(Path(path), keep, header)
-    arrays = _image_arrays(path, header, images, keep)
+    arrays, psnr = _image_arrays(path, header, images, keep)
     image_bytes = int(sum(a.nbytes for name, a in arrays.items() if name in ("patches", "streams")))
     arrays |= {"keep": keep, "labels": labels, "indices": indices, "bins": bins}
     if header.store_scores:
@@ -224,7 +224,7 @@ def write_compact(path: str | Path, header: Header, images: np.ndarray, keep: np
         expected = header.shape_of(name)
         if expected is not None and tuple(np.shape(arrays[name])) != expected:
             raise ValueError(f"{name} has shape {np.shape(arrays[name])}, expected {expected}")
-    stats = {"image_bytes": image_bytes, "kept_pixel_psnr": arrays.pop("_psnr", None),
+    stats = {"image_bytes": image_bytes, "kept_pixel_psnr": psnr,
              "jpeg_q90_bytes": jpeg_reference_bytes(images),
              "source_bytes": source_bytes[0], "source_bytes_how": source_bytes[1]}
     check_free_space(path, sum(np.asarray(a).nbytes for a in arrays.values()))
@@ -236,11 +236,14 @@ def write_compact(path: str | Path, header: Header, images: np.ndarray, keep: np
     return stats
 
 
-def _image_arrays(path, header: Header, images: np.ndarray, keep: np.ndarray) -> dict:
-    """{"patches": ...} for raw, else {"streams", "offsets", "crc32"}; "_psnr" from decoding the streams
-    back as a reader does (a lossless codec that does not read back exactly is a bug, caught here)."""
+def _image_arrays(path, header: Header, images: np.ndarray, keep: np.ndarray) -> tuple[dict, float | None]:
+    """({"patches"} for raw, else {"streams", "offsets", "crc32"}; the kept-pixel PSNR, None when exact).
+
+    The PSNR comes from decoding the streams back as a reader does, so a lossless codec that does not
+    read back exactly (a bug) is caught here rather than in training.
+    """
     if not header.uses_streams:
-        return {"patches": extract_patches(images, keep, header.patch_size), "_psnr": None}
+        return {"patches": extract_patches(images, keep, header.patch_size)}, None
     streams = encode_images(images, keep, header.patch_size, header.codec, header.quality)
     flat, offsets, crcs = pack_streams(streams)
     masks = pixel_keep(keep, header.patch_size, header.image_size)
@@ -248,7 +251,7 @@ def _image_arrays(path, header: Header, images: np.ndarray, keep: np.ndarray) ->
     psnr = kept_pixel_psnr(images, decoded, masks)
     if psnr is not None and codecs.is_lossless(header.codec):
         raise AssertionError(f"{header.codec} did not read back the kept pixels exactly (PSNR {psnr:.1f} dB)")
-    return {"streams": flat, "offsets": offsets, "crc32": crcs, "_psnr": psnr}
+    return {"streams": flat, "offsets": offsets, "crc32": crcs}, psnr
 
 
 def _write_attrs(f, header: Header, stats: dict) -> None:
@@ -349,7 +352,8 @@ def read_header(f, path: Path) -> Header:
         raise DQError(f"{path}: missing dataset '{missing[0]}'")
     for name, dtype in header.datasets().items():
         dset, shape = f[name], header.shape_of(name)
-        if dset.dtype != dtype or (shape is not None and dset.shape != shape) or dset.ndim != 1 and shape is None:
+        wrong_shape = dset.shape != shape if shape is not None else dset.ndim != 1  # streams: any length
+        if dset.dtype != dtype or wrong_shape:
             expected = list(shape) if shape is not None else "[B]"
             raise DQError(f"{path}: dataset '{name}' is {dset.dtype} {list(dset.shape)}; expected {dtype} "
                           f"{expected} (N = {header.num_images} from 'labels')")
