@@ -576,3 +576,22 @@ def test_source_bytes_estimates_the_share_of_the_source_files(tmp_path):
     (folder / "a" / "notes.txt").write_text("not an image")
     assert source_bytes(DataParams(source="imagefolder", root=str(tmp_path / "img")), 3)[0] == 600
     assert source_bytes(DataParams(source="synthetic"), 3)[0] is None
+
+
+@pytest.mark.parametrize("codec", ["v1", "raw", "png", "webp-lossless", "jpeg"])
+def test_the_reader_in_format_md_reads_what_dq_reads(tmp_path, codec):
+    """docs/FORMAT.md's plain h5py + Pillow reader, run as printed, against dq's reader."""
+    import re
+
+    code = re.search(r"### Reading either version\n\n```python\n(.*?)```", (ROOT / "docs/FORMAT.md").read_text(), re.S)
+    namespace: dict = {}
+    exec(code.group(1), namespace)
+    path = FIXTURE_V1 if codec == "v1" else tmp_path / f"{codec}.h5"
+    if codec != "v1":
+        make_compact(path, codec=codec, images=grey_and_colour())
+    ours = fmt.read_compact(path).images()
+    theirs = namespace["read_images"](path)
+    if codec == "jpeg":  # Pillow's libjpeg may round the IDCT differently from torchvision's by one level
+        assert np.abs(theirs.astype(int) - ours).max() <= 1
+    else:
+        np.testing.assert_array_equal(theirs, ours)
