@@ -1,23 +1,33 @@
-"""Benchmark of the compact format: read and write throughput, and the GradCAM++ pass.
+"""Benchmark of the compact format: bytes per codec on natural photos, read and write throughput, CAM.
 
-    python -m bench.format [--data data] [--sizes 1000 4000] [--cam-images 64]
+    python -m bench.format [--photos 400] [--fashion 600] [--read-sizes 2000 8000] [--sizes ...] [--cam-images 64]
 
-Reads: the same N images through a DataLoader (batch 64, 0/1/2 workers) from
-  - the compact file (`dq.format.CompactDataset`),
-  - the prepared HDF5 file (`prepared/train.h5` layout, one image per __getitem__: the baseline),
-  - PNG files in a torchvision ImageFolder.
-Writes: `dq.format.write_compact` (patch extraction + gzip + checksums, no CAM) against
-`dq.prepared.write_prepared` and against writing the PNG folder. CAM: `dq.cam.attention_maps` on
-efficientnet_lite0 (weights none) with a random probe, at input 32 and 128 (the default).
+Photos (the issue-15 targets): `--photos` crops of the colour photographs shipped inside scikit-image
+(astronaut, chelsea, coffee, rocket, motorcycles, retina, hubble, ihc: files in skimage/data), random square crops resized to
+224 px and randomly flipped, patch 16, drop 0.25, keep chosen at random (a stand-in for GradCAM++,
+which is the same cost for every codec). For every codec it prints the file bytes against a JPEG q90
+copy of the same images with nothing dropped (the bare JPEG streams, no container: the smallest
+ordinary copy) and against the v1 layout (codec raw: gzip'd raw patches, what version 1 wrote), the
+kept-pixel PSNR, and write images/s.
 
-Images come from `<data>/prepared/train.h5` when it exists (the default run's Fashion-MNIST), else
-from a synthetic generator. Every ratio is against the prepared-HDF5 baseline measured in this run at
-the same N and the same worker count. Throughput at two N shows how cost grows with N.
+Fashion-MNIST (`--fashion`): the same table on the default run's data (600 images: ratio 0.1 of the
+default 6,000), patch 4, the numbers that chose the default codec.
+
+Reads (`--read-sizes`): the photos downscaled to 32 px (patch 4), read through a DataLoader (batch 64,
+0/1/2 workers, shuffled) from `dq.format.CompactDataset` per codec, against the v1 layout at the same
+N and worker count, in this process; two N show how cost grows with N. Then JPEG decoding alone:
+`dq.codec.decode_jpeg_batch` (torchvision, one call per batch) against Pillow one image at a time.
+Peak RSS of this process and of its DataLoader workers is printed after each section.
+
+`--sizes` (off by default) runs the older comparison against the prepared HDF5 and a PNG folder;
+`--cam-images` the GradCAM++ pass (0: skip).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import resource
 import shutil
 import sys
 import time
@@ -33,7 +43,8 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dq import cam  # noqa: E402
-from dq.format import CompactDataset, Header, write_compact  # noqa: E402
+from dq import codec as codecs  # noqa: E402
+from dq.format import CompactDataset, Header, read_compact, write_compact  # noqa: E402
 from dq.prepared import Prepared, read_prepared, write_prepared  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "format"
@@ -155,6 +166,138 @@ def bench_size(data: Path, n: int, drop: float, patch_size: int) -> None:
         label = f"{workers} workers{', shuffled' if shuffle else ''}"
         print(f"  {label:18s}" + "  ".join(f"{r:9.0f}/s ({r / base:5.2f}x)" for r in rates.values()))
 
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
+          "retina.jpg", "hubble_deep_field.jpg", "ihc.png")  # the colour photos in skimage/data/, no download
+CODECS = (("raw", 90), ("png", 90), ("webp-lossless", 90), ("webp", 90), ("jpeg", 90), ("jpeg", 75))
+
+
+def photo_crops(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 [n, size, size, 3]: random square crops (side 224 px up to the photo's short side) of
+    scikit-image's colour photos, resized to `size` (bicubic) and flipped left-right half the time."""
+    import skimage
+    from PIL import Image
+
+    folder = Path(skimage.__file__).parent / "data"
+    photos = [np.asarray(Image.open(folder / name).convert("RGB")) for name in PHOTOS]
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(224, h, w), min(h, w) + 1))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(np.ascontiguousarray(photo[y:y + side, x:x + side]))
+        crop = np.asarray(crop.resize((size, size), Image.BICUBIC))
+        out[i] = crop[:, ::-1] if rng.random() < 0.5 else crop
+    return out
+
+
+def peak_rss() -> str:
+    """Peak resident memory of this process and of its (finished) children, MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return f"peak RSS: this process {own:.0f} MiB, largest DataLoader worker {kids:.0f} MiB"
+
+
+def write_codec_file(path: Path, images: np.ndarray, keep: np.ndarray, patch_size: int, drop: float,
+                     codec: str, quality: int) -> tuple[float, dict]:
+    """(seconds, stats) of writing one compact file of `images` with `codec`."""
+    n, size = images.shape[:2]
+    header = Header(image_size=size, patch_size=patch_size, channels=3, drop=drop, ratio=1.0,
+                    classes=[str(i) for i in range(10)], source="photos", codec=codec, quality=quality)
+    labels = np.arange(n, dtype=np.int64) % 10
+    start = time.perf_counter()
+    stats = write_compact(path, header, images, keep, labels, np.arange(n), np.zeros(n, np.int32),
+                          np.zeros(keep.shape, np.float32))
+    return time.perf_counter() - start, stats
+
+
+def bench_photos(n: int, drop: float) -> None:
+    """Bytes of every codec on n photo crops at 224 px, against a JPEG q90 copy and the v1 layout."""
+    images = photo_crops(n, 224)
+    bench_bytes(images, 16, drop, "photos", f"photos: {n} crops of {len(PHOTOS)} scikit-image photos")
+
+
+def bench_fashion(n: int, drop: float) -> None:
+    """The same table on the default run's data: n Fashion-MNIST training images as `prepare` makes them."""
+    from dq.datasets import load_fashion_mnist
+    from dq.params import DataParams
+
+    images = load_fashion_mnist(DataParams(train_limit=n), "train").images
+    bench_bytes(images, 4, drop, "fashion", f"Fashion-MNIST: {n} training images as the default prepare makes them")
+
+
+def bench_bytes(images: np.ndarray, patch: int, drop: float, name: str, title: str) -> None:
+    """Bytes of every codec on `images` [N, S, S, 3], against a JPEG q90 copy and the v1 layout."""
+    n, size = images.shape[:2]
+    keep = cam.keep_mask(np.random.default_rng(1).random((n, (size // patch) ** 2), dtype=np.float32), drop)
+    folder = OUT / name
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg_copy = sum(len(codecs.encode(image, "jpeg", 90)) for image in images)
+    raw = images.nbytes
+    print(f"\n== {title}, {size}x{size}, patch {patch}, drop {drop} (keep at random)")
+    print(f"raw pixels {raw:,} bytes; JPEG q90 copy, nothing dropped: {jpeg_copy:,} bytes ({jpeg_copy / raw:.3f} of raw)")
+    print(f"  {'codec':16s} {'file bytes':>12s} {'/raw px':>8s} {'vs JPEG q90 copy':>17s} {'vs v1 (raw)':>12s} "
+          f"{'PSNR kept dB':>13s} {'write img/s':>12s}  {'sha256 read':16s}")
+    v1 = None
+    for codec, quality in CODECS:
+        path = folder / f"{codec}-q{quality}.h5"
+        seconds, stats = write_codec_file(path, images, keep, patch, drop, codec, quality)
+        size_bytes = path.stat().st_size
+        v1 = v1 or size_bytes  # raw comes first
+        psnr = stats["kept_pixel_psnr"]
+        name = codec if codecs.is_lossless(codec) else f"{codec} q{quality}"
+        digest = hashlib.sha256(read_compact(path).images().tobytes()).hexdigest()[:16]
+        print(f"  {name:16s} {size_bytes:12,d} {size_bytes / raw:8.3f} {size_bytes / jpeg_copy:16.3f}x "
+              f"{size_bytes / v1:11.3f}x {'exact' if psnr is None else f'{psnr:.2f}':>13s} {n / seconds:12.1f}  "
+              f"{digest}")
+    print("  (last column: SHA-256 of the decoded images, dropped pixels zero: what training reads)")
+    print(peak_rss())
+
+
+def bench_reads(sizes: list[int], drop: float) -> None:
+    """Images/s reading 32-px photo crops per codec and worker count, against the v1 layout (raw)."""
+    size, patch = 32, 4
+    folder = OUT / "reads"
+    folder.mkdir(parents=True, exist_ok=True)
+    codecs_read = (("raw", 90), ("png", 90), ("webp-lossless", 90), ("jpeg", 90))
+    for n in sizes:
+        images = photo_crops(n, size, seed=n)
+        keep = cam.keep_mask(np.random.default_rng(2).random((n, (size // patch) ** 2), dtype=np.float32), drop)
+        print(f"\n== reads: N = {n} photo crops at {size}x{size}, patch {patch}, drop {drop}; DataLoader batch "
+              f"{BATCH}, shuffled; images/s (vs the v1 layout at the same workers)")
+        datasets = {}
+        writes = {}
+        for codec, quality in codecs_read:
+            path = folder / f"n{n}-{codec}.h5"
+            writes[codec], _ = write_codec_file(path, images, keep, patch, drop, codec, quality)
+            datasets[codec] = CompactDataset(path)
+        print("  write img/s     " + "  ".join(f"{c:>20s}" for c in writes))
+        print("                  " + "  ".join(f"{n / s:9.0f} ({writes['raw'] / s:5.2f}x)  " for s in writes.values()))
+        for workers in (0, 1, 2):
+            rates = {c: n / timed(lambda: read_all(ds, workers, shuffle=True)) for c, ds in datasets.items()}
+            print(f"  {workers} workers       " + "  ".join(f"{r:9.0f} ({r / rates['raw']:5.2f}x)  "
+                                                     for r in rates.values()))
+        print(peak_rss())
+    bench_jpeg_decode(sizes[0])
+
+
+def bench_jpeg_decode(n: int) -> None:
+    """decode_jpeg_batch (torchvision, batches of 64) against Pillow one by one, at 32 and 224 px."""
+    print("\n== JPEG q90 decoding alone, one thread: images/s")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for size, count in ((32, n), (224, min(n, 400))):
+        images = photo_crops(count, size, seed=7)
+        streams = [codecs.encode(image, "jpeg", 90) for image in images]
+        shape = (size, size, 3)
+        batched = timed(lambda: [codecs.decode_jpeg_batch(streams[i:i + BATCH], shape)
+                                 for i in range(0, count, BATCH)])
+        pillow = timed(lambda: [codecs.decode(s, "jpeg", shape) for s in streams])
+        print(f"  {size:3d} px: torchvision batch {count / batched:8.0f}/s, Pillow {count / pillow:8.0f}/s "
+              f"({pillow / batched:.2f}x)")
+    torch.set_num_threads(threads)
+
 
 def bench_cam(data: Path, n: int) -> None:
     from dq.backbones import classifier_with_probe, create_backbone, normalization
@@ -177,17 +320,27 @@ def bench_cam(data: Path, n: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data"))
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
-    parser.add_argument("--cam-images", type=int, default=64)
+    parser.add_argument("--photos", type=int, default=400, help="photo crops at 224 px (0: skip)")
+    parser.add_argument("--fashion", type=int, default=600, help="Fashion-MNIST images (0: skip)")
+    parser.add_argument("--read-sizes", type=int, nargs="*", default=[2000, 8000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[], help="the older prepared/PNG comparison")
+    parser.add_argument("--cam-images", type=int, default=0)
     parser.add_argument("--drop", type=float, default=0.25)
     parser.add_argument("--patch-size", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if args.photos:
+        bench_photos(args.photos, args.drop)
+    if args.fashion:
+        bench_fashion(args.fashion, args.drop)
+    if args.read_sizes:
+        bench_reads(args.read_sizes, args.drop)
     for n in args.sizes:
         bench_size(args.data, n, args.drop, args.patch_size)
-    bench_cam(args.data, args.cam_images)
+    if args.cam_images:
+        bench_cam(args.data, args.cam_images)
 
 
 if __name__ == "__main__":

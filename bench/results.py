@@ -3,6 +3,12 @@
     python -m bench.results --data data --out bench/out/results [--ratios ...] [--methods ...] [--seeds ...]
     python -m bench.results --full --selected                      # what docs/RESULTS.md reports
     python -m bench.results --full --selected --plot docs/results  # its figures and table
+    python -m bench.results --methods dq --ratios 0.1 0.2 --codecs raw jpeg:90 jpeg:75 --hash-codecs webp-lossless png
+
+`--codecs` trains each grid point once per compact-store codec (`patches.codec`, `:quality` for the lossy
+ones). `--hash-codecs` writes the compact store with each lossless codec for every (ratio, seed) of the
+grid, without training, and compares the SHA-256 of its decoded training images with the first codec's:
+equal hashes mean equal training pixels, hence the same training run, so there is nothing to retrain.
 
 The DVC route (`python -m dq.sweep queue/run/plot`) reruns each experiment in its own copy of the
 workspace. On a 2-core machine that is slow, so this script calls the very same stage entry points
@@ -15,12 +21,14 @@ has finished into docs/results (figures and a Markdown table) with dq.sweep's ow
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import yaml
 
+from dq.format import read_compact
 from dq.params import deep_merge
 from dq.sweep import Experiment, write_results
 from stages import compress, select, train
@@ -45,7 +53,54 @@ def grid(ratios, methods, seeds, full, selected=False):
     return runs
 
 
-def run_one(workspace: Path, out: Path, params: dict) -> None:
+def codec_overrides(spec: str) -> tuple[str, dict]:
+    """'jpeg:75' -> ('jpeg75', {"patches": {"codec": "jpeg", "quality": 75}}); 'raw' -> ('raw', ...)."""
+    codec, _, quality = spec.partition(":")
+    patches = {"codec": codec} | ({"quality": int(quality)} if quality else {})
+    return codec + quality, {"patches": patches}
+
+
+def with_codecs(runs: list, specs: list[str] | None) -> list:
+    """Every compact run once per codec spec (other inputs do not read the compact images)."""
+    if not specs:
+        return runs
+    out = []
+    for name, overrides in runs:
+        if overrides["train"]["input"] != "compact":
+            out.append((name, overrides))
+            continue
+        out += [(f"{name}-{tag}", deep_merge(overrides, extra)) for tag, extra in map(codec_overrides, specs)]
+    return out
+
+
+def images_sha256(path: Path) -> str:
+    """SHA-256 of a compact store's decoded training images (uint8 [N, H, W, C], dropped pixels zero),
+    its keep mask and its labels: what the train stage gives the MAE and the classifier."""
+    store = read_compact(path)
+    digest = hashlib.sha256()
+    for array in (store.images(), store.keep, store.labels):
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def hash_codecs(workspace: Path, out: Path, base: dict, runs: list, specs: list[str]) -> None:
+    """Write each grid point's compact store with every codec in `specs` (no training); print the hashes."""
+    for name, overrides in runs:
+        if overrides["train"]["input"] != "compact":
+            continue
+        hashes = {}
+        for tag, extra in map(codec_overrides, specs):
+            folder = out / f"{name}-{tag}"
+            if not (folder / "compact" / "dataset.h5").exists():
+                run_one(workspace, folder, deep_merge(deep_merge(base, overrides), extra), train_too=False)
+            hashes[tag] = images_sha256(folder / "compact" / "dataset.h5")
+        same = len(set(hashes.values())) == 1
+        print(f"results: {name} training images sha256 "
+              + ", ".join(f"{tag} {h[:16]}" for tag, h in hashes.items()) + ("  (equal)" if same else "  DIFFER"),
+              flush=True)
+
+
+def run_one(workspace: Path, out: Path, params: dict, train_too: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in SHARED:
         link = out / name
@@ -53,7 +108,7 @@ def run_one(workspace: Path, out: Path, params: dict) -> None:
             link.symlink_to((workspace / name).resolve(), target_is_directory=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     argv = ["--params", str(out / "params.yaml"), "--data", str(out)]
-    for stage in (select, compress, train):
+    for stage in (select, compress, train) if train_too else (select, compress):
         stage.main(argv)
 
 
@@ -76,9 +131,12 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="add the full-training-set upper bound")
     parser.add_argument("--selected", action="store_true", help="add dq without patch dropping")
     parser.add_argument("--plot", type=Path, help="write figures and a table of the finished runs here")
+    parser.add_argument("--codecs", nargs="+", help="train compact runs once per codec: raw, png, jpeg:90, ...")
+    parser.add_argument("--hash-codecs", nargs="+", help="lossless codecs whose training pixels to hash, no training")
     args = parser.parse_args()
     base = yaml.safe_load(args.params.read_text())
-    runs = grid(args.ratios, args.methods, args.seeds, args.full, args.selected)
+    plain = grid(args.ratios, args.methods, args.seeds, args.full, args.selected)
+    runs = with_codecs(plain, args.codecs)
     if args.plot is None:
         for name, overrides in runs:
             folder = args.out / name
@@ -87,6 +145,9 @@ def main() -> None:
             start = time.perf_counter()
             run_one(args.data, folder, deep_merge(base, overrides))
             print(f"results: {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+        if args.hash_codecs:
+            first = [codec_overrides(args.codecs[0])[0]] if args.codecs else []
+            hash_codecs(args.data, args.out, base, plain, ([args.codecs[0]] if first else []) + args.hash_codecs)
     finished = [experiment(name, args.out / name) for name, _ in runs
                 if (args.out / name / "train_metrics.json").exists()]
     if args.plot is not None:

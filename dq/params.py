@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from dq.codec import codec_problem
 from dq.errors import DQError
 from dq.grid import grid_of, kept_count
 
@@ -123,9 +124,16 @@ class PatchesParams(_Section):
     scorer: str = "gradcam++-flat-first"  # gradcam++-flat-first | gradcam++ | pixel-std | random (see dq.cam)
     cam_layer: str = "auto"  # a module name of the backbone, or auto (see dq.cam)
     batch_size: int = 64
+    codec: str = "webp-lossless"  # how the compact store keeps images (dq.codec.CODECS); lossless: today's pixels
+    quality: int = 90  # lossy codecs (webp, jpeg) only
+    store_scores: bool = True  # keep the GradCAM++ scores (float16) in the compact store
 
     def check(self, where, prefix):
         self._need(self.scorer in SCORERS, where, prefix, "scorer", f"one of {', '.join(SCORERS)}")
+        problem = codec_problem(self.codec, self.quality)
+        if problem:
+            name, expected = problem.split(": ", 1)
+            self._need(False, where, prefix, name, expected)
         self._need(0.0 <= self.drop < 1.0, where, prefix, "drop", "a number in [0, 1)")
         self._need(self.patch_size >= 1, where, prefix, "patch_size", "a positive integer")
         self._need(self.batch_size >= 1, where, prefix, "batch_size", "a positive integer")

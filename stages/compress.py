@@ -1,23 +1,26 @@
 """DVC stage `compress`: patch scores (`patches.scorer`) for the selected images → data/compact/dataset.h5.
 
 Reads data/prepared/train.h5, data/selection/ and data/features/train.h5 (its linear probe gives
-GradCAM++ the dataset's classes). Writes the compact file (owned by dq.format), the storage metrics and
-the probe's top-1 on the kept images (dq.cam.probe_metrics) in data/compact_metrics.json, and the figure
-data/compact_plots/patches.png.
+GradCAM++ the dataset's classes). Writes the compact file (owned by dq.format; images stored with
+`patches.codec`), the storage metrics and the probe's top-1 on the kept images (dq.cam.probe_metrics)
+in data/compact_metrics.json, and the figure data/compact_plots/patches.png.
 """
 from __future__ import annotations
 
+import gzip
 import sys
+from pathlib import Path
 
 import torch
 
 from dq import cam
 from dq.backbones import classifier_with_probe, create_backbone
+from dq.datasets import FASHION_MNIST_ROOT, IMAGE_EXTENSIONS
 from dq.errors import run_cli
 from dq.features import check_made_with, read_features
 from dq.format import Header, storage_metrics, write_compact
 from dq.io import write_json
-from dq.params import Params
+from dq.params import DataParams, Params
 from dq.paths import DataPaths
 from dq.prepared import read_prepared
 from dq.runtime import device_for
@@ -29,9 +32,38 @@ def provenance(params: Params) -> dict:
     """Exactly the params this stage reads (dvc.yaml lists the same), for the file's `params` attribute."""
     f = params.features
     return {"ratio": params.ratio, "seed": params.seed,
+            "data": {"source": params.data.source, "root": params.data.root},
             "features": {"backbone": f.backbone, "weights": f.weights, "input_size": f.input_size},
             "patches": params.section_dict("patches")["patches"],
             "runtime": {"device": params.runtime.device}}
+
+
+def source_bytes(data: DataParams, n: int) -> tuple[int | None, str]:
+    """(bytes of the source files of `n` training images, how they were counted), an estimate.
+
+    The prepared store keeps no file names, so this is `n` times the mean bytes per source image:
+    Fashion-MNIST's gzip IDX file over its image count, an image folder's train files over their number,
+    CIFAR's 3072 raw bytes per image (torchvision's pickles are uncompressed); synthetic data has no files.
+    """
+    if data.source == "fashion-mnist":
+        root = Path(data.root) if data.root else FASHION_MNIST_ROOT
+        for name, opener in (("train-images-idx3-ubyte.gz", gzip.open), ("train-images-idx3-ubyte", open)):
+            path = root / name
+            if path.is_file():
+                with opener(path, "rb") as fh:
+                    count = int.from_bytes(fh.read(8)[4:8], "big")  # IDX header: magic, then the image count
+                return round(n * path.stat().st_size / max(count, 1)), f"{n} x mean bytes per image of {path}"
+        return None, f"no Fashion-MNIST IDX file under {root}"
+    if data.source == "imagefolder" and data.root:
+        files = [p for p in (Path(data.root) / "train").glob("*/*")
+                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        if files:
+            mean = sum(p.stat().st_size for p in files) / len(files)
+            return round(n * mean), f"{n} x mean bytes of the {len(files)} image files under {data.root}/train"
+        return None, f"no image files under {data.root}/train"
+    if data.source in ("cifar10", "cifar100"):
+        return n * 32 * 32 * 3, f"{n} x 3072 raw bytes per image (torchvision's CIFAR pickles)"
+    return None, f"{data.source}: no source files"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     keep = cam.keep_mask(scores, pp.drop)
 
     header = Header(image_size=images.shape[1], patch_size=pp.patch_size, channels=images.shape[3], drop=pp.drop,
-                    ratio=params.ratio, classes=prepared.classes, source=prepared.source, params=provenance(params))
-    write_compact(paths.compact, header, images, keep, labels, indices, bins[indices], scores)
+                    ratio=params.ratio, classes=prepared.classes, source=prepared.source, params=provenance(params),
+                    codec=pp.codec, quality=pp.quality, store_scores=pp.store_scores)
+    write_compact(paths.compact, header, images, keep, labels, indices, bins[indices], scores,
+                  source_bytes=source_bytes(params.data, len(indices)))
     probe = cam.probe_metrics(model, images, labels, keep, pp.patch_size, fp.input_size, pp.batch_size, device,
                               seed=params.seed)
     print(f"compress: probe top-1 full {probe['probe_top1_full']:.3f}, kept {probe['probe_top1_kept']:.3f}, "

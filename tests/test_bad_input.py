@@ -151,6 +151,17 @@ def set_attr(path: Path, name: str, value) -> None:
         f.attrs[name] = value
 
 
+def flip_stream_byte(path: Path, row: int) -> None:
+    """Corrupt one byte in the middle of image `row`'s codec stream (its crc32 must catch it)."""
+    with h5py.File(path, "r") as f:
+        at = int(f["streams"].id.get_offset()) + int((f["offsets"][row] + f["offsets"][row + 1]) // 2)
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
 def flip_chunk_byte(path: Path, dataset: str) -> None:
     """Corrupt one byte in the middle of the first stored chunk of `dataset` (fletcher32 must catch it)."""
     with h5py.File(path, "r") as f:
@@ -238,19 +249,25 @@ CASES: dict[str, tuple[Case, Callable[[Path, Path, Path], dict] | None]] = {
         inputs("compact/dataset.h5",
                damage=lambda data: set_attr(data / "compact/dataset.h5", "format", "something-else"))),
     "newer schema (validate)": (
-        Case("dq.format", ("schema_version 2 is newer", "update dq")),
+        Case("dq.format", ("schema_version 3 is newer", "update dq")),
         inputs("compact/dataset.h5",
-               damage=lambda data: set_attr(data / "compact/dataset.h5", "schema_version", np.int64(2)))),
+               damage=lambda data: set_attr(data / "compact/dataset.h5", "schema_version", np.int64(3)))),
     "checksum (validate)": (
-        Case("dq.format", ("dataset 'patches'", "fails its checksum")),
-        inputs("compact/dataset.h5", damage=lambda data: flip_chunk_byte(data / "compact/dataset.h5", "patches"))),
+        Case("dq.format", ("dataset 'keep'", "fails its checksum")),
+        inputs("compact/dataset.h5", damage=lambda data: flip_chunk_byte(data / "compact/dataset.h5", "keep"))),
+    "corrupt stream (validate)": (
+        Case("dq.format", ("compact/dataset.h5: image row 3:", "fails its crc32 check")),
+        inputs("compact/dataset.h5", damage=lambda data: flip_stream_byte(data / "compact/dataset.h5", 3))),
     "newer schema (train)": (
-        Case("stages.train", ("compact/dataset.h5", "schema_version 2 is newer")),
+        Case("stages.train", ("compact/dataset.h5", "schema_version 3 is newer")),
         inputs(*TRAIN_INPUTS,
-               damage=lambda data: set_attr(data / "compact/dataset.h5", "schema_version", np.int64(2)))),
+               damage=lambda data: set_attr(data / "compact/dataset.h5", "schema_version", np.int64(3)))),
     "checksum (train)": (
         Case("stages.train", ("compact/dataset.h5", "checksum")),
-        inputs(*TRAIN_INPUTS, damage=lambda data: flip_chunk_byte(data / "compact/dataset.h5", "patches"))),
+        inputs(*TRAIN_INPUTS, damage=lambda data: flip_chunk_byte(data / "compact/dataset.h5", "keep"))),
+    "corrupt stream (train)": (
+        Case("stages.train", ("compact/dataset.h5: image row 3:", "crc32")),
+        inputs(*TRAIN_INPUTS, damage=lambda data: flip_stream_byte(data / "compact/dataset.h5", 3))),
     "mae checkpoint of another architecture": (
         Case("stages.mae", ("mae_visualize_other.pth: does not fit mae.arch = 'mae_vit_tiny_patch4'",)),
         lambda tiny, d, data: {"mae": {"arch": "mae_vit_tiny_patch4", "checkpoint": wrong_mae_checkpoint(tiny, d)}}),
@@ -405,6 +422,9 @@ def _cli_error(capsys, main, argv) -> str:
     ({"ratio": None}, "ratio = None is not allowed; expected a number"),
     ({"bogus": 1}, "unknown key bogus"),
     ({"mae": {"arch": "mae_vit_giant"}}, "mae.arch = 'mae_vit_giant' is not a known MAE"),
+    ({"patches": {"codec": "avif"}},
+     "patches.codec = 'avif' is not allowed; expected one of raw, png, webp-lossless, webp, jpeg"),
+    ({"patches": {"codec": "jpeg", "quality": 0}}, "patches.quality = 0 is not allowed; expected an integer in [1, 100]"),
 ])
 def test_more_params_in_process(tmp_path, capsys, monkeypatch, overrides, expected):
     from stages import mae, prepare

@@ -103,3 +103,21 @@ def test_fill_dropped_sets_only_dropped_pixels_to_the_mean_kept_colour():
 def test_codec_problem_names_the_bad_key(setting, problem):
     assert codec.codec_problem(*setting).startswith(problem)
     assert codec.codec_problem("jpeg", 90) is None
+
+
+@pytest.mark.parametrize("codec_name", ["png", "webp-lossless", "webp", "jpeg", "raw"])
+def test_decode_batch_equals_the_one_by_one_decoders(codec_name):
+    rng = np.random.default_rng(3)
+    images = np.repeat(rng.integers(0, 256, (4, 16, 16, 1), dtype=np.uint8), 3, axis=3)
+    images[2:] = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)  # two grey, two colour
+    streams = [codec.encode(image, codec_name, 80) for image in images]
+    batch = codec.decode_batch(streams, codec_name, (16, 16, 3))
+    one = (codec.decode_jpeg_batch(streams, (16, 16, 3)) if codec_name == "jpeg"
+           else np.stack([codec.decode(s, codec_name, (16, 16, 3)) for s in streams]))
+    np.testing.assert_array_equal(batch, one)  # WebP decoding is bit-exact: torchvision's equals Pillow's
+    if codec.is_lossless(codec_name):
+        np.testing.assert_array_equal(batch, images)
+    streams[1] = streams[1][: len(streams[1]) // 3]
+    with pytest.raises(codec.CodecError) as info:
+        codec.decode_batch(streams, codec_name, (16, 16, 3))
+    assert info.value.index == 1

@@ -1,4 +1,5 @@
-"""The compact HDF5 format: round trip, layout, validation errors, the Dataset, the CLI, the stage."""
+"""The compact HDF5 format: round trip, layout, codecs (version 2), version 1 files, validation errors,
+the Dataset, the CLI, the stage."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from dq import codec as codecs
 from dq import format as fmt
 from dq import grid
 from dq.cam import keep_mask
@@ -33,16 +35,18 @@ def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return (127.5 + 127 * waves).astype(np.uint8)
 
 
-def make_compact(path: Path, n: int = 40, size: int = 16, p: int = 4, drop: float = 0.25, seed: int = 0):
+def make_compact(path: Path, n: int = 40, size: int = 16, p: int = 4, drop: float = 0.25, seed: int = 0,
+                 codec: str = "raw", quality: int = 90, store_scores: bool = True, images=None):
     rng = np.random.default_rng(seed)
-    images = smooth_images(n, size, seed)
+    images = smooth_images(n, size, seed) if images is None else images
     scores = rng.random((n, (size // p) ** 2), dtype=np.float32)
     keep = keep_mask(scores, drop)
     labels = rng.integers(0, 3, n).astype(np.int64)
     indices = np.sort(rng.choice(10 * n, n, replace=False)).astype(np.int64)
     bins = rng.integers(0, 5, n).astype(np.int32)
     header = fmt.Header(image_size=size, patch_size=p, channels=3, drop=drop, ratio=0.1,
-                        classes=["a", "b", "c"], source="test", params={"patches": {"drop": drop}})
+                        classes=["a", "b", "c"], source="test", params={"patches": {"drop": drop}},
+                        codec=codec, quality=quality, store_scores=store_scores)
     fmt.write_compact(path, header, images, keep, labels, indices, bins, scores)
     return dict(images=images, keep=keep, labels=labels, indices=indices, bins=bins, scores=scores)
 
@@ -78,21 +82,24 @@ def test_round_trip_is_pixel_exact_on_kept_patches(compact):
     images = data.images()
     np.testing.assert_array_equal(images[pixel_keep], src["images"][pixel_keep])
     assert (images[~pixel_keep] == 0).all()
-    for name in ("keep", "labels", "indices", "bins", "scores"):
+    for name in ("keep", "labels", "indices", "bins"):
         np.testing.assert_array_equal(getattr(data, name), src[name])
         assert getattr(data, name).dtype == fmt.DATASETS[name]
+    assert data.scores.dtype == np.float16  # version 2
+    np.testing.assert_array_equal(data.scores, src["scores"].astype(np.float16))
 
 
 def test_root_attributes_are_exactly_the_design(compact):
     path, _ = compact
     with h5py.File(path, "r") as f:
-        assert set(f.attrs) == set(fmt.ATTRS)
-        assert f.attrs["format"] == "dq-compact" and int(f.attrs["schema_version"]) == 1
+        assert set(f.attrs) == set(fmt.ATTRS) | {"stats"}
+        assert f.attrs["format"] == "dq-compact" and int(f.attrs["schema_version"]) == 2
+        assert f.attrs["codec"] == "raw" and int(f.attrs["quality"]) == 90
         assert f.attrs["grid"].tolist() == [4, 4] and int(f.attrs["num_patches"]) == 16
         assert int(f.attrs["kept_patches"]) == 12 and float(f.attrs["drop"]) == 0.25
         assert json.loads(f.attrs["classes"]) == ["a", "b", "c"]
         assert json.loads(f.attrs["params"]) == {"patches": {"drop": 0.25}}
-        assert set(f) == set(fmt.DATASETS)
+        assert set(f) == set(fmt.DATASETS) and f["scores"].dtype == np.float16
 
 
 def test_writing_twice_gives_identical_bytes(tmp_path):
@@ -107,7 +114,7 @@ def test_chunks_compression_and_checksums(tmp_path):
     path = tmp_path / "big.h5"
     make_compact(path, n=600, size=32)  # patches are 1.4 MB raw: several chunks
     with h5py.File(path, "r") as f:
-        for name in fmt.DATASETS:
+        for name in f:
             d = f[name]
             assert d.compression == "gzip" and d.shuffle and d.fletcher32, name
             assert d.chunks[1:] == d.shape[1:], f"{name} is chunked along N only"
@@ -124,6 +131,190 @@ def test_chunk_shape_splits_rows_larger_than_the_maximum():
     assert fmt.chunk_shape((10, 2048, 2048, 3), 1) == (1, 10, 2048, 3)  # a row is 12 MiB; 60 KiB chunks
     assert fmt.chunk_shape((5,), 8) == (5,)
     assert fmt.chunk_shape((100_000, 64), 4) == (256, 64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Version 2: codec streams
+
+
+def masks_of(keep: np.ndarray, size: int = 16, p: int = 4) -> np.ndarray:
+    return grid.pixel_keep(keep, p, size)
+
+
+def grey_and_colour(n: int = 40, size: int = 16) -> np.ndarray:
+    """Half the images grey (equal channels: 1-channel streams), half colour tinted like photos (the
+    channels of smooth_images are independent waves, all chroma, which JPEG's 4:2:0 cannot keep)."""
+    luma = smooth_images(n, size)[..., :1].astype(np.float64)
+    tint = np.array([1.0, 0.85, 0.7])
+    images = np.where(np.arange(n)[:, None, None, None] < n // 2, luma, luma * tint + 20)
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("codec", ["png", "webp-lossless"])
+def test_lossless_codecs_read_back_the_kept_pixels_exactly(tmp_path, codec):
+    path = tmp_path / f"{codec}.h5"
+    src = make_compact(path, codec=codec, images=grey_and_colour())
+    data = fmt.read_compact(path)
+    assert (data.header.codec, data.header.version) == (codec, 2)
+    images, masks = data.images(), masks_of(src["keep"])
+    np.testing.assert_array_equal(images[masks], src["images"][masks])
+    assert (images[~masks] == 0).all()
+    assert fmt.storage_metrics(path, 400)["kept_pixel_psnr"] is None  # exact
+    with h5py.File(path, "r") as f:
+        assert "patches" not in f and f["streams"].dtype == np.uint8 and f["offsets"].shape == (41,)
+
+
+@pytest.mark.parametrize("codec, quality, min_psnr", [("jpeg", 90, 31.0), ("jpeg", 75, 27.0), ("webp", 90, 31.0)])
+def test_lossy_codecs_report_the_kept_pixel_psnr(tmp_path, codec, quality, min_psnr):
+    path = tmp_path / f"{codec}.h5"
+    src = make_compact(path, codec=codec, quality=quality, images=grey_and_colour())
+    data = fmt.read_compact(path)
+    masks = masks_of(src["keep"])
+    diff = data.images()[masks].astype(float) - src["images"][masks]
+    psnr = 10 * math.log10(255 ** 2 / np.mean(diff ** 2))
+    metrics = fmt.storage_metrics(path, 400)
+    assert metrics["kept_pixel_psnr"] == pytest.approx(psnr) and psnr > min_psnr
+    assert metrics["quality"] == quality and not metrics["lossless"]
+    assert (data.images()[~masks] == 0).all()
+
+
+@pytest.mark.parametrize("codec", ["png", "webp-lossless", "webp", "jpeg"])
+def test_codec_files_are_byte_identical_for_equal_inputs(tmp_path, codec):
+    digests = [hashlib.sha256(make_compact(tmp_path / name, codec=codec, n=60, size=32) and
+                              (tmp_path / name).read_bytes()).hexdigest() for name in ("one.h5", "two.h5")]
+    assert digests[0] == digests[1]
+
+
+def test_streams_are_ordinary_image_files_of_the_filled_image(tmp_path):
+    from PIL import Image
+    import io
+    import zlib
+
+    path = tmp_path / "png.h5"
+    src = make_compact(path, codec="png", images=grey_and_colour())
+    with h5py.File(path, "r") as f:
+        streams, offsets, crcs = f["streams"][:], f["offsets"][:], f["crc32"][:]
+    for row in (0, 39):  # grey, then colour
+        body = streams[offsets[row]:offsets[row + 1]].tobytes()
+        assert zlib.crc32(body) == crcs[row] and body[:8] == b"\x89PNG\r\n\x1a\n"
+        pixels = np.asarray(Image.open(io.BytesIO(body)))
+        expected = codecs.fill_dropped(src["images"][row], masks_of(src["keep"])[row])
+        assert pixels.ndim == (2 if row == 0 else 3)  # a grey image is a 1-channel stream
+        np.testing.assert_array_equal(pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, 2), expected)
+
+
+def test_scores_can_be_left_out(tmp_path):
+    path = tmp_path / "noscores.h5"
+    make_compact(path, codec="webp-lossless", store_scores=False)
+    with h5py.File(path, "r") as f:
+        assert "scores" not in f
+    assert fmt.read_compact(path).scores is None and not fmt.validate(path).store_scores
+
+
+@pytest.mark.parametrize("codec", ["webp-lossless", "jpeg", "raw"])
+def test_dataset_decodes_codec_streams_the_same_in_workers(tmp_path, codec):
+    path = tmp_path / f"{codec}.h5"
+    make_compact(path, codec=codec, images=grey_and_colour())
+    images = fmt.read_compact(path).images()
+    ds = fmt.CompactDataset(path)
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=workers)
+        x = torch.cat([b[0] for b in loader]).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(x, images)
+    scattered = ds.__getitems__([39, 5, 0, 5])
+    for i, sample in zip([39, 5, 0, 5], scattered):
+        np.testing.assert_array_equal(sample[0].permute(1, 2, 0).numpy(), images[i])
+
+
+def test_jpeg_is_read_with_the_batch_decoder(tmp_path):
+    path = tmp_path / "jpeg.h5"
+    src = make_compact(path, codec="jpeg", images=grey_and_colour())
+    with h5py.File(path, "r") as f:
+        offsets, streams = f["offsets"][:], f["streams"][:]
+    batch = codecs.decode_jpeg_batch([streams[offsets[i]:offsets[i + 1]] for i in range(40)], (16, 16, 3))
+    batch[~masks_of(src["keep"])] = 0
+    np.testing.assert_array_equal(fmt.read_compact(path).images(), batch)
+
+
+def _flip_stream_byte(path: Path, row: int) -> None:
+    """Flip one byte in the middle of image `row`'s stream, in place (streams are contiguous)."""
+    with h5py.File(path, "r") as f:
+        at = int(f["streams"].id.get_offset()) + int((f["offsets"][row] + f["offsets"][row + 1]) // 2)
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _garbage_stream_with_good_crc(path: Path, row: int) -> None:
+    """Image `row`'s stream replaced by bytes of the same length that are no image, its crc32 updated."""
+    import zlib
+
+    with h5py.File(path, "r+") as f:
+        a, b = int(f["offsets"][row]), int(f["offsets"][row + 1])
+        garbage = np.full(b - a, 7, np.uint8)
+        f["streams"][a:b] = garbage
+        f["crc32"][row] = zlib.crc32(garbage.tobytes())
+
+
+@pytest.mark.parametrize("codec", ["png", "webp-lossless", "webp", "jpeg"])
+@pytest.mark.parametrize("damage, message", [(_flip_stream_byte, r"image row 7: its \d+-byte stream fails its crc32"),
+                                             (_garbage_stream_with_good_crc, r"image row 7: not a valid \S+ stream")])
+def test_a_corrupt_stream_is_one_line_naming_the_file_and_the_row(tmp_path, codec, damage, message):
+    path = tmp_path / f"{codec}.h5"
+    make_compact(path, codec=codec)
+    fmt.validate(path)
+    damage(path, 7)
+    for read in (fmt.validate, fmt.read_compact, lambda p: fmt.CompactDataset(p).__getitems__(list(range(16)))):
+        with pytest.raises(DQError, match=message) as info:
+            read(path)
+        assert "\n" not in str(info.value) and str(info.value).startswith(str(path))
+    fmt.CompactDataset(path).__getitems__([8, 9])  # the other rows still read
+
+
+def test_describe_shows_the_codec_and_the_figures(tmp_path, capsys):
+    path = tmp_path / "jpeg.h5"
+    make_compact(path, codec="jpeg", quality=75)
+    fmt.main(["describe", str(path)])
+    out = capsys.readouterr().out
+    psnr = fmt.storage_metrics(path, 40)["kept_pixel_psnr"]
+    for text in ("codec           jpeg", "codec: jpeg quality 75", "bytes per kept image", f"PSNR {psnr:.2f} dB",
+                 "vs a JPEG q90 copy", "streams", "crc32"):
+        assert text in out, text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Version 1 files
+
+FIXTURE_V1 = ROOT / "tests/fixtures/compact_v1.h5"
+
+
+def test_a_version_1_file_still_reads():
+    from tests.fixtures.make_compact_v1 import v1_fixture_inputs
+
+    images, keep, labels, indices, bins, scores = v1_fixture_inputs()
+    header = fmt.validate(FIXTURE_V1)
+    assert (header.version, header.codec, header.num_images) == (1, "raw", 6)
+    data = fmt.read_compact(FIXTURE_V1)
+    masks = masks_of(keep)
+    np.testing.assert_array_equal(data.images()[masks], images[masks])
+    for name, value in dict(keep=keep, labels=labels, indices=indices, bins=bins, scores=scores).items():
+        np.testing.assert_array_equal(getattr(data, name), value)
+    assert data.scores.dtype == np.float32
+    x = torch.stack([s[0] for s in fmt.CompactDataset(FIXTURE_V1).__getitems__(list(range(6)))])
+    np.testing.assert_array_equal(x.permute(0, 2, 3, 1).numpy(), data.images())
+    assert "version 1" in fmt.describe(FIXTURE_V1)
+
+
+def test_a_version_1_reader_refuses_a_version_2_file(tmp_path, monkeypatch):
+    path = tmp_path / "v2.h5"
+    make_compact(path, codec="png")
+    with h5py.File(path, "r") as f:
+        assert int(f.attrs["schema_version"]) == 2
+    monkeypatch.setattr(fmt, "SCHEMA_VERSION", 1)  # the version 1 reader's check, unchanged since
+    with pytest.raises(DQError, match=r"schema_version 2 is newer than this reader \(version 1\); update dq"):
+        fmt.validate(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,7 +365,8 @@ def _truncate(path):
 
 DAMAGE = {
     "wrong format": (_set_attr("format", "something-else"), r"format = 'something-else'; expected 'dq-compact'"),
-    "newer schema": (_set_attr("schema_version", np.int64(2)), r"schema_version 2 is newer than this reader"),
+    "newer schema": (_set_attr("schema_version", np.int64(3)), r"schema_version 3 is newer than this reader"),
+    "unknown codec": (_set_attr("codec", "avif"), r"attribute codec = 'avif'; expected one of raw, png"),
     "missing dataset": (_delete("bins"), r"missing dataset 'bins'"),
     "missing attribute": (lambda p: _delete_attr(p, "grid"), r"missing root attribute 'grid'"),
     "shapes disagree": (_wrong_length, r"dataset 'indices' is int64 \[39\]; expected int64 \[40\]"),
@@ -270,7 +462,7 @@ def test_describe_lists_attributes_counts_and_bytes(compact, capsys):
     for word in ("dq-compact", "kept_patches", "40 images", "patches", "scores", "stored/raw", "a=", "total"):
         assert word in out
     fmt.main(["validate", str(path)])
-    assert "valid dq-compact version 1: 40 images" in capsys.readouterr().out
+    assert "valid dq-compact version 2 (raw): 40 images" in capsys.readouterr().out
 
 
 def test_cli_reports_damage_as_one_error_line(compact):
@@ -330,7 +522,11 @@ def test_compress_stage_writes_a_valid_file_metrics_and_a_figure(tmp_path):
     np.testing.assert_array_equal(data.labels, np.arange(0, 24, 2) % 3)
     pixel_keep = data.keep.reshape(12, 8, 8).repeat(4, axis=1).repeat(4, axis=2)
     np.testing.assert_array_equal(data.images()[pixel_keep], prepared_images[data.indices][pixel_keep])
-    np.testing.assert_array_equal(data.keep, keep_mask(data.scores, 0.25))
+    # float16 scores round monotonically: every kept score is still >= every dropped one
+    scores = data.scores.astype(np.float32)
+    assert data.scores.dtype == np.float16
+    assert all(scores[i][data.keep[i]].min() >= scores[i][~data.keep[i]].max() for i in range(12))
+    assert header.codec == "webp-lossless"  # the default
     assert json.loads(json.dumps(header.params))["features"] == {"backbone": "resnet10t", "weights": "none",
                                                                   "input_size": 32}
 
@@ -339,6 +535,11 @@ def test_compress_stage_writes_a_valid_file_metrics_and_a_figure(tmp_path):
     assert metrics["full_raw_bytes"] == 24 * 32 * 32 * 3 and metrics["kept_raw_bytes"] == 12 * 32 * 32 * 3
     assert metrics["kept_pixel_share"] == pytest.approx(0.5 * 0.75)
     assert metrics["compression_ratio"] == pytest.approx(metrics["full_raw_bytes"] / metrics["compact_bytes"])
+    jpeg = sum(len(codecs.encode(image, "jpeg", 90)) for image in prepared_images[data.indices])
+    assert metrics["jpeg_q90_bytes"] == jpeg and metrics["vs_jpeg_q90"] == pytest.approx(out.stat().st_size / jpeg)
+    assert metrics["bytes_per_image"] == pytest.approx(out.stat().st_size / 12)
+    assert metrics["kept_pixel_psnr"] is None and metrics["lossless"] and metrics["codec"] == "webp-lossless"
+    assert metrics["source_bytes"] is None and "synthetic" in metrics["source_bytes_how"]
     assert (root / "data/compact_plots/patches.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     compress.main(argv)  # same inputs, same bytes
@@ -354,3 +555,43 @@ def test_compress_stage_refuses_features_from_another_backbone(tmp_path):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(DQError, match=r"features/train.h5: made with features.input_size = 32"):
         compress.main(["--params", str(root / "params.yaml"), "--data", str(root / "data")])
+
+
+def test_source_bytes_estimates_the_share_of_the_source_files(tmp_path):
+    import gzip
+
+    from dq.params import DataParams
+    from stages.compress import source_bytes
+
+    idx = tmp_path / "fm" / "train-images-idx3-ubyte.gz"
+    idx.parent.mkdir()
+    with gzip.open(idx, "wb") as fh:  # IDX header: magic 0x00000803, 10 images of 28x28
+        fh.write(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(7840))
+    size = idx.stat().st_size
+    assert source_bytes(DataParams(root=str(idx.parent)), 4) == (round(4 * size / 10), f"4 x mean bytes per image of {idx}")
+    folder = tmp_path / "img" / "train"
+    for name, n in (("a", 100), ("b", 300)):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "0.png").write_bytes(bytes(n))
+    (folder / "a" / "notes.txt").write_text("not an image")
+    assert source_bytes(DataParams(source="imagefolder", root=str(tmp_path / "img")), 3)[0] == 600
+    assert source_bytes(DataParams(source="synthetic"), 3)[0] is None
+
+
+@pytest.mark.parametrize("codec", ["v1", "raw", "png", "webp-lossless", "jpeg"])
+def test_the_reader_in_format_md_reads_what_dq_reads(tmp_path, codec):
+    """docs/FORMAT.md's plain h5py + Pillow reader, run as printed, against dq's reader."""
+    import re
+
+    code = re.search(r"### Reading either version\n\n```python\n(.*?)```", (ROOT / "docs/FORMAT.md").read_text(), re.S)
+    namespace: dict = {}
+    exec(code.group(1), namespace)
+    path = FIXTURE_V1 if codec == "v1" else tmp_path / f"{codec}.h5"
+    if codec != "v1":
+        make_compact(path, codec=codec, images=grey_and_colour())
+    ours = fmt.read_compact(path).images()
+    theirs = namespace["read_images"](path)
+    if codec == "jpeg":  # Pillow's libjpeg may round the IDCT differently from torchvision's by one level
+        assert np.abs(theirs.astype(int) - ours).max() <= 1
+    else:
+        np.testing.assert_array_equal(theirs, ours)
