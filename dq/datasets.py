@@ -366,7 +366,7 @@ def write_split(params: DataParams, split: str, folder: Path, report: LoadReport
     source = split_source(params, split)
     size = params.image_size
     writer = StoreWriter(folder, codec=params.codec, quality=params.quality, image_shape=(size, size, 3),
-                         shard_images=params.shard_images)
+                         shard_images=params.shard_images, expected_images=len(source))
     streams, labels, written = [], [], []
     try:
         for i, stream, error in tqdm(encoded_items(source, params.codec, params.quality, num_workers),

@@ -22,7 +22,7 @@ from typing import Iterable
 
 import numpy as np
 
-from dq.codec import CODECS, CodecError, codec_problem, decode, encode
+from dq.codec import CODECS, CodecError, codec_problem, decode, encode, is_lossless
 from dq.errors import DQError, first_line
 from dq.io import H5_OPEN_ERRORS, atomic_path, check_free_space, h5_file
 
@@ -97,12 +97,13 @@ class StoreWriter:
     """
 
     def __init__(self, folder: str | Path, *, codec: str, quality: int, image_shape: tuple[int, int, int],
-                 shard_images: int = DEFAULT_SHARD_IMAGES):
+                 shard_images: int = DEFAULT_SHARD_IMAGES, expected_images: int | None = None):
         problem = codec_problem(codec, quality)
         if problem:
             raise DQError(f"data.{problem} (got codec {codec!r}, quality {quality!r})")
         self.folder, self.codec, self.quality = Path(folder), codec, int(quality)
         self.image_shape, self.shard_images = tuple(int(s) for s in image_shape), int(shard_images)
+        self.expected_images = expected_images
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shards: list[ShardInfo] = []
         self._file = None
@@ -128,10 +129,22 @@ class StoreWriter:
 
     def _open_shard(self) -> None:
         path = self.folder / shard_name(len(self.shards))
+        check_free_space(path, self._shard_bytes_bound())
         self._file = h5_file(path, "w")
         self._file.create_dataset("streams", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(STREAM_CHUNK,),
                                   fletcher32=True)
         self._offsets, self._labels = [0], []
+
+    def _shard_bytes_bound(self) -> int:
+        """About the most the next shard can take: HDF5 may crash rather than fail on a full disk mid-write.
+
+        Raw pixels bound the lossless codecs; the lossy ones at quality <= 100 stay well under a third.
+        """
+        count = self.shard_images
+        if self.expected_images is not None:
+            count = max(1, min(count, self.expected_images - self.num_images))
+        per_image = int(np.prod(self.image_shape))
+        return count * (per_image if is_lossless(self.codec) else per_image // 3)
 
     def _append(self, streams: list[bytes], labels: list[int]) -> None:
         body = np.frombuffer(b"".join(streams), np.uint8)
