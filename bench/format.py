@@ -7,10 +7,10 @@ Reads: the same N images through a DataLoader (batch 64, 0/1/2 workers) from
   - the prepared HDF5 file (`prepared/train.h5` layout, one image per __getitem__: the baseline),
   - PNG files in a torchvision ImageFolder.
 Writes: `dq.format.write_compact` (patch extraction + gzip + checksums, no CAM) against
-`dq.prepared.write_prepared` and against writing the PNG folder. CAM: `dq.cam.attention_maps` on
+`dq.prepared.write_prepared_v1` (the version 1 single-file layout) and against writing the PNG folder. CAM: `dq.cam.attention_maps` on
 efficientnet_lite0 (weights none) with a random probe, at input 32 and 128 (the default).
 
-Images come from `<data>/prepared/train.h5` when it exists (the default run's Fashion-MNIST), else
+Images come from `<data>/prepared/train` when it exists (the default run's Fashion-MNIST), else
 from a synthetic generator. Every ratio is against the prepared-HDF5 baseline measured in this run at
 the same N and the same worker count. Throughput at two N shows how cost grows with N.
 """
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dq import cam  # noqa: E402
 from dq.format import CompactDataset, Header, write_compact  # noqa: E402
-from dq.prepared import Prepared, read_prepared, write_prepared  # noqa: E402
+from dq.prepared import Prepared, read_prepared, write_prepared_v1  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "format"
 BATCH = 64
@@ -69,7 +69,7 @@ class PreparedDataset(Dataset):
 
 
 def source_images(data: Path, n: int) -> Prepared:
-    path = data / "prepared/train.h5"
+    path = data / "prepared/train"
     if path.is_file():
         p = read_prepared(path)
         if len(p.labels) >= n:
@@ -123,7 +123,7 @@ def bench_size(data: Path, n: int, drop: float, patch_size: int) -> None:
     args = (p.images, keep, p.labels, np.arange(n), np.zeros(n, np.int32), scores)
 
     writes = {
-        "prepared HDF5": timed(lambda: write_prepared(prepared, p)),
+        "prepared HDF5": timed(lambda: write_prepared_v1(prepared, p)),
         "compact": timed(lambda: write_compact(compact, header, *args)),
         "PNG folder": timed(lambda: write_png_folder(pngs, p), repeat=1),
     }

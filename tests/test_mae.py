@@ -263,7 +263,7 @@ def test_ssim_and_psnr_count_only_the_dropped_pixels(size):
 def _prepared(root: Path) -> None:
     for split, n, seed in (("train", 96, 0), ("test", 24, 1)):
         images = _images(n, seed=seed)
-        write_prepared(root / "prepared" / f"{split}.h5",
+        write_prepared(root / "prepared" / split,
                        Prepared(images, np.arange(n, dtype=np.int64) % 2, ["a", "b"], "synthetic"))
 
 
