@@ -70,7 +70,7 @@ class PreparedDataset(Dataset):
 
 def source_images(data: Path, n: int) -> Prepared:
     path = data / "prepared/train"
-    if path.is_file():
+    if path.is_dir():
         p = read_prepared(path)
         if len(p.labels) >= n:
             return Prepared(p.images[:n], p.labels[:n], p.classes, p.source)
