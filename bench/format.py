@@ -45,7 +45,8 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from dq import cam  # noqa: E402
 from dq import codec as codecs  # noqa: E402
 from dq.format import CompactDataset, Header, read_compact, write_compact  # noqa: E402
-from dq.prepared import Prepared, read_prepared, write_prepared  # noqa: E402
+from dq.prepared import Prepared, read_prepared  # noqa: E402
+from dq.prepared import write_prepared_v1 as write_prepared  # noqa: E402  the v1 baseline
 
 OUT = Path(__file__).resolve().parent / "out" / "format"
 BATCH = 64
@@ -80,8 +81,8 @@ class PreparedDataset(Dataset):
 
 
 def source_images(data: Path, n: int) -> Prepared:
-    path = data / "prepared/train.h5"
-    if path.is_file():
+    path = data / "prepared/train"
+    if path.is_dir():
         p = read_prepared(path)
         if len(p.labels) >= n:
             return Prepared(p.images[:n], p.labels[:n], p.classes, p.source)
@@ -134,7 +135,7 @@ def bench_size(data: Path, n: int, drop: float, patch_size: int) -> None:
     args = (p.images, keep, p.labels, np.arange(n), np.zeros(n, np.int32), scores)
 
     writes = {
-        "prepared HDF5": timed(lambda: write_prepared(prepared, p)),
+        "prepared HDF5": timed(lambda: write_prepared_v1(prepared, p)),
         "compact": timed(lambda: write_compact(compact, header, *args)),
         "PNG folder": timed(lambda: write_png_folder(pngs, p), repeat=1),
     }

@@ -38,8 +38,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    prepared = read_prepared(args.prepared / "train.h5")
-    test = read_prepared(args.prepared / "test.h5")
+    prepared = read_prepared(args.prepared / "train")
+    test = read_prepared(args.prepared / "test")
     rows = np.sort(np.random.default_rng(0).permutation(len(prepared.labels))[: args.images])
     train_set = selected_training_set(prepared, rows)
     base = None

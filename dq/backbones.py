@@ -22,7 +22,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -211,11 +211,20 @@ def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def embed(model: nn.Module, images: np.ndarray, input_size: int, batch_size: int,
           device: torch.device | str = "cpu", *, progress: bool = True) -> np.ndarray:
-    """Embeddings float32 [N, D] of uint8 images [N, H, W, 3], in batches of `batch_size`.
+    """Embeddings float32 [N, D] of uint8 images [N, H, W, 3], in batches of `batch_size`."""
+    batches = (images[start:start + batch_size] for start in range(0, len(images), batch_size))
+    return embed_batches(model, batches, len(images), input_size, device, progress=progress)
 
-    On CUDA: bf16 autocast and channels_last, and each batch's embeddings are copied into pinned host
-    memory without waiting, so the loop never stops for the GPU. On the CPU: float32, the same bytes on
-    every run.
+
+@torch.no_grad()
+def embed_batches(model: nn.Module, batches: Iterable, n: int, input_size: int,
+                  device: torch.device | str = "cpu", *, progress: bool = True) -> np.ndarray:
+    """Embeddings float32 [n, D] of `n` images that arrive as uint8 batches [b, H, W, 3] (arrays, tensors,
+    or the first item of each tuple a DataLoader over the prepared store yields), in order.
+
+    Only the embeddings are kept whole, never the images. On CUDA: bf16 autocast and channels_last, and
+    each batch's embeddings are copied into pinned host memory without waiting, so the loop never stops
+    for the GPU. On the CPU: float32, the same bytes on every run.
     """
     from tqdm import tqdm
 
@@ -223,17 +232,21 @@ def embed(model: nn.Module, images: np.ndarray, input_size: int, batch_size: int
     cuda = device.type == "cuda"
     model = model.eval().to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     mean, std = normalization(model)
-    out = None  # float32 [N, D], allocated once D is known
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc="features", unit="batch", disable=not progress, leave=False):
-        x = preprocess(images[start:start + batch_size], input_size, mean=mean, std=std, device=device)
+    out = None  # float32 [n, D], allocated once D is known
+    start = 0
+    for batch in tqdm(batches, desc="features", unit="batch", disable=not progress, leave=False):
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = preprocess(images, input_size, mean=mean, std=std, device=device)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             h = pooled_features(model, x)
         if out is None:
-            out = torch.empty((len(images), h.shape[1]), dtype=torch.float32, pin_memory=cuda)
+            out = torch.empty((n, h.shape[1]), dtype=torch.float32, pin_memory=cuda)
         out[start:start + len(h)].copy_(h.float(), non_blocking=True)
+        start += len(h)
+    if start != n:
+        raise ValueError(f"embed_batches: got {start} images, expected {n}")
     if out is None:
         return np.zeros((0, model.num_features), np.float32)
     if cuda:

@@ -47,6 +47,7 @@ patches. On the CPU the whole pass is deterministic: the same inputs give the sa
 from __future__ import annotations
 
 import contextlib
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -180,14 +181,30 @@ def attention_maps(model: nn.Module, layer: nn.Module, images: np.ndarray, label
     and resized to S = input_size; each map is min-max scaled per image by pytorch-grad-cam, then resized
     to H × W.
     """
+    n, h, w, _ = images.shape
+    batches = ((images[s:s + batch_size], labels[s:s + batch_size]) for s in range(0, n, batch_size))
+    maps = np.zeros((n, h, w), np.float32)
+    start = 0
+    for batch_maps in attention_map_batches(model, layer, batches, input_size, device, mean=mean, std=std,
+                                            progress=progress):
+        maps[start:start + len(batch_maps)] = batch_maps
+        start += len(batch_maps)
+    return maps
+
+
+def attention_map_batches(model: nn.Module, layer: nn.Module, batches: Iterable, input_size: int,
+                          device: torch.device | str = "cpu", *, mean=None, std=None,
+                          progress: bool = True) -> Iterator[np.ndarray]:
+    """Yield float32 [b, H, W] GradCAM++ maps for each (uint8 images [b, H, W, 3], labels [b], ...) batch.
+
+    Streaming form of `attention_maps`: batches may come from a DataLoader over the prepared store, and
+    the caller keeps what it needs of each batch's maps (patch scores), never the images.
+    """
     from pytorch_grad_cam import GradCAMPlusPlus
     from tqdm import tqdm
 
     from dq.backbones import normalization, preprocess
 
-    n, h, w, _ = images.shape
-    if h != w:
-        raise DQError(f"images must be square for patch scores, got {h}x{w}")
     device = torch.device(device)
     model = model.eval().to(device)
     cuda = device.type == "cuda"
@@ -195,20 +212,20 @@ def attention_maps(model: nn.Module, layer: nn.Module, images: np.ndarray, label
         model = model.to(memory_format=torch.channels_last)
     if mean is None or std is None:
         mean, std = normalization(model)
-    maps = np.zeros((n, h, w), np.float32)
     with _gradients_down_to(model, layer):
         cam = GradCAMPlusPlus(model=model, target_layers=[layer])
         try:
-            for start in tqdm(range(0, n, batch_size), desc="gradcam++", unit="batch", leave=False,
-                              disable=not progress):
-                stop = min(start + batch_size, n)
-                x = preprocess(images[start:stop], input_size, mean=mean, std=std, device=device)
+            for batch in tqdm(batches, desc="gradcam++", unit="batch", leave=False, disable=not progress):
+                images, labels = np.asarray(batch[0]), np.asarray(batch[1])
+                _, h, w, _ = images.shape
+                if h != w:
+                    raise DQError(f"images must be square for patch scores, got {h}x{w}")
+                x = preprocess(images, input_size, mean=mean, std=std, device=device)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
-                maps[start:stop] = _resize_maps(_batch_maps(cam, x, labels[start:stop]), h)
+                yield _resize_maps(_batch_maps(cam, x, labels), h)
         finally:
             cam.activations_and_grads.release()  # not `with cam`: its __exit__ swallows IndexError
-    return maps
 
 
 def patch_scores(maps: np.ndarray, patch_size: int) -> np.ndarray:

@@ -99,7 +99,9 @@ def _idx_path(root: Path, stem: str) -> Path:
                   f"dataset-fashion-mnist or point data.root at the folder")
 
 
-def load_fashion_mnist(params: DataParams, split: str) -> Prepared:
+def fashion_mnist_source(params: DataParams, split: str) -> "Source":
+    """The IDX arrays are small (47 MB for all 60,000), so they are read whole; each item is padded,
+    repeated to 3 channels and resized on its own (in a DataLoader worker)."""
     root = Path(params.root) if params.root else FASHION_MNIST_ROOT
     if not root.is_dir():
         raise DQError(f"data.root: {root} does not exist; install Debian's dataset-fashion-mnist "
@@ -110,12 +112,8 @@ def load_fashion_mnist(params: DataParams, split: str) -> Prepared:
     if images.ndim != 3 or len(images) != len(labels):
         raise DQError(f"data.root: {root}: {prefix} images {images.shape} and labels {labels.shape} disagree")
     keep = balanced_subset(labels, _limit(params, split), len(FASHION_MNIST_CLASSES))
-    images, labels = images[keep], labels[keep]
-    pad = max(0, (32 - images.shape[1]) // 2)
-    images = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))
-    images = np.repeat(images[..., None], 3, axis=3)
-    return Prepared(resize_square(images, params.image_size), labels, list(FASHION_MNIST_CLASSES),
-                    "fashion-mnist")
+    return Source(list(FASHION_MNIST_CLASSES), "fashion-mnist", labels[keep], params.image_size,
+                  ArrayItems(images[keep], pad_to=32))
 
 
 def _limit(params: DataParams, split: str) -> int | None:
@@ -124,7 +122,7 @@ def _limit(params: DataParams, split: str) -> int | None:
 
 # ---------------------------------------------------------------------------------------------- cifar
 
-def load_cifar(params: DataParams, split: str) -> Prepared:
+def cifar_source(params: DataParams, split: str) -> "Source":
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if params.source == "cifar10" else CIFAR100
@@ -135,11 +133,10 @@ def load_cifar(params: DataParams, split: str) -> Prepared:
         ds = cls(params.root, train=(split == "train"), download=params.download)
     except RuntimeError as exc:
         raise DQError(f"data.root: {params.root}: {exc} (set data.download: true to fetch it)") from None
-    images = np.asarray(ds.data, np.uint8)
     labels = np.asarray(ds.targets, np.int64)
     keep = balanced_subset(labels, _limit(params, split), len(ds.classes))
-    return Prepared(resize_square(images[keep], params.image_size), labels[keep], list(ds.classes),
-                    params.source)
+    return Source(list(ds.classes), params.source, labels[keep], params.image_size,
+                  ArrayItems(np.asarray(ds.data, np.uint8)[keep]))
 
 
 # ---------------------------------------------------------------------------------------- imagefolder
@@ -188,9 +185,8 @@ def _split_dir(root: Path, split: str) -> Path:
                   f"{root}/train/<class>/* and {root}/val/<class>/* (ImageNet's layout)")
 
 
-def load_imagefolder(params: DataParams, split: str, report: LoadReport) -> Prepared:
-    from tqdm import tqdm
-
+def imagefolder_source(params: DataParams, split: str) -> "Source":
+    """Only the sorted file list is held; files are decoded one by one as the loader asks for them."""
     root = Path(params.root)
     if not root.is_dir():
         raise DQError(f"data.root: {root} does not exist; expected a folder with train/ and val/ class folders")
@@ -215,28 +211,20 @@ def load_imagefolder(params: DataParams, split: str, report: LoadReport) -> Prep
         raise DQError(f"{base}: class folder {unknown[0]!r} does not exist in {root}/train")
     labels = np.asarray(labels, np.int64)
     keep = balanced_subset(labels, _limit(params, split), len(classes))
-    images, kept_labels = [], []
-    for i in tqdm(keep, desc=f"decode {split}", unit="img", mininterval=1.0):
-        path = files[i]
-        try:
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise DQError(f"{path}: not an image file (extension {path.suffix or 'none'!r}); expected one "
-                              f"of {', '.join(sorted(IMAGE_EXTENSIONS))}")
-            images.append(decode_image(path, params.image_size))
-        except DQError:
-            if not params.skip_bad:
-                raise
-            report.skipped.append(str(path))
-            continue
-        kept_labels.append(labels[i])
-    if not images:
-        raise DQError(f"{base}: no readable images")
-    return Prepared(np.stack(images), np.asarray(kept_labels, np.int64), classes, "imagefolder")
+    return Source(classes, "imagefolder", labels[keep], params.image_size, FileItems([files[i] for i in keep]))
+
+
+def image_file(path: Path, size: int) -> np.ndarray:
+    """uint8 [size, size, 3] of one source file; DQError naming the file if it is not a readable image."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DQError(f"{path}: not an image file (extension {path.suffix or 'none'!r}); expected one "
+                      f"of {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return decode_image(path, size)
 
 
 # ------------------------------------------------------------------------------------------ synthetic
 
-def load_synthetic(params: DataParams, split: str) -> Prepared:
+def synthetic_split(params: DataParams, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Class c: a bright square of class colour at a class-specific place, jittered, on noise.
 
     Learnable but not trivial, with within-class variety (position, size, brightness) so that
@@ -258,26 +246,193 @@ def load_synthetic(params: DataParams, split: str) -> Prepared:
         x0 = int(np.clip(cx - side / 2, 0, s - side))
         images[i, y0:y0 + side, x0:x0 + side] += palette[y] * rng.uniform(0.6, 1.0)
     images = np.clip(images, 0, 255).astype(np.uint8)
-    return Prepared(images, labels, [f"class_{k}" for k in range(c)], "synthetic")
+    return images, labels, [f"class_{k}" for k in range(c)]
+
+
+# ------------------------------------------------------------------------------------------- items
+
+@dataclass
+class ArrayItems:
+    """Items of an in-memory uint8 array [N, h, w] or [N, h, w, 3] (small sources: Fashion-MNIST, CIFAR)."""
+
+    images: np.ndarray
+    pad_to: int = 0  # zero-pad grey images to this side (Fashion-MNIST's 28 → 32)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def name(self, i: int) -> str:
+        return f"row {i}"
+
+    def image(self, i: int, size: int) -> np.ndarray:
+        img = self.images[i]
+        if img.ndim == 2:
+            pad = max(0, (self.pad_to - img.shape[0]) // 2)
+            img = np.repeat(np.pad(img, ((pad, pad), (pad, pad)))[..., None], 3, axis=2)
+        return resize_square(img[None], size)[0]
+
+
+@dataclass
+class FileItems:
+    """Items that are image files, decoded when asked for (image folders: never all in memory)."""
+
+    files: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, i: int) -> str:
+        return str(self.files[i])
+
+    def image(self, i: int, size: int) -> np.ndarray:
+        return image_file(self.files[i], size)
+
+
+@dataclass
+class Source:
+    """One split of a source before decoding: class names, labels int64 [n], and the items to decode."""
+
+    classes: list[str]
+    source: str
+    labels: np.ndarray
+    image_size: int
+    items: ArrayItems | FileItems
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, i: int) -> np.ndarray:
+        """uint8 [S, S, 3] of item i, or a DQError naming it."""
+        return self.items.image(i, self.image_size)
+
+
+class EncodedBatches:
+    """`ds[positions]` → [(stream bytes or None, error line or None)] per item, for a DataLoader.
+
+    Decoding and encoding both happen here, in the workers; the main process only writes.
+    """
+
+    def __init__(self, source: Source, codec: str, quality: int):
+        self.source, self.codec, self.quality = source, codec, quality
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, positions):
+        from dq.codec import encode
+
+        out = []
+        for i in positions:
+            try:
+                out.append((encode(self.source.image(int(i)), self.codec, self.quality), None))
+            except DQError as exc:
+                out.append((None, str(exc)))
+        return out
+
+
+ENCODE_BATCH = 32  # items per worker call: small enough to keep workers busy, large enough to amortise IPC
+
+
+def encoded_items(source: Source, codec: str, quality: int, num_workers: int):
+    """Yield (position, stream bytes or None, error or None) for every item, in order, decoded by
+    `num_workers` DataLoader worker processes (0: in this process)."""
+    import torch
+
+    ds = EncodedBatches(source, codec, quality)
+    batches = [list(range(s, min(s + ENCODE_BATCH, len(ds)))) for s in range(0, len(ds), ENCODE_BATCH)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=batches, num_workers=num_workers,
+                                         collate_fn=_as_is, prefetch_factor=4 if num_workers else None)
+    for positions, results in zip(batches, loader):
+        for i, (stream, error) in zip(positions, results):
+            yield i, stream, error
+
+
+def _as_is(batch):
+    return batch
+
+
+def write_split(params: DataParams, split: str, folder: Path, report: LoadReport | None = None,
+                num_workers: int = 0) -> tuple[Source, int]:
+    """Decode and encode one split into the store folder `folder` (dq.prepared), streaming shard by shard.
+
+    Returns the source and the number of images written. A bad item stops with its one-line error, or is
+    skipped and counted in `report` with `data.skip_bad`.
+    """
+    from tqdm import tqdm
+
+    from dq.prepared import StoreWriter
+
+    report = report if report is not None else LoadReport()
+    source = split_source(params, split)
+    size = params.image_size
+    writer = StoreWriter(folder, codec=params.codec, quality=params.quality, image_shape=(size, size, 3),
+                         shard_images=params.shard_images, expected_images=len(source))
+    streams, labels, written = [], [], []
+    try:
+        for i, stream, error in tqdm(encoded_items(source, params.codec, params.quality, num_workers),
+                                     total=len(source), desc=f"prepare {split}", unit="img", mininterval=1.0):
+            if error is not None:
+                if not params.skip_bad or source.source != "imagefolder":
+                    raise DQError(error)
+                report.skipped.append(source.items.name(i))
+                continue
+            streams.append(stream)
+            labels.append(int(source.labels[i]))
+            if len(streams) == ENCODE_BATCH:
+                writer.add(streams, labels)
+                written += labels
+                streams, labels = [], []
+        writer.add(streams, labels)
+        written += labels
+    except BaseException:
+        writer.abort()
+        raise
+    if not written:
+        raise DQError(f"data.source: {source.source} gave no readable images for the {split} split")
+    check_classes(params, split, np.asarray(written))
+    writer.close(source.classes, source.source)
+    return source, len(written)
+
+
+def check_classes(params: DataParams, split: str, labels: np.ndarray) -> None:
+    present = np.unique(labels)
+    if split == "train" and len(present) < 2:
+        raise DQError(f"data.source: {params.source} gave {len(present)} class(es) in the training set; "
+                      f"expected at least 2 classes")
 
 
 # ------------------------------------------------------------------------------------------- dispatch
 
-def load_split(params: DataParams, split: str, report: LoadReport | None = None) -> Prepared:
-    """Load the `train` or `test` split of the configured source as a Prepared split."""
-    report = report if report is not None else LoadReport()
+def split_source(params: DataParams, split: str) -> Source:
+    """The `train` or `test` split of the configured source, before decoding."""
     if split not in ("train", "test"):
         raise ValueError(split)
     if params.source == "fashion-mnist":
-        out = load_fashion_mnist(params, split)
-    elif params.source in ("cifar10", "cifar100"):
-        out = load_cifar(params, split)
-    elif params.source == "imagefolder":
-        out = load_imagefolder(params, split, report)
-    else:
-        out = load_synthetic(params, split)
-    present = np.unique(out.labels)
-    if split == "train" and len(present) < 2:
-        raise DQError(f"data.source: {params.source} gave {len(present)} class(es) in the training set; "
-                      f"expected at least 2 classes")
-    return out
+        return fashion_mnist_source(params, split)
+    if params.source in ("cifar10", "cifar100"):
+        return cifar_source(params, split)
+    if params.source == "imagefolder":
+        return imagefolder_source(params, split)
+    images, labels, classes = synthetic_split(params, split)
+    return Source(classes, "synthetic", labels, params.image_size, ArrayItems(images))
+
+
+def load_split(params: DataParams, split: str, report: LoadReport | None = None) -> Prepared:
+    """The whole split decoded in memory (tests and small sources; the prepare stage streams instead)."""
+    report = report if report is not None else LoadReport()
+    source = split_source(params, split)
+    images, labels = [], []
+    for i in range(len(source)):
+        try:
+            images.append(source.image(i))
+        except DQError:
+            if not params.skip_bad or source.source != "imagefolder":
+                raise
+            report.skipped.append(source.items.name(i))
+            continue
+        labels.append(int(source.labels[i]))
+    if not images:
+        raise DQError(f"{source.source}: no readable images")
+    labels = np.asarray(labels, np.int64)
+    check_classes(params, split, labels)
+    return Prepared(np.stack(images), labels, source.classes, source.source)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from dq.figures import pyplot, save_png
 from dq.grid import grid_of, kept_count, pixel_keep
-from dq.prepared import read_prepared
+from dq.prepared import open_store
 from dq.mae import MaskedAutoencoderViT, from_model_output, resize, to_model_input
 from dq.params import Params
 from dq.runtime import autocast
@@ -246,14 +246,14 @@ def eval_keep(n: int, num_patches: int, drop: float, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 def fill_metrics(model: MaskedAutoencoderViT, params: Params, test_images: Path, figure: Path,
                  device: torch.device) -> dict:
-    """PSNR/SSIM on the dropped patches of the first mae.eval_images images of `test_images` (prepared
-    HDF5): the MAE against the simple fills. Also draws the reconstruction figure at `figure`.
+    """PSNR/SSIM on the dropped patches of the first mae.eval_images images of `test_images` (the prepared
+    test split): the MAE against the simple fills. Also draws the reconstruction figure at `figure`.
 
     The masks are drawn from `seed` at `patches.drop` / `patches.patch_size`, not read from the compact
     store, so the MAE's evaluation does not depend on selection or compression.
     """
-    test = read_prepared(test_images)
-    originals = test.images[: params.mae.eval_images]
+    test = open_store(test_images)
+    originals = test.read(np.arange(min(params.mae.eval_images, len(test))))  # only the images scored
     size, patch = originals.shape[1], params.patches.patch_size
     rows, cols = grid_of(size, patch)  # params validation checked this against data.image_size
     keep = eval_keep(len(originals), rows * cols, params.patches.drop, params.seed)

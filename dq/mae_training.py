@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from dq.checkpoint import resume_state, save_atomic
 from dq.errors import DQError
-from dq.prepared import read_prepared
+from dq.prepared import Store, image_loader, open_store
 from dq.live import live_logger
 from dq.mae import (MaskedAutoencoderViT, create_mae_for_input, load_state_strict, random_keep,
                     read_checkpoint, to_model_input)
@@ -73,25 +73,26 @@ class TrainState:
     epoch: int = 0  # epochs finished
 
 
-def train_mae_epoch(state: TrainState, images: torch.Tensor, *, seed: int, mask_ratio: float, batch_size: int,
-                    lr: float, warmup_epochs: int, epochs: int, device: torch.device,
-                    progress=None) -> Iterator[float]:
-    """Train one epoch over uint8 images [N, H, W, 3]; yields each batch's loss, once the epoch is done.
+def train_mae_epoch(state: TrainState, images: torch.Tensor | Store, *, seed: int, mask_ratio: float,
+                    batch_size: int, lr: float, warmup_epochs: int, epochs: int, device: torch.device,
+                    progress=None, num_workers: int = 0) -> Iterator[float]:
+    """Train one epoch over uint8 images [N, H, W, 3] (a tensor, or the prepared store streamed through a
+    DataLoader of `num_workers` workers); yields each batch's loss, once the epoch is done.
 
     The losses stay on the device until then: reading one per step would stall the GPU every step.
     """
     model, opt, epoch = state.model, state.optimizer, state.epoch
     gen = mae_epoch_generator(seed, epoch)
-    order = torch.randperm(images.shape[0], generator=gen)
-    steps = math.ceil(images.shape[0] / batch_size)
+    n = images_shape(images)[0]
+    order = torch.randperm(n, generator=gen)
+    steps = math.ceil(n / batch_size)
     model.train()
     losses = []
-    for i in range(steps):
-        idx = order[i * batch_size:(i + 1) * batch_size]
-        keep = random_keep(len(idx), model.patch_embed.num_patches, mask_ratio, gen)
+    for i, batch in zip(range(steps), image_batches(images, order, batch_size, num_workers)):
+        keep = random_keep(len(batch), model.patch_embed.num_patches, mask_ratio, gen)
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch + i / steps, lr=lr, warmup=warmup_epochs, total=epochs)
-        x = to_model_input(images[idx].to(device, non_blocking=True), model.config)
+        x = to_model_input(batch.to(device, non_blocking=True), model.config)
         with autocast(device):
             loss, _, _ = model(x, keep.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
@@ -104,25 +105,42 @@ def train_mae_epoch(state: TrainState, images: torch.Tensor, *, seed: int, mask_
     yield from (torch.stack(losses).tolist() if losses else [])
 
 
+def images_shape(images: torch.Tensor | Store) -> tuple[int, ...]:
+    return tuple(images.shape) if isinstance(images, torch.Tensor) else (len(images),) + images.image_shape
+
+
+def image_batches(images: torch.Tensor | Store, order: torch.Tensor, batch_size: int,
+                  num_workers: int) -> Iterator[torch.Tensor]:
+    """uint8 [b, H, W, 3] batches of the rows `order`, in order: tensor slices, or read from the store's
+    shards by DataLoader workers (never the whole split in memory)."""
+    if isinstance(images, torch.Tensor):
+        for start in range(0, len(order), batch_size):
+            yield images[order[start:start + batch_size]]
+        return
+    for batch, _labels, _rows in image_loader(images, order.numpy(), batch_size=batch_size,
+                                               num_workers=num_workers):
+        yield batch
+
+
 def trained_mae(p: MaeParams, seed: int, train_images: Path, *, resume_path: Path, live_dir: Path,
-                device: torch.device) -> tuple[MaskedAutoencoderViT, float | None]:
-    """The MAE of `mae.arch` and its final training loss: trained on `train_images` (prepared HDF5), or
-    loaded strictly from `mae.checkpoint` (loss None)."""
+                device: torch.device, num_workers: int = 0) -> tuple[MaskedAutoencoderViT, float | None]:
+    """The MAE of `mae.arch` and its final training loss: trained on `train_images` (the prepared split,
+    streamed), or loaded strictly from `mae.checkpoint` (loss None)."""
     model = create_mae_for_input(p.arch, p.input_size, p.norm_pix_loss)
     if p.checkpoint:
         load_state_strict(model, read_checkpoint(p.checkpoint)["model"], p.checkpoint, p.arch)
         return model, None
     return model, train_mae(model, p, seed, train_images, resume_path=resume_path, live_dir=live_dir,
-                            device=device)
+                            device=device, num_workers=num_workers)
 
 
 def train_mae(model: MaskedAutoencoderViT, p: MaeParams, seed: int, train_images: Path, *, resume_path: Path,
-              live_dir: Path, device: torch.device) -> float:
+              live_dir: Path, device: torch.device, num_workers: int = 0) -> float:
     """Train `model` in place; save the resume state after every epoch; log to DVCLive. The last epoch's
     mean loss."""
     from tqdm import tqdm
 
-    images = torch.from_numpy(read_prepared(train_images).images)
+    images = open_store(train_images)  # read batch by batch in each epoch's order, never whole
     model.to(device)
     optimizer = adamw_optimizer(model, p.lr, p.weight_decay)
     state = TrainState(model, optimizer)
@@ -133,7 +151,7 @@ def train_mae(model: MaskedAutoencoderViT, p: MaeParams, seed: int, train_images
         if history:
             print(f"mae: resuming after epoch {state.epoch} from {resume_path}", file=sys.stderr)
 
-    steps = math.ceil(images.shape[0] / p.batch_size)
+    steps = math.ceil(len(images) / p.batch_size)
     with live_logger(live_dir) as live, \
             tqdm(total=p.epochs * steps, initial=state.epoch * steps, desc="mae train", unit="step") as bar:
         for record in history:
@@ -142,7 +160,8 @@ def train_mae(model: MaskedAutoencoderViT, p: MaeParams, seed: int, train_images
             epoch = state.epoch
             losses = list(train_mae_epoch(state, images, seed=seed, mask_ratio=p.mask_ratio,
                                           batch_size=p.batch_size, lr=p.lr, warmup_epochs=p.warmup_epochs,
-                                          epochs=p.epochs, device=device, progress=bar))
+                                          epochs=p.epochs, device=device, progress=bar,
+                                          num_workers=num_workers))
             record = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
             if not math.isfinite(record["loss"]):
                 raise DQError(f"params.yaml: mae.lr = {p.lr} made the MAE loss diverge (epoch {epoch}); "
@@ -155,11 +174,11 @@ def train_mae(model: MaskedAutoencoderViT, p: MaeParams, seed: int, train_images
     return history[-1]["loss"] if history else float("nan")
 
 
-def resume_fingerprint(p: MaeParams, seed: int, images: torch.Tensor) -> dict:
+def resume_fingerprint(p: MaeParams, seed: int, images: torch.Tensor | Store) -> dict:
     """What a resume state must match: the mae params but `resume` and `eval_images`, the seed, the
     training set's shape."""
     return {"seed": seed, "mae": dataclasses.asdict(p) | {"resume": None, "eval_images": None},
-            "images": list(images.shape)}
+            "images": list(images_shape(images))}
 
 
 def log_epoch(live, record: dict) -> None:

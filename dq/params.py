@@ -62,8 +62,16 @@ class DataParams(_Section):
     synthetic_classes: int = 4  # synthetic only
     synthetic_train: int = 200  # synthetic only: training images in all
     synthetic_test: int = 80
+    codec: str = "png"  # how prepared images are stored (dq.codec): raw | png | webp-lossless | webp | jpeg
+    quality: int = 90  # webp and jpeg only: 1..100
+    shard_images: int = 10000  # images per prepared shard file
 
     def check(self, where, prefix):
+        problem = codec_problem(self.codec, self.quality)
+        if problem:  # "codec: one of ..." or "quality: an integer in [1, 100]"
+            name, expected = problem.split(": ", 1)
+            _fail(where, f"{prefix}{name}", getattr(self, name), expected)
+        self._need(self.shard_images >= 1, where, prefix, "shard_images", "a positive integer")
         self._need(self.source in SOURCES, where, prefix, "source", f"one of {', '.join(SOURCES)}")
         self._need(8 <= self.image_size <= 1024, where, prefix, "image_size", "an integer in [8, 1024]")
         for name in ("train_limit", "test_limit"):

@@ -24,7 +24,8 @@ class DataPaths:
         return self.root / "prepared"
 
     def prepared_split(self, split: str) -> Path:
-        return self.prepared / f"{split}.h5"
+        """The store folder of one split (version 2: index.json and shard-NNNNN.h5 files)."""
+        return self.prepared / split
 
     # features
     @property

@@ -1,9 +1,9 @@
 """DVC stage `compress`: patch scores (`patches.scorer`) for the selected images → data/compact/dataset.h5.
 
-Reads data/prepared/train.h5, data/selection/ and data/features/train.h5 (its linear probe gives
-GradCAM++ the dataset's classes). Writes the compact file (owned by dq.format; images stored with
-`patches.codec`), the storage metrics and the probe's top-1 on the kept images (dq.cam.probe_metrics)
-in data/compact_metrics.json, and the figure data/compact_plots/patches.png.
+Reads data/prepared/train/ (only the selected rows), data/selection/ and data/features/train.h5 (its
+linear probe gives GradCAM++ the dataset's classes). Writes the compact file (owned by dq.format; images
+stored with `patches.codec`), the storage metrics and the probe's top-1 on the kept images
+(dq.cam.probe_metrics) in data/compact_metrics.json, and the figure data/compact_plots/patches.png.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dq.format import Header, storage_metrics, write_compact
 from dq.io import write_json
 from dq.params import DataParams, Params
 from dq.paths import DataPaths
-from dq.prepared import read_prepared
+from dq.prepared import open_store
 from dq.runtime import device_for
 from dq.selection import read_selection
 from stages.common import parse_args
@@ -35,7 +35,7 @@ def provenance(params: Params) -> dict:
             "data": {"source": params.data.source, "root": params.data.root},
             "features": {"backbone": f.backbone, "weights": f.weights, "input_size": f.input_size},
             "patches": params.section_dict("patches")["patches"],
-            "runtime": {"device": params.runtime.device}}
+            "runtime": {"device": params.runtime.device}}  # num_workers changes no byte of the output
 
 
 def source_bytes(data: DataParams, n: int) -> tuple[int | None, str]:
@@ -69,13 +69,14 @@ def source_bytes(data: DataParams, n: int) -> tuple[int | None, str]:
 def main(argv: list[str] | None = None) -> None:
     args, params = parse_args("Score patches with GradCAM++ and write the compact dataset.", argv)
     paths, fp, pp = DataPaths(args.data), params.features, params.patches
-    prepared = read_prepared(paths.prepared_split("train"))
-    indices, bins = read_selection(paths.selection, len(prepared.labels))
-    features = read_features(paths.features, expected_rows=len(prepared.labels))
+    store = open_store(paths.prepared_split("train"))
+    all_labels = store.labels()
+    indices, bins = read_selection(paths.selection, len(all_labels))
+    features = read_features(paths.features, expected_rows=len(all_labels))
     check_made_with(paths.features, features, backbone=fp.backbone, weights=fp.weights, input_size=fp.input_size)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    images, labels = prepared.images[indices], prepared.labels[indices]
+    images, labels = store.read(indices), all_labels[indices]  # the selected rows only
     device = device_for(params.runtime)
     backbone = create_backbone(fp.backbone, fp.weights)
     model = classifier_with_probe(backbone, features.probe_weight, features.probe_bias)  # normalises as backbone
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     keep = cam.keep_mask(scores, pp.drop)
 
     header = Header(image_size=images.shape[1], patch_size=pp.patch_size, channels=images.shape[3], drop=pp.drop,
-                    ratio=params.ratio, classes=prepared.classes, source=prepared.source, params=provenance(params),
+                    ratio=params.ratio, classes=store.classes, source=store.index.source, params=provenance(params),
                     codec=pp.codec, quality=pp.quality, store_scores=pp.store_scores)
     write_compact(paths.compact, header, images, keep, labels, indices, bins[indices], scores,
                   source_bytes=source_bytes(params.data, len(indices)))
@@ -99,10 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"compress: probe top-1 full {probe['probe_top1_full']:.3f}, kept {probe['probe_top1_kept']:.3f}, "
           f"random masks {probe['probe_top1_random_keep']:.3f}, pixel-std masks {probe['probe_top1_std_keep']:.3f}",
           file=sys.stderr)
-    write_json(paths.compact_metrics, {**storage_metrics(paths.compact, len(prepared.labels)), **probe})
+    write_json(paths.compact_metrics, {**storage_metrics(paths.compact, len(all_labels)), **probe})
     rows = cam.figure_rows(labels)
     cam.plot_patches(paths.compact_figure, images[rows], maps[rows], keep[rows], pp.patch_size,
-                     [prepared.classes[int(y)] for y in labels[rows]], map_name=pp.scorer)
+                     [store.classes[int(y)] for y in labels[rows]], map_name=pp.scorer)
 
 
 if __name__ == "__main__":

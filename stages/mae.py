@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     model, final_loss = trained_mae(params.mae, params.seed, paths.prepared_split("train"),
-                                    resume_path=paths.mae_resume, live_dir=paths.mae_live, device=device)
+                                    resume_path=paths.mae_resume, live_dir=paths.mae_live, device=device,
+                                    num_workers=params.runtime.num_workers)
     save_mae(paths.mae_model, model, params.mae.arch)
     metrics = fill_metrics(model, params, paths.prepared_split("test"), paths.mae_figure, device)
     metrics["train_loss"] = final_loss

@@ -1,28 +1,36 @@
-"""DVC stage `prepare`: the configured source → data/prepared/{train,test}.h5 (owned by dq.prepared)."""
+"""DVC stage `prepare`: the configured source → data/prepared/{train,test}/ (store version 2, owned by dq.prepared).
+
+Items are decoded and encoded by `runtime.num_workers` DataLoader workers, in order, and streamed into
+shards of `data.shard_images` images: the stage never holds a split of images. Both split folders are
+written inside one temporary folder that is renamed into place at the end, so a killed run leaves no
+shard visible and a rerun sweeps its temporary away.
+"""
 from __future__ import annotations
 
 import sys
 
-from dq.datasets import LoadReport, load_split
+from dq.datasets import LoadReport, write_split
 from dq.errors import run_cli
 from dq.io import atomic_path
 from dq.paths import DataPaths
-from dq.prepared import write_prepared
 from stages.common import parse_args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, params = parse_args("Prepare the training and test splits as uint8 HDF5 arrays.", argv)
+    args, params = parse_args("Prepare the training and test splits as sharded, encoded image stores.", argv)
     report = LoadReport()
-    splits = {split: load_split(params.data, split, report) for split in ("train", "test")}
     paths = DataPaths(args.data)
+    counts = {}
     with atomic_path(paths.prepared) as tmp:  # both splits appear together, or neither
         tmp.mkdir()
-        for split, prepared in splits.items():
-            write_prepared(tmp / paths.prepared_split(split).name, prepared)
-    for split, prepared in splits.items():
-        print(f"prepare: {split}: {len(prepared.labels)} images {prepared.images.shape[1:]} in "
-              f"{prepared.num_classes} classes from {prepared.source}", file=sys.stderr)
+        for split in ("train", "test"):
+            source, n = write_split(params.data, split, tmp / paths.prepared_split(split).name, report,
+                                    num_workers=params.runtime.num_workers)
+            counts[split] = (source, n)
+    for split, (source, n) in counts.items():
+        size = params.data.image_size
+        print(f"prepare: {split}: {n} images ({size}, {size}, 3) in {len(source.classes)} classes from "
+              f"{source.source}, stored as {params.data.codec}", file=sys.stderr)
     if report.skipped:
         print(f"prepare: skipped {len(report.skipped)} unreadable file(s) (data.skip_bad: true), "
               f"first: {report.skipped[0]}", file=sys.stderr)

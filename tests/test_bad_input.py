@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 from dq.errors import run_cli
-from dq.prepared import read_prepared, write_prepared
+from dq.prepared import read_prepared, write_prepared, write_prepared_v1
 from tests.pipeline_repo import ROOT, env, tiny_params
 
 PARALLEL = 3
@@ -76,10 +76,13 @@ class Result:
 
 
 def copy_inputs(tiny: Path, data: Path, *names: str) -> None:
-    """Copy files of the tiny run's data/ into a case's data folder."""
+    """Copy files (or folders: the prepared splits) of the tiny run's data/ into a case's data folder."""
     for name in names:
         (data / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tiny / "data" / name, data / name)
+        if (tiny / "data" / name).is_dir():
+            shutil.copytree(tiny / "data" / name, data / name)
+        else:
+            shutil.copyfile(tiny / "data" / name, data / name)
 
 
 def inputs(*names: str, damage: Callable[[Path], None] | None = None):
@@ -140,10 +143,15 @@ def imagefolder_params(root: Path) -> dict:
 
 
 def relabelled(tiny: Path, data: Path, labels_from, rows: slice = slice(None)) -> None:
-    """A prepared train.h5 made from the tiny one: some rows, and labels changed by `labels_from`."""
-    src = read_prepared(tiny / "data" / "prepared" / "train.h5")
+    """A prepared train split made from the tiny one: some rows, and labels changed by `labels_from`."""
+    src = read_prepared(tiny / "data" / "prepared" / "train")
     src.images, src.labels = src.images[rows], labels_from(src.labels[rows].copy())
-    write_prepared(data / "prepared" / "train.h5", src)
+    write_prepared(data / "prepared" / "train", src)
+
+
+def version_1(tiny: Path, data: Path) -> None:
+    """The tiny run's prepared train split as an old single-file (version 1) store."""
+    write_prepared_v1(data / "prepared" / "train.h5", read_prepared(tiny / "data" / "prepared" / "train"))
 
 
 def set_attr(path: Path, name: str, value) -> None:
@@ -182,7 +190,7 @@ def wrong_mae_checkpoint(tiny: Path, case_dir: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------- cases
 
-TRAIN_INPUTS = ("prepared/train.h5", "prepared/test.h5", "compact/dataset.h5", "mae/model.pt")
+TRAIN_INPUTS = ("prepared/train", "prepared/test", "compact/dataset.h5", "mae/model.pt")
 
 # name -> (case, setup(tiny repo, case dir, data dir) -> params overrides merged into the case's)
 CASES: dict[str, tuple[Case, Callable[[Path, Path, Path], dict] | None]] = {
@@ -203,7 +211,7 @@ CASES: dict[str, tuple[Case, Callable[[Path, Path, Path], dict] | None]] = {
     "debug shows the traceback": (Case("stages.prepare", ("ratio = 0",), {"ratio": 0}, debug=True), None),
     "num_bins above smallest class": (
         Case("stages.select", ("select.num_bins = 30", "smallest class"), {"select": {"num_bins": 30}}),
-        inputs("prepared/train.h5", "features/train.h5")),
+        inputs("prepared/train", "features/train.h5")),
 
     # data
     "missing root": (Case("stages.prepare", ("data.root", "does not exist")),
@@ -228,14 +236,23 @@ CASES: dict[str, tuple[Case, Callable[[Path, Path, Path], dict] | None]] = {
             d / "img", {"a": [("grey.png", grey), ("rgba.png", rgba_transparent)],
                         "b": [("deep.png", sixteen_bit)]}))),
     "labels outside range": (
-        Case("stages.select", ("prepared/train.h5", "labels must lie in [0, 3]", "found 0..7")),
+        Case("stages.select", ("prepared/train", "labels must lie in [0, 3]", "found 0..7")),
         lambda tiny, d, data: relabelled(tiny, data, lambda y: np.where(np.arange(len(y)) == 5, 7, y))),
 
     # files
-    "truncated prepared": (Case("stages.features", ("prepared/train.h5", "not a readable HDF5 file")),
-                           inputs("prepared/train.h5", damage=lambda data: truncate(data / "prepared/train.h5"))),
+    "truncated prepared shard": (
+        Case("stages.features", ("prepared/train/shard-00000.h5", "truncated", "rerun the prepare stage")),
+        inputs("prepared/train", damage=lambda data: truncate(data / "prepared/train/shard-00000.h5"))),
+    "missing prepared shard": (
+        Case("stages.compress", ("prepared/train/shard-00000.h5: shard missing", "rerun the prepare stage")),
+        inputs("prepared/train", "selection", "features/train.h5",
+               damage=lambda data: (data / "prepared/train/shard-00000.h5").unlink())),
+    "version 1 prepared store": (
+        Case("stages.features", ("prepared/train.h5: a version 1 prepared store", "rerun the prepare stage")),
+        lambda tiny, d, data: version_1(tiny, data)),
+    "bad codec": (Case("stages.prepare", ("data.codec = 'gif'", "one of raw, png"), {"data": {"codec": "gif"}}), None),
     "truncated features": (Case("stages.select", ("features/train.h5", "not a readable HDF5 file")),
-                           inputs("prepared/train.h5", "features/train.h5",
+                           inputs("prepared/train", "features/train.h5",
                                   damage=lambda data: truncate(data / "features/train.h5"))),
     "features rows differ from prepared": (
         Case("stages.select", ("features/train.h5: has 96 rows but the prepared training set has 80",)),
@@ -382,7 +399,7 @@ def test_debug_shows_the_traceback(results):
 def test_grey_rgba_and_16bit_images_are_converted_not_rejected(results):
     result = results["grey rgba 16-bit are converted"]
     assert result.proc.returncode == 0, result.proc.stderr[-3000:]
-    train = read_prepared(result.data / "prepared" / "train.h5")
+    train = read_prepared(result.data / "prepared" / "train")
     assert train.images.shape == (3, 16, 16, 3) and train.images.dtype == np.uint8
     assert train.classes == ["a", "b"] and train.labels.tolist() == [0, 0, 1]
     grey_img, rgba_img, deep_img = train.images  # sorted file names: grey.png, rgba.png; deep.png
@@ -456,7 +473,7 @@ def test_disk_full_in_a_numpy_writer_leaves_no_partial_selection(tiny_run, tmp_p
 
     monkeypatch.delenv("DQ_DEBUG", raising=False)
     data = tmp_path / "data"
-    copy_inputs(tiny_run, data, "prepared/train.h5", "features/train.h5")
+    copy_inputs(tiny_run, data, "prepared/train", "features/train.h5")
     params = _write_params(tmp_path, {})
     real_save = np.save
     calls = []

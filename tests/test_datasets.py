@@ -187,15 +187,22 @@ def run_prepare(tmp_path: Path, data: dict) -> Path:
     return tmp_path / "data" / "prepared"
 
 
+def tree_digest(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder`, by relative path."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_prepare_stage_writes_contract_files_byte_identically(tmp_path):
     out = run_prepare(tmp_path, {"source": "synthetic", "synthetic_train": 40, "synthetic_test": 12})
-    first = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
-    assert sorted(first) == ["test.h5", "train.h5"]
-    train = read_prepared(out / "train.h5")
+    first = tree_digest(out)
+    assert sorted(first) == ["test/index.json", "test/shard-00000.h5", "train/index.json", "train/shard-00000.h5"]
+    train = read_prepared(out / "train")
     assert train.images.shape == (40, 32, 32, 3) and train.labels.dtype == np.int64
     assert train.classes == ["class_0", "class_1", "class_2", "class_3"] and train.source == "synthetic"
+    assert np.array_equal(train.images, load_split(DataParams(source="synthetic", synthetic_train=40), "train").images)
     out = run_prepare(tmp_path, {"source": "synthetic", "synthetic_train": 40, "synthetic_test": 12})
-    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == first
+    assert tree_digest(out) == first
 
 
 def test_prepare_failure_leaves_no_output(tmp_path):
@@ -209,10 +216,13 @@ def test_read_prepared_rejects_labels_out_of_range(tmp_path):
     import h5py
 
     out = run_prepare(tmp_path, {"source": "synthetic", "synthetic_train": 8, "synthetic_test": 4})
-    with h5py.File(out / "train.h5", "r+") as f:
+    shard = out / "train" / "shard-00000.h5"
+    size = shard.stat().st_size
+    with h5py.File(shard, "r+") as f:
         f["labels"][0] = 7
-    with pytest.raises(DQError, match=r"train.h5: labels must lie in \[0, 3\] for 4 classes, found 0..7"):
-        read_prepared(out / "train.h5")
+    assert shard.stat().st_size == size  # the index's size check still passes: the labels check must catch it
+    with pytest.raises(DQError, match=r"train: labels must lie in \[0, 3\] for 4 classes, found 0..7"):
+        read_prepared(out / "train")
 
 
 def test_public_api_reads_a_split_by_its_design_name(tmp_path):
@@ -220,7 +230,7 @@ def test_public_api_reads_a_split_by_its_design_name(tmp_path):
     import dq
 
     out = run_prepare(tmp_path, {"source": "synthetic", "synthetic_train": 12, "synthetic_test": 4})
-    full = read_prepared(out / "train.h5")
+    full = read_prepared(out / "train")
     for split in (out / "train", out / "train.h5", str(out / "train")):
         assert np.array_equal(dq.read_images(split), full.images)
         assert np.array_equal(dq.read_labels(split), full.labels) and dq.read_labels(split).dtype == np.int64

@@ -58,8 +58,8 @@ def _sha256(path: Path) -> str:
 def _setup(root: Path, **runtime) -> Path:
     """prepared/ with 96 training and 40 test images of 4 classes; params for the `full` input."""
     train_set, test = blobs(96, seed=1), blobs(40, seed=2)
-    write_prepared(root / "data" / "prepared" / "train.h5", train_set)
-    write_prepared(root / "data" / "prepared" / "test.h5", test)
+    write_prepared(root / "data" / "prepared" / "train", train_set)
+    write_prepared(root / "data" / "prepared" / "test", test)
     params = write_params(root / "params.yaml", input="full")
     raw = yaml.safe_load(params.read_text())
     raw["runtime"].update(runtime)

@@ -264,7 +264,7 @@ def test_shards_cover_every_row_once_in_whole_batches():
 def _stage_setup(tmp_path, kind="gradient"):
     images, labels = _images(24)
     data = tmp_path / "data"
-    write_prepared(data / "prepared" / "train.h5", Prepared(images, labels, ["a", "b", "c", "d"], "synthetic"))
+    write_prepared(data / "prepared" / "train", Prepared(images, labels, ["a", "b", "c", "d"], "synthetic"))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
         "features": {"backbone": TINY, "weights": "none", "kind": kind, "input_size": 32, "batch_size": 8},

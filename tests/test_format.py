@@ -484,7 +484,7 @@ def _tiny_pipeline(root: Path) -> Path:
 
     n, classes = 24, ["zero", "one", "two"]
     labels = np.arange(n) % 3
-    write_prepared(root / "data/prepared/train.h5", Prepared(smooth_images(n, 32, 3), labels, classes, "synthetic"))
+    write_prepared(root / "data/prepared/train", Prepared(smooth_images(n, 32, 3), labels, classes, "synthetic"))
     indices = np.arange(0, n, 2, dtype=np.int64)
     (root / "data/selection").mkdir(parents=True)
     np.save(root / "data/selection/indices.npy", indices)

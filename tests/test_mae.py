@@ -147,6 +147,35 @@ def test_short_training_lowers_the_loss():
     assert held_loss() < 0.7 * before
 
 
+def test_training_streamed_from_the_store_equals_training_in_memory(tmp_path, monkeypatch):
+    """The mae stage reads the prepared store batch by batch (DataLoader workers included): the same
+    pixels in the same order as a tensor in memory, so the same weights; no read is larger than a batch."""
+    from dq.prepared import Store, open_store
+
+    images = _images(40)
+    write_prepared(tmp_path / "train", Prepared(images, np.arange(40) % 2, ["a", "b"], "synthetic"),
+                   shard_images=16)
+    largest = []
+    streams = Store.streams
+    monkeypatch.setattr(Store, "streams", lambda self, rows: (largest.append(len(rows)), streams(self, rows))[1])
+
+    def trained(source, workers):
+        torch.manual_seed(0)
+        model = mae.create_mae("mae_vit_micro_patch4")
+        state = mae_training.TrainState(model, mae_training.adamw_optimizer(model, 3.0e-3, 0.05))
+        losses = [list(mae_training.train_mae_epoch(state, source, seed=0, mask_ratio=0.75, batch_size=16, lr=3.0e-3,
+                                                    warmup_epochs=1, epochs=2, device=torch.device("cpu"),
+                                                    num_workers=workers)) for _ in range(2)]
+        return losses, model.state_dict()
+
+    reference = trained(torch.from_numpy(images), 0)
+    for workers in (0, 2):
+        losses, weights = trained(open_store(tmp_path / "train"), workers)
+        assert losses == reference[0]
+        assert all(torch.equal(weights[k], reference[1][k]) for k in weights)
+    assert largest and max(largest) == 16
+
+
 def test_lr_schedule_warms_up_then_decays():
     lrs = [mae_training.lr_at(s, lr=1.0, warmup=2, total=10) for s in (0, 1, 2, 6, 10)]
     assert lrs[0] == 0 and lrs[1] == pytest.approx(0.5) and lrs[2] == pytest.approx(1.0)
@@ -263,7 +292,7 @@ def test_ssim_and_psnr_count_only_the_dropped_pixels(size):
 def _prepared(root: Path) -> None:
     for split, n, seed in (("train", 96, 0), ("test", 24, 1)):
         images = _images(n, seed=seed)
-        write_prepared(root / "prepared" / f"{split}.h5",
+        write_prepared(root / "prepared" / split,
                        Prepared(images, np.arange(n, dtype=np.int64) % 2, ["a", "b"], "synthetic"))
 
 

@@ -35,6 +35,8 @@ BAD_VALUES = [
     ("data.train_limit", 0, "positive integer"), ("data.test_limit", -5, "positive integer"),
     ("data.skip_bad", 1, "true or false"), ("data.synthetic_classes", 1, ">= 2"),
     ("data.synthetic_train", 1, ">= synthetic_classes"), ("data.synthetic_test", 0, "positive"),
+    ("data.codec", "gif", "one of raw, png, webp-lossless, webp, jpeg"), ("data.quality", 0, "[1, 100]"),
+    ("data.quality", 101, "[1, 100]"), ("data.quality", 9.5, "an integer"), ("data.shard_images", 0, "positive"),
     ("features.backbone", "no_such_net", "timm model name"), ("features.weights", "", "builtin"),
     ("features.kind", "pixels", "one of"), ("features.input_size", 8, "[16, 1024]"),
     ("features.batch_size", 0, "positive"),

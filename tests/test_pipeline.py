@@ -23,7 +23,8 @@ def repo(tmp_path_factory):
 
 def test_repro_writes_every_declared_output(repo):
     data = repo / "data"
-    for path in ("prepared/train.h5", "prepared/test.h5", "features/train.h5", "selection/bins.npy",
+    for path in ("prepared/train/index.json", "prepared/train/shard-00000.h5", "prepared/test/index.json",
+                 "prepared/test/shard-00000.h5", "features/train.h5", "selection/bins.npy",
                  "selection/indices.npy", "selection/summary.json", "compact/dataset.h5", "mae/model.pt",
                  "train/model.pt", "report/summary.json"):
         assert (data / path).is_file(), path

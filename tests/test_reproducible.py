@@ -77,7 +77,7 @@ def test_four_workers_over_three_epochs_read_the_same_bytes_as_none(tiny_run):
 
 def _read_everything(folder):
     """Open every HDF5 file of a run the way the stages do, and read it whole."""
-    prepared = read_prepared(folder / "train.h5")
+    prepared = read_prepared(folder / "train")
     features = read_features(folder / "features.h5", expected_rows=len(prepared.labels))
     header = validate(folder / "dataset.h5")
     ds = CompactDataset(folder / "dataset.h5")
@@ -88,8 +88,8 @@ def _read_everything(folder):
 def _copy_run_files(tiny_run, folder):
     folder.mkdir(parents=True, exist_ok=True)
     data = tiny_run / "data"
-    for src, name in ((data / "prepared/train.h5", "train.h5"), (data / "features/train.h5", "features.h5"),
-                      (data / "compact/dataset.h5", "dataset.h5")):
+    shutil.copytree(data / "prepared/train", folder / "train")
+    for src, name in ((data / "features/train.h5", "features.h5"), (data / "compact/dataset.h5", "dataset.h5")):
         shutil.copyfile(src, folder / name)
     return folder
 
@@ -97,13 +97,15 @@ def _copy_run_files(tiny_run, folder):
 def test_read_only_files_in_a_read_only_folder_open(tiny_run, tmp_path):
     folder = _copy_run_files(tiny_run, tmp_path / "ro")
     expected = _read_everything(folder)
-    for f in folder.iterdir():
-        f.chmod(0o444)
+    for f in folder.rglob("*"):
+        f.chmod(0o555 if f.is_dir() else 0o444)
     folder.chmod(0o555)
     try:
         assert _read_everything(folder) == expected
     finally:
-        folder.chmod(0o755)
+        for d in [folder, *folder.rglob("*")]:
+            if d.is_dir():
+                d.chmod(0o755)
 
 
 def test_read_only_mount_opens(tiny_run, tmp_path):

@@ -317,7 +317,7 @@ def _write_stage_inputs(tmp_path, gradient):
     rng = np.random.default_rng(0)
     n = 120
     labels = np.repeat(np.arange(3), 40)
-    write_prepared(tmp_path / "prepared" / "train.h5",
+    write_prepared(tmp_path / "prepared" / "train",
                    Prepared(np.zeros((n, 8, 8, 3), np.uint8), labels, ["a", "b", "c"], "synthetic"))
     embedding = rng.normal(size=(n, 6)).astype(np.float32) + labels[:, None]
     _write_features(tmp_path, embedding, rng.normal(size=(n, 3)).astype(np.float32) if gradient else None)

@@ -256,7 +256,7 @@ def test_shared_cache_second_clone_is_a_cache_hit_for_every_stage(team, tmp_path
         assert f"Stage '{stage}' is cached" in out.stdout or f"Stage '{stage}' didn't change" in out.stdout, \
             (stage, out.stdout)
     assert data_digest(c) == team.data_digest
-    linked = c / "data" / "prepared" / "train.h5"
+    linked = c / "data" / "prepared" / "train" / "shard-00000.h5"
     assert linked.is_symlink() and linked.resolve().is_relative_to(team.shared_cache.resolve())
     # cache.shared group: new cache folders are group-writable and hand their group down (setgid)
     folder = linked.resolve().parent

@@ -195,8 +195,8 @@ def write_params(path: Path, **train) -> Path:
 def make_pipeline_inputs(root: Path, data: tuple[Prepared, Prepared]) -> np.ndarray:
     """prepared/, compact/dataset.h5 (every 2nd image, a quarter of patches dropped), mae/model.pt."""
     train, test = data
-    write_prepared(root / "prepared" / "train.h5", train)
-    write_prepared(root / "prepared" / "test.h5", test)
+    write_prepared(root / "prepared" / "train", train)
+    write_prepared(root / "prepared" / "test", test)
     indices = np.arange(0, len(train.labels), 2, dtype=np.int64)
     n, grid = len(indices), SIZE // 4
     rng = np.random.default_rng(0)
@@ -271,7 +271,7 @@ def test_stage_outputs_are_byte_identical_across_runs(data, tmp_path):
     assert np.array(evaluation["confusion"]).sum() == 40
     rows = (tmp_path / "train_live/plots/metrics/test/acc.tsv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2  # header + one row per epoch
-    assert read_prepared(tmp_path / "prepared" / "test.h5").labels.size == 40
+    assert read_prepared(tmp_path / "prepared" / "test").labels.size == 40
 
 
 def test_a_compact_file_from_other_prepared_data_is_refused(data, tmp_path):
