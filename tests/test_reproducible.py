@@ -138,7 +138,7 @@ def test_readers_take_no_lock_while_another_process_holds_the_write_lock(tiny_ru
     """)
     e = env()
     e.pop("HDF5_USE_FILE_LOCKING", None)
-    proc = subprocess.Popen([sys.executable, "-c", holder, *map(str, sorted(folder.iterdir()))], env=e,
+    proc = subprocess.Popen([sys.executable, "-c", holder, *map(str, sorted(folder.rglob("*.h5")))], env=e,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
