@@ -21,6 +21,7 @@ from dq import grid
 from dq.cam import keep_mask
 from dq.errors import DQError
 from dq.prepared import Prepared, write_prepared
+from tests.test_bad_input import flip_stream_byte
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,17 +237,6 @@ def test_jpeg_is_read_with_the_batch_decoder(tmp_path):
     np.testing.assert_array_equal(fmt.read_compact(path).images(), batch)
 
 
-def _flip_stream_byte(path: Path, row: int) -> None:
-    """Flip one byte in the middle of image `row`'s stream, in place (streams are contiguous)."""
-    with h5py.File(path, "r") as f:
-        at = int(f["streams"].id.get_offset()) + int((f["offsets"][row] + f["offsets"][row + 1]) // 2)
-    with open(path, "r+b") as fh:
-        fh.seek(at)
-        byte = fh.read(1)
-        fh.seek(at)
-        fh.write(bytes([byte[0] ^ 0xFF]))
-
-
 def _garbage_stream_with_good_crc(path: Path, row: int) -> None:
     """Image `row`'s stream replaced by bytes of the same length that are no image, its crc32 updated."""
     import zlib
@@ -259,7 +249,7 @@ def _garbage_stream_with_good_crc(path: Path, row: int) -> None:
 
 
 @pytest.mark.parametrize("codec", ["png", "webp-lossless", "webp", "jpeg"])
-@pytest.mark.parametrize("damage, message", [(_flip_stream_byte, r"image row 7: its \d+-byte stream fails its crc32"),
+@pytest.mark.parametrize("damage, message", [(flip_stream_byte, r"image row 7: its \d+-byte stream fails its crc32"),
                                              (_garbage_stream_with_good_crc, r"image row 7: not a valid \S+ stream")])
 def test_a_corrupt_stream_is_one_line_naming_the_file_and_the_row(tmp_path, codec, damage, message):
     path = tmp_path / f"{codec}.h5"
