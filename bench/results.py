@@ -4,11 +4,13 @@
     python -m bench.results --full --selected                      # what docs/RESULTS.md reports
     python -m bench.results --full --selected --plot docs/results  # its figures and table
     python -m bench.results --methods dq --ratios 0.1 0.2 --codecs raw jpeg:90 jpeg:75 --hash-codecs webp-lossless png
+    python -m bench.results --methods dq --ratios 0.1 --seeds 0 1 2 --scorers gradcam++-flat-first pixel-std
 
 `--codecs` trains each grid point once per compact-store codec (`patches.codec`, `:quality` for the lossy
 ones). `--hash-codecs` writes the compact store with each lossless codec for every (ratio, seed) of the
 grid, without training, and compares the SHA-256 of its decoded training images with the first codec's:
 equal hashes mean equal training pixels, hence the same training run, so there is nothing to retrain.
+`--scorers` trains each compact grid point once per `patches.scorer`.
 
 The DVC route (`python -m dq.sweep queue/run/plot`) reruns each experiment in its own copy of the
 workspace. On a 2-core machine that is slow, so this script calls the very same stage entry points
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -73,6 +76,19 @@ def with_codecs(runs: list, specs: list[str] | None) -> list:
     return out
 
 
+def with_scorers(runs: list, scorers: list[str] | None) -> list:
+    """Every compact run once per patch scorer (`patches.scorer`), named `<run>-<scorer>`."""
+    if not scorers:
+        return runs
+    out = []
+    for name, overrides in runs:
+        if overrides["train"]["input"] != "compact":
+            out.append((name, overrides))
+            continue
+        out += [(f"{name}-{scorer}", deep_merge(overrides, {"patches": {"scorer": scorer}})) for scorer in scorers]
+    return out
+
+
 def images_sha256(path: Path) -> str:
     """SHA-256 of a compact store's decoded training images (uint8 [N, H, W, C], dropped pixels zero),
     its keep mask and its labels: what the train stage gives the MAE and the classifier."""
@@ -120,6 +136,23 @@ def experiment(name: str, folder: Path) -> Experiment:
                       stored_bytes=metrics["compact_bytes"], train_images=metrics.get("train_images"))
 
 
+def summary_table(finished: list[tuple[str, dict, dict]]) -> str:
+    """A Markdown table of finished runs grouped by everything but the seed: top-1 mean, min-max,
+    stored bytes and the seeds. `finished` holds (run name, params, train metrics)."""
+    groups: dict[str, list] = {}
+    for name, params, metrics in finished:
+        key = re.sub(r"-s\d+(?=-|$)", "", name)
+        groups.setdefault(key, []).append((params["seed"], metrics))
+    lines = ["| run | seeds | top-1 mean | min–max | stored bytes (mean) |", "|---|---|---:|---:|---:|"]
+    for key, rows in groups.items():
+        top1 = [m["top1"] for _, m in rows]
+        stored = sum(m["compact_bytes"] for _, m in rows) / len(rows)
+        seeds = " ".join(str(seed) for seed, _ in sorted(rows, key=lambda r: r[0]))
+        lines.append(f"| {key} | {seeds} | {sum(top1) / len(top1):.4f} | {min(top1):.4f}–{max(top1):.4f} "
+                     f"| {stored:,.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data"))
@@ -132,12 +165,14 @@ def main() -> None:
     parser.add_argument("--selected", action="store_true", help="add dq without patch dropping")
     parser.add_argument("--plot", type=Path, help="write figures and a table of the finished runs here")
     parser.add_argument("--codecs", nargs="+", help="train compact runs once per codec: raw, png, jpeg:90, ...")
+    parser.add_argument("--scorers", nargs="+", help="train compact runs once per patches.scorer")
+    parser.add_argument("--table", action="store_true", help="print a Markdown table of the finished runs")
     parser.add_argument("--hash-codecs", nargs="+", help="lossless codecs whose training pixels to hash, no training")
     args = parser.parse_args()
     base = yaml.safe_load(args.params.read_text())
     plain = grid(args.ratios, args.methods, args.seeds, args.full, args.selected)
-    runs = with_codecs(plain, args.codecs)
-    if args.plot is None:
+    runs = with_scorers(with_codecs(plain, args.codecs), args.scorers)
+    if args.plot is None and not args.table:
         for name, overrides in runs:
             folder = args.out / name
             if (folder / "train_metrics.json").exists():
@@ -150,6 +185,10 @@ def main() -> None:
             hash_codecs(args.data, args.out, base, plain, ([args.codecs[0]] if first else []) + args.hash_codecs)
     finished = [experiment(name, args.out / name) for name, _ in runs
                 if (args.out / name / "train_metrics.json").exists()]
+    if args.table:
+        print(summary_table([(name, yaml.safe_load((args.out / name / "params.yaml").read_text()),
+                              json.loads((args.out / name / "train_metrics.json").read_text()))
+                             for name, _ in runs if (args.out / name / "train_metrics.json").exists()]))
     if args.plot is not None:
         for path in write_results(args.plot, finished):
             print(f"results: wrote {path}")
