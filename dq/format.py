@@ -74,6 +74,7 @@ CHUNK_MIN = 10 * 1024
 CHUNK_TARGET = 64 * 1024  # small enough that one random read inflates few neighbours
 CHUNK_MAX = 1024 * 1024
 GZIP_LEVEL = 4
+READ_GAP = 64 * 1024  # bytes: streams closer than this are read in one HDF5 call (CompactFile.read_streams)
 READ_CACHE_BYTES = 64 * 1024 * 1024  # per dataset: the default run's whole file stays inflated
 VALIDATE_BLOCK_BYTES = 4 * 1024 * 1024
 
@@ -304,9 +305,21 @@ def check_crc(path: Path, streams: list, crcs: np.ndarray, rows: np.ndarray) -> 
 
 
 def masked(images: np.ndarray, keep: np.ndarray, patch_size: int) -> np.ndarray:
-    """images [B, H, W, C] with the pixels of dropped patches set to zero, as the raw layout reads."""
-    images[~pixel_keep(keep, patch_size, images.shape[1])] = 0
+    """images [B, H, W, C] (C-contiguous) with the pixels of dropped patches set to zero, in place, as the
+    raw layout reads; a multiply on the patch grid view, several times faster than a boolean mask."""
+    b, h, w, c = images.shape
+    grid = images.reshape(b, h // patch_size, patch_size, w // patch_size, patch_size, c)
+    grid *= np.asarray(keep, bool).reshape(b, h // patch_size, 1, w // patch_size, 1, 1)
     return images
+
+
+def _runs(starts: np.ndarray, stops: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """[first, last) positions of runs of sorted byte ranges whose gaps are at most `gap` bytes."""
+    if not len(starts):
+        return []
+    breaks = np.flatnonzero(starts[1:] - stops[:-1] > gap) + 1
+    edges = [0, *breaks.tolist(), len(starts)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,15 +478,19 @@ class CompactFile:
         return self._offsets
 
     def read_streams(self, rows: np.ndarray) -> list[np.ndarray]:
-        """The CRC-checked stream of each of the sorted `rows`: one read of their span when dense."""
+        """The CRC-checked stream of each of the sorted `rows`, read in as few HDF5 calls as is cheap.
+
+        Each call costs about as much as reading tens of kilobytes, so rows whose streams lie less than
+        READ_GAP bytes apart are read as one span and cut apart in memory.
+        """
         offsets, streams = self.offsets, self["streams"]
+        starts, stops = offsets[rows], offsets[np.asarray(rows) + 1]
+        out = []
         try:
-            if len(rows) and rows[-1] - rows[0] < 2 * len(rows):
-                base = int(offsets[rows[0]])
-                span = streams[base:int(offsets[rows[-1] + 1])]
-                out = [span[offsets[r] - base:offsets[r + 1] - base] for r in rows]
-            else:
-                out = [streams[int(offsets[r]):int(offsets[r + 1])] for r in rows]
+            for first, last in _runs(starts, stops, READ_GAP):
+                base = int(starts[first])
+                span = streams[base:int(stops[last - 1])]
+                out += [span[a - base:b - base] for a, b in zip(starts[first:last], stops[first:last])]
         except H5_OPEN_ERRORS as exc:
             raise DQError(f"{self.path}: dataset 'streams' cannot be read; the file is damaged "
                           f"({first_line(exc, 160)})") from None
