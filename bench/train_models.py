@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dq.prepared import read_prepared
+from dq.prepared import open_store
 from dq.params import TrainParams
-from dq.train import selected_training_set, train_classifier
+from dq.train import selected_training_set, split_images, train_classifier
 
 
 def main() -> None:
@@ -38,9 +38,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    prepared = read_prepared(args.prepared / "train")
-    test = read_prepared(args.prepared / "test")
-    rows = np.sort(np.random.default_rng(0).permutation(len(prepared.labels))[: args.images])
+    prepared = open_store(args.prepared / "train")  # read batch by batch, as the train stage does
+    test = split_images(open_store(args.prepared / "test"))
+    rows = np.sort(np.random.default_rng(0).permutation(len(prepared))[: args.images])
     train_set = selected_training_set(prepared, rows)
     base = None
     for name in args.models:

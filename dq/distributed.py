@@ -73,6 +73,12 @@ def broadcast_from_main(obj: Any) -> Any:
     return box[0]
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (a no-op in a single process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise sum over ranks, in place (the tensor lives on this rank's device)."""
     if world_size() > 1:

@@ -131,6 +131,36 @@ def _batches_by_count(counts: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return out
 
 
+MAP_CHUNK = 65536  # rows of keep mapped at a time: bounds the einsum's int64 temporaries
+
+
+def fill_batches(keep: np.ndarray, patch_size: int, image_size: int, model: MaskedAutoencoderViT,
+                 batch_size: int) -> list[np.ndarray]:
+    """The batches `reconstruct` fills: rows grouped by their kept count on the MAE's grid (stable order),
+    at most `batch_size` a batch, each batch's rows increasing. Needs only the keep masks [N, L]."""
+    cfg = model.config
+    keep = np.asarray(keep, dtype=bool)
+    counts = np.concatenate([map_keep(keep[s:s + MAP_CHUNK], image_size, patch_size, cfg.img_size,
+                                      cfg.patch_size).sum(axis=1) for s in range(0, len(keep), MAP_CHUNK)]
+                            or [np.zeros(0, np.int64)])
+    return _batches_by_count(counts, batch_size)
+
+
+@torch.no_grad()
+def fill_batch(model: MaskedAutoencoderViT, images: np.ndarray, keep: np.ndarray, patch_size: int,
+               device: torch.device) -> np.ndarray:
+    """One batch of `fill_batches`: uint8 [b, H, W, 3] (dropped pixels arbitrary) and its keep bool [b, L]
+    -> uint8 [b, H, W, 3], kept pixels exactly the input's. `model` is on `device`, in eval mode."""
+    cfg, h = model.config, images.shape[1]
+    keep_m = map_keep(keep, h, patch_size, cfg.img_size, cfg.patch_size)
+    x = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True), cfg)
+    with autocast(device):
+        filled = predict_images(model, x, torch.from_numpy(keep_m).to(device, non_blocking=True))
+    filled = resize(filled.float(), h).clamp_(0.0, 1.0)
+    filled = (filled * 255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return np.where(pixel_keep(keep, patch_size, h)[:, :, :, None], images, filled)
+
+
 @torch.no_grad()
 def reconstruct(model: MaskedAutoencoderViT, images: np.ndarray, keep: np.ndarray, patch_size: int, *,
                 batch_size: int = 256, device: torch.device | str | None = None,
@@ -138,7 +168,8 @@ def reconstruct(model: MaskedAutoencoderViT, images: np.ndarray, keep: np.ndarra
     """Fill the dropped patches of `images` with the MAE's prediction.
 
     images uint8 [N, H, W, 3] (dropped pixels arbitrary), keep bool [N, L] on the stored grid of
-    `patch_size` -> uint8 [N, H, W, 3] where every kept pixel equals the input exactly.
+    `patch_size` -> uint8 [N, H, W, 3] where every kept pixel equals the input exactly. In memory; the
+    train stage fills a store batch by batch (`fill_batches`, `fill_batch`: the same batches, the same bytes).
     """
     from tqdm import tqdm
 
@@ -150,20 +181,12 @@ def reconstruct(model: MaskedAutoencoderViT, images: np.ndarray, keep: np.ndarra
     if h % patch_size or keep.shape != (n, (h // patch_size) ** 2):
         raise ValueError(f"keep must be bool [N, {(h // patch_size) ** 2}] for {patch_size}-px patches on "
                          f"{h}-px images, got {list(keep.shape)}")
-    cfg = model.config
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
-    keep_m = map_keep(keep, h, patch_size, cfg.img_size, cfg.patch_size)
-    kept_px = pixel_keep(keep, patch_size, h)
     out = images.copy()
-    batches = _batches_by_count(keep_m.sum(axis=1), batch_size)
+    batches = fill_batches(keep, patch_size, h, model, batch_size)
     for rows in tqdm(batches, desc="mae reconstruct", unit="batch", disable=not progress, leave=False):
-        x = to_model_input(torch.from_numpy(images[rows]).to(device, non_blocking=True), cfg)
-        with autocast(device):
-            filled = predict_images(model, x, torch.from_numpy(keep_m[rows]).to(device, non_blocking=True))
-        filled = resize(filled.float(), h).clamp_(0.0, 1.0)
-        filled = (filled * 255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        out[rows] = np.where(kept_px[rows, :, :, None], images[rows], filled)
+        out[rows] = fill_batch(model, images[rows], keep[rows], patch_size, device)
     return out
 
 

@@ -465,6 +465,12 @@ class CompactFile:
             raise DQError(f"{self.path}: dataset '{name}' row {row} fails its checksum or cannot be "
                           f"decompressed; the file is damaged ({first_line(exc, 160)})") from None
 
+    def read_keep(self) -> np.ndarray:
+        """bool [N, L]: every keep mask, checked (exactly K True per row); a per-image vector, not images."""
+        keep = self.read("keep")
+        _check_keep(self.path, keep, self.header)
+        return keep
+
     @property
     def offsets(self) -> np.ndarray:
         """int64 [N + 1], checked: starts at 0, never decreases, ends at the length of `streams`."""

@@ -102,6 +102,12 @@ class DataPaths:
         """Not a DVC output, like `mae_resume`."""
         return self.root / "train_ckpt" / "last.pt"
 
+    @property
+    def train_fill(self) -> Path:
+        """The compact set filled by the MAE, cached across runs (dq.train_data); not a DVC output, like
+        `train_resume`: DVC would delete it before every run."""
+        return self.root / "train_fill"
+
     # report
     @property
     def report(self) -> Path:

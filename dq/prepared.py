@@ -9,7 +9,8 @@ Version 1 was one HDF5 file per split (`train.h5`: `images` uint8 [N, H, W, 3]).
 a line saying to rerun prepare; `read_images` and `read_labels` still read it, for old results.
 
 Readers open shards lazily, one handle per process (a DataLoader worker opens its own), and read only
-the rows asked for: nothing here loads a whole split of images unless asked to (`read_prepared`).
+the rows asked for: nothing here loads a whole split of images unless asked to (`read_prepared`,
+which no stage calls for images).
 """
 from __future__ import annotations
 
@@ -451,7 +452,8 @@ def verify_store(path: str | Path) -> StoreIndex:
 
 
 def read_prepared(path: str | Path, *, images: bool = True) -> Prepared:
-    """A whole version-2 split in memory (images decoded). Only for stages not yet streaming (mae, train)."""
+    """A whole version-2 split in memory (images decoded; `images=False`: labels only). No stage reads
+    images this way: they stream (`image_loader`, `dq.train_data`); tests and benchmarks do."""
     store = open_store(path)
     labels = store.labels()
     imgs = store.read() if images else np.empty((0,) + store.image_shape, np.uint8)

@@ -3,11 +3,21 @@
 A timm classifier is trained on one of three training sets (`train.input`) and scored on the whole
 prepared test set:
 
-- `compact`: the compact HDF5 store, its dropped patches filled in by the MAE. The fill happens ONCE per
-  run, before the first epoch, and the filled images stay in memory; kept pixels are the stored ones.
+- `compact`: the compact HDF5 store, its dropped patches filled in by the MAE. The fill happens ONCE,
+  before the first epoch, in batches streamed from the compact store, and its output is cached on disk
+  (`data/train_fill/`, keyed by the compact file's and the MAE's bytes; see `dq.train_data`), so a rerun
+  with the same inputs does not fill again; kept pixels are the stored ones.
 - `selected`: the selected rows (the compact file's `indices`) with all their original pixels, the
   ablation without patch dropping.
 - `full`: the whole prepared training set, the upper bound.
+
+Streaming. No split's images are ever held whole: the training set and the test set are row sources
+(`dq.train_data`), and every step reads only its batch's rows (sorted for the read, then put back in the
+batch's order) through a DataLoader of `runtime.num_workers` workers, each opening its own file handles.
+What is held whole is per image: labels, the compact rows' indices and keep masks. The channel
+statistics are exact integer sums over batches (the result does not depend on the order or the number
+of processes), and the resume fingerprint hashes the images batch by batch, the same bytes in the same
+order as hashing the whole arrays.
 
 Small images. timm's ResNets begin with a stride-2 stem and a max-pool, which leave a 32×32 image 8×8
 before the first stage. For a ResNet (any `timm.models.resnet.ResNet`) on images of at most 64 pixels,
@@ -31,9 +41,12 @@ DistributedDataParallel, one process per GPU. `train.batch_size` stays the GLOBA
 draws the same order and augmentation (the same generator) and trains on its contiguous part of each
 batch, and the loss is scaled so that the averaged gradient is the whole batch's mean gradient, as in
 one process; the recipe (lr, schedule, steps per epoch) does not change with the number of GPUs.
-What does change: BatchNorm normalises each rank's part with that part's statistics, and sums are
-reduced in another order. Rank 0's running statistics are copied to every rank before each
-evaluation, the test set is scored in shards and the counts summed, and only rank 0 writes checkpoints.
+Each rank reads only its part of each batch (the augmentation of the whole batch is drawn on every rank,
+then applied to the part), its shard of the rows for the channel statistics and for the evaluation,
+and its share of the MAE fill's batches. What does change: BatchNorm normalises each rank's part with
+that part's statistics, and sums are reduced in another order. Rank 0's running statistics are copied
+to every rank before each evaluation, the test set is scored in shards and the counts summed, and only
+rank 0 writes checkpoints (and hashes the data for their fingerprint).
 On CUDA the forward pass runs under bf16 autocast.
 
 Resume. After every epoch the model, optimizer, scheduler, torch RNG state and the per-epoch history
@@ -59,17 +72,19 @@ import torch.nn.functional as F
 from timm.models.resnet import ResNet
 from tqdm import tqdm
 
-from dq import distributed, fill
+from dq import distributed
 from dq import format as compact_format
+from dq import train_data
 from dq.checkpoint import read_torch, resume_state, save_atomic
 from dq.errors import DQError, first_line
-from dq.mae import load_mae
-from dq.prepared import Prepared
+from dq.prepared import Prepared, Store
 from dq.params import TrainParams
 from dq.runtime import autocast
+from dq.train_data import Rows, as_rows
 
 CIFAR_STEM_MAX_SIZE = 64
-EVAL_BATCH_SIZE = 500
+EVAL_BATCH_SIZE = 500  # also the batch of the channel statistics and of the fingerprint's reads
+FILL_BATCH_SIZE = 256  # images per MAE forward pass in the compact fill
 MIN_IMAGES_PER_RANK = 2  # BatchNorm cannot train on a single sample
 
 
@@ -77,16 +92,25 @@ MIN_IMAGES_PER_RANK = 2  # BatchNorm cannot train on a single sample
 class TrainingSet:
     """The images a classifier is trained on, and what storing them costs.
 
+    `images` is a row source (`dq.train_data`): it reads the rows a batch asks for, never the whole set.
     `kept_pixels` counts pixel positions (H×W, not ×C) that come from storage; `stored_bytes` is what
     the set occupies on disk (the compact file) or as raw uint8 arrays (`selected`, `full`).
     """
-    images: np.ndarray  # uint8 [N, H, W, 3]
+    images: Rows  # uint8 [N, H, W, 3], read by row
     labels: np.ndarray  # int64 [N]
     classes: list[str]
     input: str
     kept_pixels: int
     stored_bytes: int
     indices: np.ndarray | None = None  # int64 [N]: rows in the prepared training set (None: all rows)
+
+
+@dataclass
+class LabelledImages:
+    """A labelled split to score on: `images` a row source or a uint8 array [N, H, W, 3]."""
+    images: object
+    labels: np.ndarray  # int64 [N]
+    classes: list[str]
 
 
 @dataclass
@@ -114,39 +138,67 @@ class TrainResult:
 
 # --- training sets ----------------------------------------------------------------------------------
 
-
-def full_training_set(prepared: Prepared) -> TrainingSet:
-    n, h, w, _ = prepared.images.shape
-    return TrainingSet(prepared.images, prepared.labels, list(prepared.classes), "full",
-                       kept_pixels=n * h * w, stored_bytes=int(prepared.images.nbytes))
+PreparedSplit = Prepared | Store  # a split in memory (tests, benchmarks) or an opened version-2 store
 
 
-def selected_training_set(prepared: Prepared, indices: np.ndarray) -> TrainingSet:
+def split_images(split: PreparedSplit) -> LabelledImages:
+    """A prepared split as a labelled row source (a store is read by row; its labels are read whole)."""
+    if isinstance(split, Store):
+        return LabelledImages(train_data.StoreRows(split), split.labels(), split.classes)
+    return LabelledImages(train_data.ArrayRows(split.images), np.asarray(split.labels, np.int64),
+                          list(split.classes))
+
+
+def _raw_bytes(n: int, image_shape) -> int:
+    return int(n) * int(np.prod(image_shape))
+
+
+def full_training_set(prepared: PreparedSplit) -> TrainingSet:
+    split = split_images(prepared)
+    n, (h, w, _) = len(split.labels), split.images.image_shape
+    return TrainingSet(split.images, split.labels, split.classes, "full", kept_pixels=n * h * w,
+                       stored_bytes=_raw_bytes(n, split.images.image_shape))
+
+
+def selected_training_set(prepared: PreparedSplit, indices: np.ndarray) -> TrainingSet:
     """The rows `indices` of the prepared set with their original pixels."""
+    split = split_images(prepared)
     indices = np.asarray(indices, dtype=np.int64)
-    if indices.size and (indices.min() < 0 or indices.max() >= len(prepared.labels)):
-        raise DQError(f"selected indices must lie in [0, {len(prepared.labels) - 1}], "
+    if indices.size and (indices.min() < 0 or indices.max() >= len(split.labels)):
+        raise DQError(f"selected indices must lie in [0, {len(split.labels) - 1}], "
                       f"found {int(indices.min())}..{int(indices.max())}; rerun select and compress")
-    images = prepared.images[indices]
-    n, h, w, _ = images.shape
-    return TrainingSet(images, prepared.labels[indices], list(prepared.classes), "selected",
-                       kept_pixels=n * h * w, stored_bytes=int(images.nbytes), indices=indices)
+    n, (h, w, _) = indices.size, split.images.image_shape
+    return TrainingSet(split.images.subset(indices), split.labels[indices], split.classes, "selected",
+                       kept_pixels=n * h * w, stored_bytes=_raw_bytes(n, split.images.image_shape),
+                       indices=indices)
 
 
-def compact_training_set(compact_path: str | Path, mae_path: str | Path, *, device,
-                         batch_size: int = 256) -> TrainingSet:
-    """Read the compact store and fill its dropped patches with the MAE, once, into memory."""
+def compact_training_set(compact_path: str | Path, mae_path: str | Path, *, device, fill_cache: str | Path,
+                         batch_size: int | None = None, num_workers: int = 0,
+                         prepared_labels: np.ndarray | None = None) -> TrainingSet:
+    """The compact store with its dropped patches filled by the MAE: once, into the cache `fill_cache`.
+
+    With `prepared_labels` (the prepared training set's labels), the compact file's indices and labels
+    are checked against them before anything is filled.
+    """
     compact_path = Path(compact_path)
-    store = compact_format.read_compact(compact_path)
-    patch_size = store.header.patch_size
-    model = load_mae(mae_path)
-    filled = fill.reconstruct(model, store.images(), store.keep, patch_size, batch_size=batch_size,
-                              device=device, progress=distributed.is_main())
-    return TrainingSet(np.asarray(filled, dtype=np.uint8), np.asarray(store.labels, dtype=np.int64),
-                       list(store.header.classes), "compact",
-                       kept_pixels=int(store.keep.sum()) * patch_size * patch_size,
-                       stored_bytes=compact_path.stat().st_size,
-                       indices=np.asarray(store.indices, dtype=np.int64))
+    with compact_format.open_compact(compact_path) as cf:
+        header = cf.header
+        keep = cf.read_keep()
+        labels = np.asarray(cf.read("labels"), dtype=np.int64)
+        indices = np.asarray(cf.read("indices"), dtype=np.int64)
+    if prepared_labels is not None and indices.size and (
+            indices.min() < 0 or indices.max() >= len(prepared_labels)
+            or not np.array_equal(prepared_labels[indices], labels)):
+        raise DQError(f"{compact_path}: its indices and labels do not match the prepared training set; "
+                      "rerun the pipeline from compress")
+    images = train_data.filled_images(compact_path, mae_path, fill_cache, keep=keep, image_shape=header.image_shape,
+                                      patch_size=header.patch_size, device=device,
+                                      batch_size=batch_size or FILL_BATCH_SIZE, num_workers=num_workers)
+    patch = header.patch_size
+    return TrainingSet(images, labels, list(header.classes), "compact",
+                       kept_pixels=int(keep.sum()) * patch * patch, stored_bytes=compact_path.stat().st_size,
+                       indices=indices)
 
 
 def compact_indices(compact_path: str | Path) -> np.ndarray:
@@ -155,22 +207,20 @@ def compact_indices(compact_path: str | Path) -> np.ndarray:
         return np.asarray(cf.read("indices"), dtype=np.int64)
 
 
-def training_set(kind: str, prepared: Prepared, compact_path: str | Path, mae_path: str | Path, *,
-                 device) -> TrainingSet:
-    """The training set `train.input` names: compact, selected or full."""
+def training_set(kind: str, prepared: PreparedSplit, compact_path: str | Path, mae_path: str | Path, *,
+                 device, fill_cache: str | Path | None = None, num_workers: int = 0) -> TrainingSet:
+    """The training set `train.input` names: compact, selected or full (`fill_cache`: for compact)."""
     if kind == "full":
         return full_training_set(prepared)
     if kind == "selected":
         return selected_training_set(prepared, compact_indices(compact_path))
     if kind != "compact":
         raise DQError(f"train.input = {kind!r} is not allowed; expected one of compact, selected, full")
-    train_set = compact_training_set(compact_path, mae_path, device=device)
-    rows = train_set.indices
-    if rows.size and (rows.min() < 0 or rows.max() >= len(prepared.labels)
-                      or not np.array_equal(prepared.labels[rows], train_set.labels)):
-        raise DQError(f"{compact_path}: its indices and labels do not match the prepared training set; "
-                      "rerun the pipeline from compress")
-    return train_set
+    if fill_cache is None:
+        raise ValueError("train.input = compact needs a fill_cache folder")
+    labels = prepared.labels() if isinstance(prepared, Store) else np.asarray(prepared.labels, np.int64)
+    return compact_training_set(compact_path, mae_path, device=device, fill_cache=fill_cache,
+                                num_workers=num_workers, prepared_labels=labels)
 
 
 # --- model --------------------------------------------------------------------------------------------
@@ -209,28 +259,68 @@ def _first_conv(module):
 # --- tensors ------------------------------------------------------------------------------------------
 
 
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images [N, H, W, C], in [0, 1] units (float64 sums)."""
-    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    mean = x.mean(axis=0)
-    std = np.maximum(x.std(axis=0), 1e-3)  # a constant channel must not divide by zero
-    return [float(m) for m in mean], [float(s) for s in std]
+def channel_stats(images, *, batch_size: int | None = None, num_workers: int = 0,
+                  device=None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std of uint8 images [N, H, W, C], in [0, 1] units.
+
+    `images` is a row source or an array, read in batches. Each channel's histogram of values is summed
+    exactly in integers and the moments come from it in integer arithmetic (the mean rounded once, the
+    std twice: the variance, then its square root), so the result does not depend on the batches, their
+    order or the number of processes. It may differ from float64 sums over a whole array in the last
+    bits. Under torchrun each rank counts its shard of the rows and the histograms are summed (on `device`).
+    """
+    source = as_rows(images)
+    batch_size = batch_size or EVAL_BATCH_SIZE
+    channels = source.image_shape[-1]
+    rows = distributed.shard(len(source), batch_size, distributed.rank(), distributed.world_size())
+    hist = np.zeros((channels, 256), np.int64)
+    for batch in train_data.batches(source, train_data.consecutive(rows.start, rows.stop, batch_size), num_workers):
+        x = batch.numpy()
+        for c in range(channels):
+            hist[c] += np.bincount(x[..., c].reshape(-1), minlength=256)
+    hist = distributed.all_reduce_sum(torch.from_numpy(hist).to(device or "cpu")).cpu().numpy()
+    values = np.arange(256, dtype=object)
+    mean, std = [], []
+    for c in range(channels):
+        counts = hist[c].astype(object)
+        n, s1, s2 = int(counts.sum()), int((counts * values).sum()), int((counts * values * values).sum())
+        n = max(n, 1)
+        mean.append(s1 / (n * 255))  # Python int / int: correctly rounded
+        var = (n * s2 - s1 * s1) / (n * n * 255 * 255)
+        std.append(max(math.sqrt(var), 1e-3))  # a constant channel must not divide by zero
+    return mean, std
+
+
+def augment_draws(b: int, generator, padding: int, hflip: bool):
+    """The random numbers `augment` draws for a batch of b images, in its order: (dy, dx, flip), None where
+    the augmentation is off. Every rank draws them for the whole batch, and applies its part."""
+    dy = dx = flip = None
+    if padding > 0:
+        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    if hflip:
+        flip = torch.rand(b, generator=generator) < 0.5
+    return dy, dx, flip
+
+
+def apply_augment(images, draws, padding: int, part: slice = slice(None)):
+    """Random crop with zero padding and horizontal flip of uint8 [b, H, W, C], the images `part` of the
+    batch `draws` were drawn for; each image's result depends only on it and its own draws."""
+    dy, dx, flip = draws
+    b, h, w, _ = images.shape
+    if dy is not None:
+        padded = torch.nn.functional.pad(images, (0, 0, padding, padding, padding, padding))
+        rows = (dy[part][:, None] + torch.arange(h))[:, :, None]  # [B, H, 1]
+        cols = (dx[part][:, None] + torch.arange(w))[:, None, :]  # [B, 1, W]
+        images = padded[torch.arange(b)[:, None, None], rows, cols]  # [B, H, W, C]
+    if flip is not None:
+        images = torch.where(flip[part][:, None, None, None], images.flip(2), images)
+    return images
 
 
 def augment(images, generator, padding: int, hflip: bool):
     """Random crop with zero padding and random horizontal flip, on uint8 [B, H, W, C] → same shape."""
-    b, h, w, _ = images.shape
-    if padding > 0:
-        padded = torch.nn.functional.pad(images, (0, 0, padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h))[:, :, None]  # [B, H, 1]
-        cols = (dx[:, None] + torch.arange(w))[:, None, :]  # [B, 1, W]
-        images = padded[torch.arange(b)[:, None, None], rows, cols]  # [B, H, W, C]
-    if hflip:
-        flip = torch.rand(b, generator=generator) < 0.5
-        images = torch.where(flip[:, None, None, None], images.flip(2), images)
-    return images
+    return apply_augment(images, augment_draws(len(images), generator, padding, hflip), padding)
 
 
 def normalisation(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,30 +354,34 @@ def classifier_epoch_generator(seed: int, epoch: int):
 
 
 def train_classifier_epoch(model, optimizer, scheduler, images, labels, mean, std, config: TrainParams,
-                generator, device) -> tuple[float, float]:
+                           generator, device, num_workers: int = 0) -> tuple[float, float]:
     """One pass over the shuffled training set; returns (mean loss, accuracy) on the augmented batches.
 
-    images uint8 [N, H, W, C] and labels int64 [N] are CPU tensors. Under torchrun each rank trains on
-    its part of every batch (see the module docstring). A last batch too small to give every rank 2
-    images is skipped: BatchNorm cannot train on one sample. Loss and accuracy are summed on the device
-    and read once, at the end: a read per step would make the host wait for the GPU every step.
+    `images` is a row source (or a uint8 array or tensor [N, H, W, C]); labels int64 [N]. Each step reads
+    only its batch's rows (this rank's part of them), through `num_workers` DataLoader workers. Under
+    torchrun each rank trains on its part of every batch (see the module docstring). A last batch too
+    small to give every rank 2 images is skipped: BatchNorm cannot train on one sample. Loss and accuracy
+    are summed on the device and read once, at the end: a read per step would make the host wait for the
+    GPU every step.
     """
     model.train()
     device = torch.device(device)
     world, rank = distributed.world_size(), distributed.rank()
+    source = as_rows(images)
+    labels = torch.as_tensor(np.asarray(labels))
     norm = normalisation(mean, std, device)
     order = torch.randperm(len(labels), generator=generator)
+    steps = [order[start:start + config.batch_size] for start in range(0, len(order), config.batch_size)]
+    steps = [idx for idx in steps if len(idx) >= MIN_IMAGES_PER_RANK * world]
+    parts = [distributed.split(len(idx), rank, world) for idx in steps]
+    reads = [idx[part].numpy() for idx, part in zip(steps, parts)]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    for start in range(0, len(order), config.batch_size):
-        idx = order[start:start + config.batch_size]
-        if len(idx) < MIN_IMAGES_PER_RANK * world:
-            continue
-        batch = augment(images[idx], generator, config.crop_padding, config.hflip)
-        part = distributed.split(len(idx), rank, world)
-        x = to_input(batch[part], norm, device)
-        y = labels[idx[part]].to(device, non_blocking=True)
+    for idx, part, rows, raw in zip(steps, parts, reads, train_data.batches(source, reads, num_workers)):
+        draws = augment_draws(len(idx), generator, config.crop_padding, config.hflip)
+        x = to_input(apply_augment(raw, draws, config.crop_padding, part), norm, device)
+        y = labels[rows].to(device, non_blocking=True)
         with autocast(device):
             logits = model(x)
             loss, batch_loss_sum = _batch_loss(logits, y, len(idx), world)
@@ -316,24 +410,27 @@ def _batch_loss(logits, y, batch_images: int, world: int) -> tuple[torch.Tensor,
     return summed * (world / batch_images), summed.detach().double()
 
 
-def evaluate(model, images: np.ndarray, labels: np.ndarray, mean, std, num_classes: int, device,
-             batch_size: int = EVAL_BATCH_SIZE) -> Evaluation:
-    """Loss, top-1 and confusion matrix of `model` on uint8 images [N, H, W, C].
+def evaluate(model, images, labels: np.ndarray, mean, std, num_classes: int, device,
+             batch_size: int | None = None, num_workers: int = 0) -> Evaluation:
+    """Loss, top-1 and confusion matrix of `model` on uint8 images [N, H, W, C] (a row source or an array),
+    read batch by batch through `num_workers` DataLoader workers.
 
     `model` is the plain module, never the DistributedDataParallel wrapper. Under torchrun each rank
     scores a shard of whole batches and the sums are added up, so every rank returns the same numbers.
     """
     model.eval()
     device = torch.device(device)
+    source, labels = as_rows(images), np.asarray(labels)
+    batch_size = batch_size or EVAL_BATCH_SIZE
     norm = normalisation(mean, std, device)
     rows = distributed.shard(len(labels), batch_size, distributed.rank(), distributed.world_size())
+    reads = train_data.consecutive(rows.start, rows.stop, batch_size)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     with torch.inference_mode(), autocast(device):
-        for start in range(rows.start, rows.stop, batch_size):
-            stop = min(start + batch_size, rows.stop)
-            x = to_input(torch.from_numpy(images[start:stop]), norm, device)
-            y = torch.from_numpy(labels[start:stop]).to(device, non_blocking=True)
+        for batch_rows, batch in zip(reads, train_data.batches(source, reads, num_workers)):
+            x = to_input(batch, norm, device)
+            y = torch.from_numpy(labels[batch_rows]).to(device, non_blocking=True)
             logits = model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
@@ -358,22 +455,35 @@ def sgd_with_cosine_schedule(model, config: TrainParams, total_steps: int):
     return optimizer, scheduler
 
 
-def run_fingerprint(train_set: TrainingSet, test: Prepared, config: TrainParams, seed: int) -> str:
-    """What a checkpoint must match to be resumed: the params (but `resume`), seed and both data sets."""
+def run_fingerprint(train_set: TrainingSet, test, config: TrainParams, seed: int, *,
+                    num_workers: int = 0) -> str:
+    """What a checkpoint must match to be resumed: the params (but `resume`), seed and both data sets.
+
+    The images are hashed batch by batch: the bytes (and so the digest) of hashing whole arrays.
+    """
     h = hashlib.sha256()
     settings = {k: v for k, v in vars(config).items() if k != "resume"}
     h.update(json.dumps({"train": settings, "seed": seed}, sort_keys=True).encode())
-    for array in (train_set.images, train_set.labels, test.images, test.labels):
-        h.update(str(array.shape).encode())
-        h.update(np.ascontiguousarray(array).tobytes())
+    for images, labels in ((train_set.images, train_set.labels), (test.images, test.labels)):
+        source = as_rows(images)
+        h.update(str((len(source),) + tuple(source.image_shape)).encode())
+        for batch in train_data.batches(source, train_data.consecutive(0, len(source), EVAL_BATCH_SIZE),
+                                        num_workers):
+            h.update(batch.numpy().tobytes())
+        labels = np.ascontiguousarray(labels)
+        h.update(str(labels.shape).encode())
+        h.update(labels.tobytes())
     return h.hexdigest()
 
 
-def train_classifier(train_set: TrainingSet, test: Prepared, config: TrainParams, *, seed: int, device,
+def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed: int, device,
                      checkpoint: str | Path | None = None,
-                     on_epoch: Callable[[dict], None] | None = None, progress: bool = True) -> TrainResult:
+                     on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
+                     num_workers: int = 0) -> TrainResult:
     """Train `config.model` on `train_set`, scoring on `test` after every epoch.
 
+    `test` has `images` (a row source or a uint8 array), `labels` and `classes`: a `LabelledImages` or a
+    `Prepared`. Images are read batch by batch through `num_workers` DataLoader workers.
     `on_epoch` receives each epoch's record, including the epochs replayed from a resumed checkpoint,
     so a logger sees the same sequence as in an uninterrupted run. The returned model is on the CPU.
     Under torchrun every rank calls this and gets the same result; only rank 0 reads and writes
@@ -387,17 +497,21 @@ def train_classifier(train_set: TrainingSet, test: Prepared, config: TrainParams
     if len(train_set.labels) < 2:
         raise DQError(f"train.input = {train_set.input!r}: {len(train_set.labels)} training image(s); "
                       "at least 2 are needed (raise ratio)")
-    if tuple(train_set.images.shape[1:]) != tuple(test.images.shape[1:]):
-        raise DQError(f"training images {train_set.images.shape[1:]} and test images {test.images.shape[1:]} "
-                      "differ in size; rerun the pipeline from prepare")
+    train_images, test_images = as_rows(train_set.images), as_rows(test.images)
+    if tuple(train_images.image_shape) != tuple(test_images.image_shape):
+        raise DQError(f"training images {tuple(train_images.image_shape)} and test images "
+                      f"{tuple(test_images.image_shape)} differ in size; rerun the pipeline from prepare")
     num_classes = len(test.classes)
-    mean, std = channel_stats(train_set.images)
+    image_size = train_images.image_shape[0]
+    mean, std = channel_stats(train_images, num_workers=num_workers, device=device)
     torch.manual_seed(seed)
-    net = create_classifier(config.model, num_classes, train_set.images.shape[1])
+    net = create_classifier(config.model, num_classes, image_size)
     net = net.to(device).to(memory_format=torch.channels_last)
     total = config.epochs * steps_per_epoch(len(train_set.labels), config.batch_size, world)
     optimizer, scheduler = sgd_with_cosine_schedule(net, config, total)
-    fingerprint = run_fingerprint(train_set, test, config, seed)
+    fingerprint = None  # only rank 0 reads or writes the checkpoint, so only it hashes the data
+    if checkpoint is not None and distributed.is_main():
+        fingerprint = run_fingerprint(train_set, test, config, seed, num_workers=num_workers)
 
     history: list[dict] = []
     if config.resume and checkpoint is not None:
@@ -407,18 +521,17 @@ def train_classifier(train_set: TrainingSet, test: Prepared, config: TrainParams
         if on_epoch:
             on_epoch(record)
 
-    images = torch.from_numpy(np.ascontiguousarray(train_set.images))
-    labels = torch.from_numpy(np.ascontiguousarray(train_set.labels))
+    labels = np.ascontiguousarray(train_set.labels)
     final = None
     epochs = range(len(history), config.epochs)
     for epoch in tqdm(epochs, desc="train", unit="epoch", disable=not (progress and distributed.is_main()),
                       leave=False):
         generator = classifier_epoch_generator(seed, epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_classifier_epoch(model, optimizer, scheduler, images, labels, mean, std, config,
-                                            generator, device)
+        train_loss, train_acc = train_classifier_epoch(model, optimizer, scheduler, train_images, labels, mean, std,
+                                                       config, generator, device, num_workers=num_workers)
         distributed.broadcast_buffers(net)
-        final = evaluate(net, test.images, test.labels, mean, std, num_classes, device)
+        final = evaluate(net, test_images, test.labels, mean, std, num_classes, device, num_workers=num_workers)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                   "test_loss": final.loss, "test_acc": final.top1}
         history.append(record)
@@ -428,9 +541,9 @@ def train_classifier(train_set: TrainingSet, test: Prepared, config: TrainParams
         if on_epoch:
             on_epoch(record)
     if final is None:  # every epoch came from the checkpoint: score the restored model once more
-        final = evaluate(net, test.images, test.labels, mean, std, num_classes, device)
+        final = evaluate(net, test_images, test.labels, mean, std, num_classes, device, num_workers=num_workers)
     return TrainResult(net.cpu(), history, final, mean, std,
-                       meta={"cifar_stem": uses_cifar_stem(net, train_set.images.shape[1])})
+                       meta={"cifar_stem": uses_cifar_stem(net, image_size)})
 
 
 def _data_parallel(model, device):

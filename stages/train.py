@@ -4,13 +4,18 @@ Outputs: data/train/model.pt (weights and normalisation), data/train/evaluation.
 per-class accuracy, per-epoch history), data/train_metrics.json (the run's metrics, top level for
 `dvc exp show`) and DVCLive's per-epoch plots under data/train_live/. The resumable checkpoint
 data/train_ckpt/last.pt is deliberately not a DVC output, so it survives an interrupted run
-(`train.resume: true` continues from it; see dq/train.py).
+(`train.resume: true` continues from it; see dq/train.py). Nor is data/train_fill/, the cache of the
+compact set filled by the MAE (dq/train_data.py): a rerun on the same compact file and MAE reuses it.
+
+No split is read whole: the training and test images are read a batch of rows at a time from the
+prepared stores (and the fill cache) through DataLoaders of `runtime.num_workers` workers.
 
 Under torchrun (`python -m stages.launch train` with runtime.nproc > 1) every rank trains its part of
 each batch with DistributedDataParallel; rank 0 alone logs, checkpoints and writes the outputs.
 """
 from __future__ import annotations
 
+import math
 import sys
 
 from dq import distributed
@@ -18,9 +23,10 @@ from dq.errors import DQError, run_cli
 from dq.io import write_json
 from dq.live import live_logger
 from dq.paths import DataPaths
-from dq.prepared import read_prepared
+from dq.prepared import open_store
 from dq.runtime import device_for, seed_everything
-from dq.train import evaluation_record, save_classifier, train_classifier, train_metrics, training_set
+from dq.train import (evaluation_record, save_classifier, split_images, train_classifier, train_metrics,
+                      training_set)
 from stages.common import parse_args
 
 LIVE_METRICS = {"train/loss": "train_loss", "train/acc": "train_acc", "test/loss": "test_loss",
@@ -39,9 +45,11 @@ def _train(paths: DataPaths, params, device) -> None:
     """Every rank trains; rank 0 alone logs, checkpoints and writes the outputs."""
     tp = params.train
     main_rank = distributed.is_main()
-    prepared = read_prepared(paths.prepared_split("train"))
-    test = read_prepared(paths.prepared_split("test"))
-    train_set = training_set(tp.input, prepared, paths.compact, paths.mae_model, device=device)
+    workers = params.runtime.num_workers
+    prepared = open_store(paths.prepared_split("train"))
+    test = split_images(open_store(paths.prepared_split("test")))
+    train_set = training_set(tp.input, prepared, paths.compact, paths.mae_model, device=device,
+                             fill_cache=paths.train_fill, num_workers=workers)
     if list(train_set.classes) != list(test.classes):
         raise DQError(f"{paths.compact}: its classes differ from the prepared test "
                       "set's; rerun the pipeline from compress")
@@ -52,15 +60,16 @@ def _train(paths: DataPaths, params, device) -> None:
 
     live = live_logger(paths.train_live) if main_rank else None
     result = train_classifier(train_set, test, tp, seed=params.seed, device=device,
-                              checkpoint=paths.train_resume,
+                              checkpoint=paths.train_resume, num_workers=workers,
                               on_epoch=(lambda record: _log_epoch(live, record)) if main_rank else None)
     if not main_rank:
         return
     live.end()
 
-    save_classifier(paths.classifier, result, tp, test.classes, test.images.shape[1])
+    save_classifier(paths.classifier, result, tp, test.classes, test.images.image_shape[0])
     write_json(paths.evaluation, evaluation_record(result, test.classes))
-    metrics = train_metrics(result, train_set, tp, full_raw_bytes=int(prepared.images.nbytes))
+    full_raw_bytes = len(prepared) * math.prod(prepared.image_shape)  # the whole split as raw uint8
+    metrics = train_metrics(result, train_set, tp, full_raw_bytes=full_raw_bytes)
     write_json(paths.train_metrics, metrics)
     print(f"train: final-epoch top-1 {metrics['top1']:.4f} on {len(test.labels)} test images", file=sys.stderr)
 

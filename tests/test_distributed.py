@@ -19,7 +19,7 @@ from dq import distributed
 from dq import train as dq_train
 from dq.prepared import write_prepared
 from dq.params import TrainParams
-from tests.test_train import TINY, blobs, write_params
+from tests.test_train import TINY, blobs, make_pipeline_inputs, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("train/model.pt", "train/evaluation.json", "train_metrics.json", "train_live/plots/metrics/test/acc.tsv")
@@ -110,6 +110,44 @@ def test_only_rank_0_writes(two_ranks):
         assert f"os.rename {data / name}" in rank0, name  # atomic writes: temp file, then os.replace
     assert f"open {data / 'train_live'}" in rank0  # DVCLive's plots
     assert not list((two_ranks / "data").rglob(".*tmp*"))
+
+
+# Run by torchrun: fills the compact set in batches of 8 and logs each rank's batch sizes, then runs the stage.
+FILL_LOG = textwrap.dedent('''
+    import os, runpy, sys
+    from dq import fill, train
+    train.FILL_BATCH_SIZE = 8
+    log = open(os.path.join(os.environ["AUDIT_DIR"], "fill" + os.environ["RANK"] + ".txt"), "w")
+    real = fill.fill_batch
+
+    def logged(model, images, *args, **kwargs):
+        log.write(f"{len(images)}\\n")
+        log.flush()
+        return real(model, images, *args, **kwargs)
+
+    fill.fill_batch = logged
+    sys.argv = ["stages.train"] + sys.argv[1:]
+    runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
+''')
+
+
+def test_two_ranks_fill_the_compact_set_once_between_them(tmp_path):
+    """Each rank fills a disjoint share of the batches into one cache, the single process's bytes."""
+    data = tmp_path / "data"
+    keep = make_pipeline_inputs(data, (blobs(96, seed=1), blobs(40, seed=2)))
+    params = write_params(tmp_path / "params.yaml", input="compact", epochs=1)
+    (tmp_path / "fill_log.py").write_text(FILL_LOG)
+    (tmp_path / "audit").mkdir()
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+          str(tmp_path / "fill_log.py"), "--params", str(params), "--data", str(data)],
+         _env(AUDIT_DIR=str(tmp_path / "audit")))
+    shares = [[int(v) for v in (tmp_path / "audit" / f"fill{r}.txt").read_text().split()] for r in (0, 1)]
+    assert all(shares) and sum(map(sum, shares)) == len(keep), shares  # once in all, both ranks working
+    single = dq_train.compact_training_set(data / "compact" / "dataset.h5", data / "mae" / "model.pt",
+                                           device=torch.device("cpu"), fill_cache=tmp_path / "single", batch_size=8)
+    assert np.array_equal(np.load(data / "train_fill" / "images.npy"), single.images.read(np.arange(len(keep))))
+    assert json.loads((data / "train_metrics.json").read_text())["train_images"] == len(keep)
+    assert not list(data.rglob(".*tmp*"))
 
 
 def test_launch_with_nproc_2_runs_torchrun_and_repeats_the_run(two_ranks, tmp_path):

@@ -192,11 +192,11 @@ def write_params(path: Path, **train) -> Path:
     return path
 
 
-def make_pipeline_inputs(root: Path, data: tuple[Prepared, Prepared]) -> np.ndarray:
+def make_pipeline_inputs(root: Path, data: tuple[Prepared, Prepared], shard_images: int = 10000) -> np.ndarray:
     """prepared/, compact/dataset.h5 (every 2nd image, a quarter of patches dropped), mae/model.pt."""
     train, test = data
-    write_prepared(root / "prepared" / "train", train)
-    write_prepared(root / "prepared" / "test", test)
+    write_prepared(root / "prepared" / "train", train, shard_images=shard_images)
+    write_prepared(root / "prepared" / "test", test, shard_images=shard_images)
     indices = np.arange(0, len(train.labels), 2, dtype=np.int64)
     n, grid = len(indices), SIZE // 4
     rng = np.random.default_rng(0)
@@ -214,42 +214,54 @@ def make_pipeline_inputs(root: Path, data: tuple[Prepared, Prepared]) -> np.ndar
     return keep
 
 
+def count_fill_batches(monkeypatch) -> list[int]:
+    """Each MAE forward pass of the compact fill appends its batch size."""
+    calls = []
+    real = fill.fill_batch
+
+    def counting(model, images, *args, **kwargs):
+        calls.append(len(images))
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(fill, "fill_batch", counting)
+    return calls
+
+
 def test_compact_input_fills_once_and_keeps_stored_pixels(data, tmp_path, monkeypatch):
     keep = make_pipeline_inputs(tmp_path, data)
-    calls = []
-    real = fill.reconstruct
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fill, "reconstruct", counting)
+    calls = count_fill_batches(monkeypatch)
     train_set = dq_train.training_set("compact", data[0], tmp_path / "compact" / "dataset.h5",
-                                      tmp_path / "mae" / "model.pt", device=torch.device("cpu"))
-    assert len(calls) == 1
+                                      tmp_path / "mae" / "model.pt", device=torch.device("cpu"),
+                                      fill_cache=tmp_path / "direct_fill")
+    assert calls == [len(keep)]  # one batch: every row keeps 12 patches on the MAE's grid too
     original = data[0].images[::2]
+    filled = train_set.images.read(np.arange(len(keep)))
     kept_px = np.repeat(np.repeat(keep.reshape(-1, 4, 4), 4, axis=1), 4, axis=2)
-    assert np.array_equal(train_set.images[kept_px], original[kept_px])
+    assert np.array_equal(filled[kept_px], original[kept_px])
     assert train_set.kept_pixels == int(keep.sum()) * 16
     assert train_set.stored_bytes == (tmp_path / "compact" / "dataset.h5").stat().st_size
 
     params = write_params(tmp_path / "params.yaml", input="compact", epochs=1)
     calls.clear()
     train_stage.main(["--params", str(params), "--data", str(tmp_path)])
-    assert len(calls) == 1  # once per run, not once per epoch
+    assert calls == [len(keep)]  # once per run, not once per epoch
     metrics = json.loads((tmp_path / "train_metrics.json").read_text())
     assert metrics["input"] == "compact" and metrics["train_images"] == len(data[0].labels) // 2
     assert metrics["compact_bytes"] == train_set.stored_bytes
     assert metrics["kept_pixels"] == train_set.kept_pixels
+    assert np.array_equal(np.load(tmp_path / "train_fill" / "images.npy"), filled)
+    calls.clear()
+    train_stage.main(["--params", str(params), "--data", str(tmp_path)])
+    assert calls == []  # the next run reads the cache
 
 
 def test_selected_input_is_the_compact_rows_with_original_pixels(data, tmp_path):
     make_pipeline_inputs(tmp_path, data)
     selected = dq_train.training_set("selected", data[0], tmp_path / "compact" / "dataset.h5",
                                      tmp_path / "mae" / "model.pt", device=torch.device("cpu"))
-    assert np.array_equal(selected.images, data[0].images[::2])
+    assert np.array_equal(selected.images.read(np.arange(len(selected.labels))), data[0].images[::2])
     assert selected.kept_pixels == len(selected.labels) * SIZE * SIZE
-    assert selected.stored_bytes == selected.images.nbytes
+    assert selected.stored_bytes == data[0].images[::2].nbytes
 
 
 def test_stage_outputs_are_byte_identical_across_runs(data, tmp_path):
@@ -280,4 +292,160 @@ def test_a_compact_file_from_other_prepared_data_is_refused(data, tmp_path):
     other = Prepared(train.images, np.roll(train.labels, 1), train.classes, train.source)
     with pytest.raises(DQError, match="do not match the prepared training set"):
         dq_train.training_set("compact", other, tmp_path / "compact" / "dataset.h5", tmp_path / "mae" / "model.pt",
-                              device=torch.device("cpu"))
+                              device=torch.device("cpu"), fill_cache=tmp_path / "train_fill")
+    assert not (tmp_path / "train_fill").exists()  # refused before anything was filled
+
+
+# --- streaming: no read is larger than a batch, the fill is cached, results equal the in-memory path -----
+
+
+def test_channel_stats_are_exact_whatever_the_batches():
+    images = blobs(37, seed=4).images
+    mean, std = dq_train.channel_stats(images)
+    assert dq_train.channel_stats(images, batch_size=5) == (mean, std)
+    assert dq_train.channel_stats(dq_train.train_data.ArrayRows(images[::-1]), batch_size=3) == (mean, std)
+    x = images.reshape(-1, 3).astype(np.float64) / 255.0
+    assert np.allclose(mean, x.mean(axis=0), rtol=1e-12) and np.allclose(std, x.std(axis=0), rtol=1e-12)
+
+
+def test_no_train_read_is_larger_than_a_batch(tmp_path, monkeypatch):
+    """N = 300 training and 100 test images in shards of 40: for every train.input, the largest single
+    read of images (prepared stores, compact file, fill cache) is one batch (16 rows), the compact fill
+    included, and nothing builds a whole split in memory."""
+    from dq import train_data
+    from dq.format import CompactFile
+    from dq.prepared import Store
+
+    batch = 16
+    make_pipeline_inputs(tmp_path, (blobs(300, seed=1), blobs(100, seed=2)), shard_images=40)
+    monkeypatch.setattr(dq_train, "EVAL_BATCH_SIZE", batch)
+    monkeypatch.setattr(dq_train, "FILL_BATCH_SIZE", batch)
+    largest: dict[str, list[int]] = {}
+
+    def recording(cls, name, what):
+        real = getattr(cls, name)
+
+        def wrapper(self, rows, *args, **kwargs):
+            largest.setdefault(what, []).append(len(np.asarray(rows).reshape(-1)))
+            return real(self, rows, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+    recording(Store, "streams", "prepared")
+    recording(CompactFile, "read_images", "compact")
+    recording(train_data.FilledRows, "_read_sorted", "fill cache")
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the train stage held a whole split")
+
+    monkeypatch.setattr(Store, "read", whole)
+    monkeypatch.setattr(train_data.ArrayRows, "__init__", whole)
+    monkeypatch.setattr(dq_train.compact_format, "read_compact", whole)
+    for kind, readers in (("full", {"prepared"}), ("selected", {"prepared"}),
+                          ("compact", {"prepared", "compact", "fill cache"})):
+        largest.clear()
+        params = write_params(tmp_path / "params.yaml", input=kind, epochs=1, batch_size=batch)
+        train_stage.main(["--params", str(params), "--data", str(tmp_path)])
+        assert set(largest) == readers, kind  # compact: the test set is still read from its store
+        assert max(max(sizes) for sizes in largest.values()) == batch, (kind, largest)
+        assert json.loads((tmp_path / "train_metrics.json").read_text())["train_images"] == (
+            300 if kind == "full" else 150)
+
+
+def test_the_fill_cache_is_reused_and_refilled_when_its_inputs_change(data, tmp_path, monkeypatch):
+    keep = make_pipeline_inputs(tmp_path, data)
+    compact, mae_path, cache = tmp_path / "compact" / "dataset.h5", tmp_path / "mae" / "model.pt", tmp_path / "fill"
+    calls = count_fill_batches(monkeypatch)
+
+    def filled() -> np.ndarray:
+        train_set = dq_train.compact_training_set(compact, mae_path, device=torch.device("cpu"), fill_cache=cache)
+        return train_set.images.read(np.arange(len(train_set.labels)))
+
+    first = filled()
+    key = (cache / "key.json").read_text()
+    assert calls == [len(keep)]
+    calls.clear()
+    assert np.array_equal(filled(), first) and calls == []  # reused: the MAE is not called
+
+    # the filled images are the in-memory fill's, bit for bit
+    model = dq_mae.load_mae(mae_path)
+    stored = np.where(np.repeat(np.repeat(keep.reshape(-1, 4, 4), 4, 1), 4, 2)[..., None], data[0].images[::2], 0)
+    assert np.array_equal(fill.reconstruct(model, stored.astype(np.uint8), keep, 4, progress=False), first)
+    calls.clear()
+
+    # another MAE: filled again, with other pixels
+    torch.manual_seed(1)
+    torch.save(dq_mae.checkpoint_dict(dq_mae.create_mae("mae_vit_micro_patch4", img_size=SIZE), "mae_vit_micro_patch4"),
+               mae_path)
+    other_mae = filled()
+    assert calls == [len(keep)] and not np.array_equal(other_mae, first)
+    assert (cache / "key.json").read_text() != key
+
+    # another compact file (other patches kept): filled again
+    calls.clear()
+    make_pipeline_inputs(tmp_path / "other", data)
+    scores = np.random.default_rng(5).random(keep.shape).astype(np.float32)
+    other_keep = np.zeros_like(keep)
+    np.put_along_axis(other_keep, np.argsort(-scores, axis=1)[:, :12], True, axis=1)
+    header = Header(image_size=SIZE, patch_size=4, channels=3, drop=0.25, ratio=0.5, classes=data[0].classes,
+                    source="synthetic")
+    rows = np.arange(0, len(data[0].labels), 2)
+    write_compact(compact, header, data[0].images[rows], other_keep, data[0].labels[rows], rows,
+                  np.zeros(len(rows), np.int32), scores)
+    other_compact = filled()
+    assert calls == [len(keep)] and not np.array_equal(other_compact, other_mae)
+
+    # a damaged cache is filled again, not read
+    calls.clear()
+    images_npy = cache / "images.npy"
+    images_npy.write_bytes(images_npy.read_bytes()[:-10])
+    assert np.array_equal(filled(), other_compact) and calls == [len(keep)]
+
+    # a fill that fails leaves the last complete cache as it was, and no temporary
+    saved = {p.name: p.read_bytes() for p in cache.iterdir()}
+    torch.manual_seed(2)
+    torch.save(dq_mae.checkpoint_dict(dq_mae.create_mae("mae_vit_micro_patch4", img_size=SIZE), "mae_vit_micro_patch4"),
+               mae_path)
+
+    def failing(*args, **kwargs):
+        raise DQError("fill failed")
+
+    monkeypatch.setattr(fill, "fill_batch", failing)
+    with pytest.raises(DQError, match="fill failed"):
+        filled()
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == saved
+    assert not list(tmp_path.glob(".fill.tmp-*"))
+
+    # a damaged MAE file is one line naming it
+    mae_path.write_bytes(b"not a model")
+    with pytest.raises(DQError, match="model.pt: not a readable"):
+        filled()
+
+
+def test_training_streamed_from_the_stores_equals_training_in_memory(data, baseline, tmp_path):
+    """The same numbers and model bytes from the prepared stores (shards of 40, with and without
+    DataLoader workers) as from arrays in memory; likewise for the selected and compact inputs."""
+    from dq.prepared import open_store
+
+    make_pipeline_inputs(tmp_path, data, shard_images=40)
+    train_store, test = open_store(tmp_path / "prepared" / "train"), open_store(tmp_path / "prepared" / "test")
+    streamed_test = dq_train.split_images(test)
+    for workers in (0, 2):
+        streamed = dq_train.train_classifier(dq_train.full_training_set(train_store), streamed_test, TINY, seed=0,
+                                             device=torch.device("cpu"), progress=False, num_workers=workers)
+        assert streamed.history == baseline.history
+        assert state_bytes(streamed, tmp_path, "s.pt") == state_bytes(baseline, tmp_path, "b.pt")
+
+    one = dataclasses.replace(TINY, epochs=1)
+    compact, mae_path = tmp_path / "compact" / "dataset.h5", tmp_path / "mae" / "model.pt"
+    for kind in ("selected", "compact"):
+        from_store = dq_train.training_set(kind, train_store, compact, mae_path, device=torch.device("cpu"),
+                                           fill_cache=tmp_path / "fill")
+        in_memory = dq_train.training_set(kind, data[0], compact, mae_path, device=torch.device("cpu"),
+                                          fill_cache=tmp_path / "fill")
+        images = in_memory.images.read(np.arange(len(in_memory.labels)))
+        in_memory = dataclasses.replace(in_memory, images=images)  # a plain array, as before streaming
+        a = dq_train.train_classifier(from_store, streamed_test, one, seed=0, device=torch.device("cpu"),
+                                      progress=False)
+        b = dq_train.train_classifier(in_memory, data[1], one, seed=0, device=torch.device("cpu"), progress=False)
+        assert a.history == b.history and a.mean == b.mean and a.std == b.std, kind
