@@ -310,3 +310,20 @@ def test_compress_stage_never_reads_more_than_a_batch(tmp_path, monkeypatch):
     np.testing.assert_array_equal(data.indices, indices)
     kept = data.keep.reshape(64, 8, 8).repeat(4, axis=1).repeat(4, axis=2)
     np.testing.assert_array_equal(data.images()[kept], smooth_images(n, 32, 3)[indices][kept])
+
+
+def test_a_bad_stream_read_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
+    """torch re-raises a worker's DQError with the worker's traceback in its message: run_cli prints the
+    original line, naming the shard and the row."""
+    from dq.errors import run_cli
+
+    write_prepared(tmp_path / "train", _split(12), shard_images=5)
+    with h5py.File(tmp_path / "train" / "shard-00001.h5", "r+") as f:
+        offsets = f["offsets"][...]
+        f["streams"][offsets[1]:offsets[2]] = 0  # row 6
+    store = open_store(tmp_path / "train")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: list(image_loader(store, batch_size=4, num_workers=1)))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'train' / 'shard-00001.h5'}: row 6: "), err
