@@ -7,6 +7,12 @@ The steps, one function each:
     keep_mask         scores [N, L] → bool [N, L], the K = L - round(drop * L) highest scores
     probe_metrics     the probe's top-1 on the kept images with dropped patches zeroed, for the
                       scorer's masks and for random and highest-pixel-std masks with the same K
+                      (`ProbeCounts`: the same, batch by batch)
+
+Everything works batch by batch, so the compress stage streams: `score_batches` runs the CAM pass over
+(images, labels, positions) batches from the prepared store, hands each scored batch to `ProbeCounts`,
+`FigureSamples` (the few images the figure shows) and the compact writer, and keeps only the scores and
+keep masks. Each image gets the same scores, masks and metrics whatever the batches around it.
 
 Scorers (`patches.scorer`), pytorch-grad-cam's BaseCAM style: `PatchScorer` owns the machinery (maps to
 patch scores), each variant overrides `maps` only:
@@ -259,20 +265,27 @@ def keep_mask(scores: np.ndarray, drop: float) -> np.ndarray:
 
 
 class PatchScorer:
-    """Images → importance maps → patch scores → keep masks. Subclasses override `maps` only."""
+    """Images → importance maps → patch scores → keep masks. Subclasses override `maps` only.
+
+    Scorers work batch by batch: `positions` are the batch's places in the whole scored set (0..n-1,
+    default 0..len-1, i.e. the batch is the set), and every scorer gives each image the same scores
+    whatever the batches around it (the random scorer draws row `position` of its seeded [n, L] draw;
+    GradCAM++ maps each image on its own, up to float order inside a batch).
+    """
 
     name = ""
 
     def __init__(self, patch_size: int):
         self.patch_size = patch_size
 
-    def maps(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def maps(self, images: np.ndarray, labels: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
         """uint8 images [N, H, W, 3], int labels [N] → float32 [N, H, W]; higher = keep first."""
         raise NotImplementedError
 
-    def scores(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, images: np.ndarray, labels: np.ndarray,
+               positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(maps float32 [N, H, W], patch scores float32 [N, L])."""
-        maps = self.maps(images, labels)
+        maps = self.maps(images, labels, positions)
         return maps, patch_scores(maps, self.patch_size)
 
 
@@ -302,12 +315,47 @@ def random_scores(n: int, num_patches: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random((n, num_patches), dtype=np.float32)
 
 
+class RandomRows:
+    """Rows of `random_scores(n, L, seed)` on demand, for any n, without drawing the whole [n, L].
+
+    Consecutive draws of one generator continue one stream (tests/test_cam.py checks it), so asking for
+    rows in increasing order draws each value once; rows before the last one asked for restart the
+    stream, and rows further on skip ahead in blocks.
+    """
+
+    SKIP_BLOCK = 1 << 20  # values drawn and dropped at a time when skipping ahead
+
+    def __init__(self, num_patches: int, seed: int):
+        self.num_patches, self.seed = num_patches, seed
+        self._restart()
+
+    def _restart(self) -> None:
+        self._rng, self._next = np.random.default_rng(self.seed), 0
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """float32 [len(positions), L]: the rows `positions` of the seeded draw."""
+        positions = np.asarray(positions, np.int64).reshape(-1)
+        if positions.size == 0:
+            return np.zeros((0, self.num_patches), np.float32)
+        first, last = int(positions.min()), int(positions.max()) + 1
+        if first < self._next:
+            self._restart()
+        step = max(1, self.SKIP_BLOCK // max(self.num_patches, 1))
+        while self._next < first:
+            take = min(step, first - self._next)
+            self._rng.random((take, self.num_patches), dtype=np.float32)
+            self._next += take
+        block = self._rng.random((last - first, self.num_patches), dtype=np.float32)
+        self._next = last
+        return block[positions - first]
+
+
 class PixelStd(PatchScorer):
     """Keeps the patches whose pixels vary most: edges and texture, not flat background."""
 
     name = "pixel-std"
 
-    def maps(self, images, labels):
+    def maps(self, images, labels, positions=None):
         rows, cols = grid_of(images.shape[1], self.patch_size)
         values = pixel_std_scores(images, self.patch_size).reshape(len(images), rows, cols)
         return _per_patch_map(values / MAX_UINT8_STD, self.patch_size)
@@ -321,10 +369,14 @@ class RandomScores(PatchScorer):
     def __init__(self, patch_size: int, seed: int):
         super().__init__(patch_size)
         self.seed = seed
+        self._rows: RandomRows | None = None
 
-    def maps(self, images, labels):
+    def maps(self, images, labels, positions=None):
         rows, cols = grid_of(images.shape[1], self.patch_size)
-        values = random_scores(len(images), rows * cols, self.seed).reshape(len(images), rows, cols)
+        if self._rows is None or self._rows.num_patches != rows * cols:
+            self._rows = RandomRows(rows * cols, self.seed)
+        positions = np.arange(len(images)) if positions is None else positions
+        values = self._rows.rows(positions).reshape(len(images), rows, cols)
         return _per_patch_map(values, self.patch_size)
 
 
@@ -339,7 +391,7 @@ class GradCamPlusPlus(PatchScorer):
         self.model, self.layer, self.input_size = model, layer, input_size
         self.batch_size, self.device, self.progress = batch_size, device, progress
 
-    def maps(self, images, labels):
+    def maps(self, images, labels, positions=None):
         return attention_maps(self.model, self.layer, images, labels, self.input_size, self.batch_size,
                               self.device, progress=self.progress)
 
@@ -349,11 +401,11 @@ class GradCamFlatFirst(GradCamPlusPlus):
 
     name = "gradcam++-flat-first"
 
-    def maps(self, images, labels):
+    def maps(self, images, labels, positions=None):
         rows, cols = grid_of(images.shape[1], self.patch_size)
         content = ~flat_patches(images, self.patch_size).reshape(len(images), rows, cols)
         # [0, 1/3] on flat patches, [2/3, 1] on the rest (no tie across the groups): GradCAM++'s order within each
-        return (super().maps(images, labels) + 2 * _per_patch_map(content, self.patch_size)) / 3
+        return (super().maps(images, labels, positions) + 2 * _per_patch_map(content, self.patch_size)) / 3
 
 
 def create_scorer(name: str, patch_size: int, *, seed: int = 0, model: nn.Module | None = None,
@@ -382,24 +434,76 @@ def zero_dropped(images: np.ndarray, keep: np.ndarray, patch_size: int) -> np.nd
 
 
 @torch.no_grad()
+def _probe_hits(model: nn.Module, images: np.ndarray, labels: np.ndarray, input_size: int,
+                device: torch.device | str, mean, std) -> int:
+    """How many of one batch of uint8 images [b, H, W, 3] the model (in eval mode) puts in their class."""
+    from dq.backbones import preprocess
+
+    if len(images) == 0:
+        return 0
+    x = preprocess(images, input_size, mean=mean, std=std, device=device)
+    return int((model(x).argmax(1).cpu().numpy() == np.asarray(labels)).sum())
+
+
 def probe_top1(model: nn.Module, images: np.ndarray, labels: np.ndarray, input_size: int, batch_size: int,
                device: torch.device | str = "cpu") -> float:
     """Share of uint8 images [N, H, W, 3] whose argmax logit of `model` (backbone + probe) is the label.
 
     Preprocessed as in the features stage: resized to input_size, normalised with the model's own mean/std.
     """
-    from dq.backbones import normalization, preprocess
+    from dq.backbones import normalization
 
     if len(images) == 0:
         return 0.0
     model = model.eval().to(device)
     mean, std = normalization(model)
-    hits = 0
-    for start in range(0, len(images), batch_size):
-        x = preprocess(images[start:start + batch_size], input_size, mean=mean, std=std, device=device)
-        predicted = model(x).argmax(1).cpu().numpy()
-        hits += int((predicted == labels[start:start + batch_size]).sum())
+    hits = sum(_probe_hits(model, images[s:s + batch_size], labels[s:s + batch_size], input_size, device, mean, std)
+               for s in range(0, len(images), batch_size))
     return hits / len(images)
+
+
+PROBE_MASKS = ("kept", "random_keep", "std_keep")
+
+
+class ProbeCounts:
+    """`probe_metrics` batch by batch: `add` each batch, then `metrics()`; holds five counts, no images.
+
+    `counts` is int64 [5]: images seen, then the probe's hits on the full images and on the images kept
+    with the scorer's masks, random masks and highest-pixel-std masks of the same K (dropped patches
+    zeroed). Sums of `counts` over processes (torchrun ranks) are the counts of the whole set. The
+    random masks are rows `positions` of the random scorer's seeded draw, the pixel-std masks those the
+    pixel-std scorer stores: the same masks whatever the batches.
+    """
+
+    def __init__(self, model: nn.Module, patch_size: int, input_size: int, drop: float,
+                 device: torch.device | str = "cpu", *, seed: int = 0):
+        from dq.backbones import normalization
+
+        self.model = model.eval().to(device)
+        self.mean, self.std = normalization(self.model)
+        self.patch_size, self.input_size, self.drop, self.device = patch_size, input_size, drop, device
+        self.random, self.pixel_std = RandomScores(patch_size, seed), PixelStd(patch_size)
+        self.counts = np.zeros(1 + 1 + len(PROBE_MASKS), np.int64)
+
+    @torch.no_grad()
+    def add(self, images: np.ndarray, labels: np.ndarray, keep: np.ndarray, positions: np.ndarray) -> None:
+        """One batch: uint8 images [b, H, W, 3], labels [b], the scorer's keep [b, L], positions [b]."""
+        masks = {"kept": keep,
+                 "random_keep": keep_mask(self.random.scores(images, labels, positions)[1], self.drop),
+                 "std_keep": keep_mask(self.pixel_std.scores(images, labels)[1], self.drop)}
+        hits = [self._hits(images, labels)]
+        hits += [self._hits(zero_dropped(images, masks[name], self.patch_size), labels) for name in PROBE_MASKS]
+        self.counts += np.asarray([len(images)] + hits, np.int64)
+
+    def _hits(self, images: np.ndarray, labels: np.ndarray) -> int:
+        return _probe_hits(self.model, images, labels, self.input_size, self.device, self.mean, self.std)
+
+    def metrics(self, counts: np.ndarray | None = None) -> dict[str, float]:
+        """The probe's top-1 shares from `counts` (default this object's), rounded to 4 digits."""
+        counts = self.counts if counts is None else np.asarray(counts)
+        n = int(counts[0])
+        names = ("full",) + PROBE_MASKS
+        return {f"probe_top1_{name}": round(int(hits) / n if n else 0.0, 4) for name, hits in zip(names, counts[1:])}
 
 
 def probe_metrics(model: nn.Module, images: np.ndarray, labels: np.ndarray, keep: np.ndarray, patch_size: int,
@@ -407,18 +511,14 @@ def probe_metrics(model: nn.Module, images: np.ndarray, labels: np.ndarray, keep
                   seed: int = 0) -> dict[str, float]:
     """The probe's top-1 on full images, and on images kept with `keep` [N, L], random and highest-pixel-std
     masks of the same K (dropped patches zeroed). A scorer earns its place when `probe_top1_kept` beats
-    `probe_top1_random_keep` and reaches `probe_top1_std_keep`."""
+    `probe_top1_random_keep` and reaches `probe_top1_std_keep`. The whole-array form of `ProbeCounts`."""
     n, num_patches = keep.shape
     drop = 1.0 - float(keep[0].sum()) / num_patches if n else 0.0
-    # the baselines' masks are exactly those the random and pixel-std scorers would store
-    masks = {"kept": keep,
-             "random_keep": keep_mask(RandomScores(patch_size, seed).scores(images, labels)[1], drop),
-             "std_keep": keep_mask(PixelStd(patch_size).scores(images, labels)[1], drop)}
-    out = {"probe_top1_full": probe_top1(model, images, labels, input_size, batch_size, device)}
-    for name, mask in masks.items():
-        out[f"probe_top1_{name}"] = probe_top1(model, zero_dropped(images, mask, patch_size), labels, input_size,
-                                               batch_size, device)
-    return {k: round(v, 4) for k, v in out.items()}
+    counts = ProbeCounts(model, patch_size, input_size, drop, device, seed=seed)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
+        counts.add(images[rows], labels[rows], keep[rows], rows)
+    return counts.metrics()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,6 +530,54 @@ def figure_rows(labels: np.ndarray, count: int = 8) -> np.ndarray:
     firsts = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)][:count]
     rest = [i for i in range(len(labels)) if i not in set(firsts)][:count - len(firsts)]
     return np.asarray(sorted(firsts + rest), dtype=np.int64)
+
+
+class FigureSamples:
+    """The few images the figure shows (`figure_rows` of all the labels), picked out while batches pass."""
+
+    def __init__(self, positions: np.ndarray):
+        self.wanted = np.asarray(positions, np.int64)
+        self.positions, self.images, self.maps, self.keep = [], [], [], []
+
+    def add(self, positions: np.ndarray, images: np.ndarray, maps: np.ndarray, keep: np.ndarray) -> None:
+        take = np.flatnonzero(np.isin(positions, self.wanted))
+        for name, values in (("positions", positions), ("images", images), ("maps", maps), ("keep", keep)):
+            getattr(self, name).append(np.asarray(values)[take])
+
+    def arrays(self, image_shape: tuple[int, ...], num_patches: int) -> tuple[np.ndarray, ...]:
+        """(positions int64 [m], images uint8 [m, H, W, C], maps float32 [m, H, W], keep bool [m, L]) so far."""
+        empty = (np.zeros(0, np.int64), np.zeros((0,) + tuple(image_shape), np.uint8),
+                 np.zeros((0,) + tuple(image_shape[:2]), np.float32), np.zeros((0, num_patches), bool))
+        if not self.positions:
+            return empty
+        return tuple(np.concatenate(parts) for parts in (self.positions, self.images, self.maps, self.keep))
+
+
+def score_batches(scorer: PatchScorer, batches: Iterable, drop: float, num_patches: int, *,
+                  probe: ProbeCounts | None = None, figure: FigureSamples | None = None,
+                  on_batch=None) -> tuple[np.ndarray, np.ndarray]:
+    """The compress CAM pass over (uint8 images [b, H, W, 3], labels [b], positions [b]) batches.
+
+    Each batch is scored, its keep mask chosen (`keep_mask`), then handed to `probe`, `figure` and
+    `on_batch(images, labels, positions, scores, keep)` (the compact writer), and let go: only the scores
+    and keep masks stay. Returns (scores float32 [n, L], keep bool [n, L]) of the batches, in order.
+    """
+    all_scores, all_keep = [], []
+    for images, labels, positions in batches:
+        images, labels, positions = np.asarray(images), np.asarray(labels), np.asarray(positions)
+        maps, scores = scorer.scores(images, labels, positions)
+        keep = keep_mask(scores, drop)
+        if probe is not None:
+            probe.add(images, labels, keep, positions)
+        if figure is not None:
+            figure.add(positions, images, maps, keep)
+        if on_batch is not None:
+            on_batch(images, labels, positions, scores, keep)
+        all_scores.append(scores)
+        all_keep.append(keep)
+    if not all_scores:  # a torchrun rank with no rows
+        return np.zeros((0, num_patches), np.float32), np.zeros((0, num_patches), bool)
+    return np.concatenate(all_scores), np.concatenate(all_keep)
 
 
 def plot_patches(path, images: np.ndarray, maps: np.ndarray, keep: np.ndarray, patch_size: int,

@@ -1,4 +1,4 @@
-"""The few collective operations the distributed stages (features, train) need, and the row shards.
+"""The few collective operations the distributed stages (features, the compress CAM pass, train) need, and the row shards.
 
 torchrun starts one process per GPU (or per CPU slot) and tells each its place through the environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). `process_group(device)` joins the group when

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable
 
@@ -31,6 +32,22 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
+def worker_message(exc: BaseException) -> str:
+    """The message of an error, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception in the main process as the same type whose message is
+    "Caught X in DataLoader worker process k." followed by the worker's whole traceback; the original
+    message is the traceback's last line, after "module.X: ".
+    """
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        match = re.match(r"^[\w.]+: (.*)$", last)
+        if match:
+            return match.group(1)
+    return text
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Call `main` and turn a DQError (or an OSError such as a full disk) into one error line."""
     _log_stage_start()
@@ -40,7 +57,7 @@ def run_cli(main: Callable[[], None]) -> None:
     try:
         main()
     except DQError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {worker_message(exc)}", file=sys.stderr)
         raise SystemExit(1) from None
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""

@@ -21,7 +21,7 @@ H5_OPEN_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
 # Below this much free space a failed write is taken for a full disk: numpy, torch and HDF5 report
 # ENOSPC as "requested and written", "file write failed" or a RuntimeError without an errno.
 DISK_FULL_BYTES = 1024 * 1024
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(\.old)?$")
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(\.old|\.part)?$")
 
 
 @contextlib.contextmanager
@@ -73,7 +73,8 @@ def _replace(tmp: Path, path: Path) -> None:
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Remove `.<name>.tmp-<pid>[.old]` beside `path` whose process no longer runs (a killed stage's temps)."""
+    """Remove `.<name>.tmp-<pid>[.old|.part]` beside `path` whose process no longer runs (a killed stage's temps;
+    `.part` is a writer's side file, such as dq.format.CompactWriter's spooled streams)."""
     path = Path(path)
     removed = []
     if not path.parent.is_dir():

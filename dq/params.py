@@ -202,7 +202,7 @@ class TrainParams(_Section):
 @dataclass(frozen=True)
 class RuntimeParams(_Section):
     device: str = "auto"  # auto: CUDA when present, else CPU
-    nproc: int = 1  # processes per machine for features and train (torchrun when > 1)
+    nproc: int = 1  # processes per machine for features, compress and train (torchrun when > 1)
     num_workers: int = 0  # DataLoader workers
     threads: int = 0  # CPU threads for torch; 0: torch's default
 

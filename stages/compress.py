@@ -3,7 +3,17 @@
 Reads data/prepared/train/ (only the selected rows), data/selection/ and data/features/train.h5 (its
 linear probe gives GradCAM++ the dataset's classes). Writes the compact file (owned by dq.format; images
 stored with `patches.codec`), the storage metrics and the probe's top-1 on the kept images
-(dq.cam.probe_metrics) in data/compact_metrics.json, and the figure data/compact_plots/patches.png.
+(dq.cam.ProbeCounts) in data/compact_metrics.json, and the figure data/compact_plots/patches.png.
+
+The images stream: the CAM pass reads the selected rows through a DataLoader over the prepared shards
+(`runtime.num_workers` workers, each opening its own shard files) in batches of `patches.batch_size`,
+and each batch is scored, counted for the probe metrics, picked from for the figure and, in one
+process, handed to the compact writer (dq.format.CompactWriter, which spools the encoded images to
+disk), then let go. What stays in memory is per image: scores and keep masks [n, L], labels, rows.
+Under torchrun (`python -m stages.launch compress` with runtime.nproc > 1) each rank scores a
+contiguous shard of whole batches, the batches one process would run, so the scores are the same;
+rank 0 gathers the scores, keep masks, probe counts and figure samples, then reads the selected images
+again, batch by batch, to write the file. Neither num_workers nor nproc changes a byte of the outputs.
 """
 from __future__ import annotations
 
@@ -11,18 +21,19 @@ import gzip
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from dq import cam
+from dq import cam, distributed
 from dq.backbones import classifier_with_probe, create_backbone
 from dq.datasets import FASHION_MNIST_ROOT, IMAGE_EXTENSIONS
 from dq.errors import run_cli
 from dq.features import check_made_with, read_features
-from dq.format import Header, storage_metrics, write_compact
+from dq.format import CompactWriter, Header, storage_metrics
 from dq.io import write_json
 from dq.params import DataParams, Params
 from dq.paths import DataPaths
-from dq.prepared import open_store
+from dq.prepared import image_loader, open_store
 from dq.runtime import device_for
 from dq.selection import read_selection
 from stages.common import parse_args
@@ -66,9 +77,22 @@ def source_bytes(data: DataParams, n: int) -> tuple[int | None, str]:
     return None, f"{data.source}: no source files"
 
 
+def selected_batches(store, indices: np.ndarray, part: slice, batch_size: int, num_workers: int, *,
+                     desc: str = "", progress: bool = False):
+    """(uint8 images [b, H, W, 3], labels [b], positions [b]) of the selected rows `indices[part]`, in
+    order; positions are places in `indices`. Read by DataLoader workers over the shards."""
+    from tqdm import tqdm
+
+    loader = image_loader(store, indices[part], batch_size=batch_size, num_workers=num_workers)
+    start = part.start
+    for images, labels, _rows in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        yield images.numpy(), labels.numpy(), np.arange(start, start + len(labels))
+        start += len(labels)
+
+
 def main(argv: list[str] | None = None) -> None:
     args, params = parse_args("Score patches with GradCAM++ and write the compact dataset.", argv)
-    paths, fp, pp = DataPaths(args.data), params.features, params.patches
+    paths, fp, pp, workers = DataPaths(args.data), params.features, params.patches, params.runtime.num_workers
     store = open_store(paths.prepared_split("train"))
     all_labels = store.labels()
     indices, bins = read_selection(paths.selection, len(all_labels))
@@ -76,34 +100,62 @@ def main(argv: list[str] | None = None) -> None:
     check_made_with(paths.features, features, backbone=fp.backbone, weights=fp.weights, input_size=fp.input_size)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    images, labels = store.read(indices), all_labels[indices]  # the selected rows only
+    n, labels, selected_bins = len(indices), all_labels[indices], bins[indices]  # per image: small
     device = device_for(params.runtime)
-    backbone = create_backbone(fp.backbone, fp.weights)
-    model = classifier_with_probe(backbone, features.probe_weight, features.probe_bias)  # normalises as backbone
-    layer_name, layer = "", None
-    if pp.scorer.startswith("gradcam++"):
-        layer_name, layer = cam.target_layer(backbone, pp.cam_layer, fp.input_size)
-    where = f" on {fp.backbone}.{layer_name} at {fp.input_size}px" if layer_name else ""
-    print(f"compress: {pp.scorer}{where} for {len(indices)} images", file=sys.stderr)
-    scorer = cam.create_scorer(pp.scorer, pp.patch_size, seed=params.seed, model=model, layer=layer,
-                               input_size=fp.input_size, batch_size=pp.batch_size, device=device)
-    maps, scores = scorer.scores(images, labels)
-    keep = cam.keep_mask(scores, pp.drop)
+    with distributed.process_group(device):
+        main_rank, world = distributed.is_main(), distributed.world_size()
+        backbone = create_backbone(fp.backbone, fp.weights)
+        model = classifier_with_probe(backbone, features.probe_weight, features.probe_bias)  # normalises as backbone
+        layer_name, layer = "", None
+        if pp.scorer.startswith("gradcam++"):
+            layer_name, layer = cam.target_layer(backbone, pp.cam_layer, fp.input_size)
+        where = f" on {fp.backbone}.{layer_name} at {fp.input_size}px" if layer_name else ""
+        if main_rank:
+            print(f"compress: {pp.scorer}{where} for {n} images"
+                  + (f" on {world} processes" if world > 1 else ""), file=sys.stderr)
+        scorer = cam.create_scorer(pp.scorer, pp.patch_size, seed=params.seed, model=model, layer=layer,
+                                   input_size=fp.input_size, batch_size=pp.batch_size, device=device,
+                                   progress=False)
+        header = Header(image_size=store.image_shape[0], patch_size=pp.patch_size, channels=store.image_shape[2],
+                        drop=pp.drop, ratio=params.ratio, classes=store.classes, source=store.index.source,
+                        params=provenance(params), codec=pp.codec, quality=pp.quality,
+                        store_scores=pp.store_scores)
+        probe = cam.ProbeCounts(model, pp.patch_size, fp.input_size, pp.drop, device, seed=params.seed)
+        figure = cam.FigureSamples(cam.figure_rows(labels))
+        part = distributed.shard(n, pp.batch_size, distributed.rank(), world)
+        batches = selected_batches(store, indices, part, pp.batch_size, workers, desc=pp.scorer, progress=main_rank)
+        sources = source_bytes(params.data, n)
 
-    header = Header(image_size=images.shape[1], patch_size=pp.patch_size, channels=images.shape[3], drop=pp.drop,
-                    ratio=params.ratio, classes=store.classes, source=store.index.source, params=provenance(params),
-                    codec=pp.codec, quality=pp.quality, store_scores=pp.store_scores)
-    write_compact(paths.compact, header, images, keep, labels, indices, bins[indices], scores,
-                  source_bytes=source_bytes(params.data, len(indices)))
-    probe = cam.probe_metrics(model, images, labels, keep, pp.patch_size, fp.input_size, pp.batch_size, device,
-                              seed=params.seed)
-    print(f"compress: probe top-1 full {probe['probe_top1_full']:.3f}, kept {probe['probe_top1_kept']:.3f}, "
-          f"random masks {probe['probe_top1_random_keep']:.3f}, pixel-std masks {probe['probe_top1_std_keep']:.3f}",
-          file=sys.stderr)
-    write_json(paths.compact_metrics, {**storage_metrics(paths.compact, len(all_labels)), **probe})
-    rows = cam.figure_rows(labels)
-    cam.plot_patches(paths.compact_figure, images[rows], maps[rows], keep[rows], pp.patch_size,
-                     [store.classes[int(y)] for y in labels[rows]], map_name=pp.scorer)
+        def score(on_batch=None):
+            return cam.score_batches(scorer, batches, pp.drop, header.num_patches, probe=probe, figure=figure,
+                                     on_batch=on_batch)
+
+        if world == 1:  # one pass: each scored batch goes straight to the writer
+            with CompactWriter(paths.compact, header, n, sources) as writer:
+                score(lambda images, y, pos, scores, keep: writer.add(images, keep, y, indices[pos],
+                                                                      selected_bins[pos], scores))
+        else:  # every collective first: rank 0's write pass may outlast a collective's timeout
+            scores, keep = (distributed.gather_rows(a) for a in score())
+            counts = torch.from_numpy(probe.counts).to(device)
+            probe.counts = distributed.all_reduce_sum(counts).cpu().numpy()
+            shown = [distributed.gather_rows(a) for a in figure.arrays(store.image_shape, header.num_patches)]
+            if not main_rank:
+                return
+            figure = cam.FigureSamples(shown[0])
+            figure.add(*shown)
+            with CompactWriter(paths.compact, header, n, sources) as writer:
+                for images, y, pos in selected_batches(store, indices, slice(0, n), pp.batch_size, workers,
+                                                       desc="write", progress=True):
+                    writer.add(images, keep[pos], y, indices[pos], selected_bins[pos], scores[pos])
+
+    metrics = probe.metrics()
+    print(f"compress: probe top-1 full {metrics['probe_top1_full']:.3f}, kept {metrics['probe_top1_kept']:.3f}, "
+          f"random masks {metrics['probe_top1_random_keep']:.3f}, "
+          f"pixel-std masks {metrics['probe_top1_std_keep']:.3f}", file=sys.stderr)
+    write_json(paths.compact_metrics, {**storage_metrics(paths.compact, len(all_labels)), **metrics})
+    positions, images, maps, keep = figure.arrays(store.image_shape, header.num_patches)
+    cam.plot_patches(paths.compact_figure, images, maps, keep, pp.patch_size,
+                     [store.classes[int(y)] for y in labels[positions]], map_name=pp.scorer)
 
 
 if __name__ == "__main__":

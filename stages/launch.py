@@ -1,7 +1,7 @@
 """Run a stage in one process, or under torchrun with `runtime.nproc` processes.
 
 `python -m stages.launch features` is the DVC command of the stages that can run distributed
-(features, train). With runtime.nproc == 1 it runs the stage in this process; otherwise it execs
+(features, compress, train). With runtime.nproc == 1 it runs the stage in this process; otherwise it execs
 `torchrun --standalone --nproc_per_node N -m stages.<name>`. For several machines, set
 DQ_TORCHRUN_ARGS on node 0 to the rendezvous options that replace `--standalone` (e.g.
 "--nnodes 2 --node_rank 0 --rdzv_endpoint node0:29500") and run torchrun yourself on the other nodes
@@ -18,7 +18,7 @@ import sys
 from dq.errors import DQError, run_cli
 from dq.params import RuntimeParams, load_params
 
-DISTRIBUTED_STAGES = ("features", "train")
+DISTRIBUTED_STAGES = ("features", "compress", "train")
 
 
 def torchrun_command(module: str, nproc: int, rest: list[str]) -> list[str]:

@@ -342,3 +342,76 @@ def test_compress_stage_writes_probe_metrics_for_every_scorer(tmp_path):
     # the baselines are the masks those scorers store
     assert results["pixel-std"]["probe_top1_kept"] == results["pixel-std"]["probe_top1_std_keep"]
     assert results["random"]["probe_top1_kept"] == results["random"]["probe_top1_random_keep"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batch by batch: the same scores, masks and metrics as the whole array
+
+
+def test_random_rows_are_rows_of_the_whole_seeded_draw_in_any_order():
+    whole = cam.random_scores(50, 7, seed=3)  # 7 patches: rows start on odd values of the stream
+    rows = cam.RandomRows(7, seed=3)
+    rows.SKIP_BLOCK = 10  # skipping ahead takes several draws
+    for positions in ([0, 1, 2], [3], [20, 21, 22, 23], [5, 6], [49], [0], [48, 46]):
+        np.testing.assert_array_equal(rows.rows(positions), whole[positions])
+    assert rows.rows([]).shape == (0, 7)
+
+
+def test_scorers_give_each_image_its_scores_whatever_the_batches():
+    images, labels = _textured_quadrant_images(11)
+    for name in ("random", "pixel-std"):
+        whole = cam.create_scorer(name, 4, seed=5).scores(images, labels)[1]
+        scorer = cam.create_scorer(name, 4, seed=5)
+        parts = [scorer.scores(images[s:s + 4], labels[s:s + 4], np.arange(s, min(s + 4, 11)))[1]
+                 for s in range(0, 11, 4)]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+    np.testing.assert_array_equal(cam.create_scorer("random", 4, seed=5).scores(images, labels)[1],
+                                  cam.random_scores(11, 16, 5))
+
+
+def test_probe_counts_over_batches_equal_the_whole_array_metrics():
+    """ProbeCounts fed uneven batches (as the stage's DataLoader or a torchrun shard would) gives what the
+    whole-array computation gives: the random and pixel-std masks are those of the whole set."""
+    images, labels = _textured_quadrant_images(13, seed=4)
+    model = QuadrantBrightness()
+    scores = np.random.default_rng(9).random((13, 16), dtype=np.float32)
+    keep = cam.keep_mask(scores, 0.5)
+    expected = {  # main's whole-array formulas, written out
+        "probe_top1_full": cam.probe_top1(model, images, labels, 16, 13),
+        "probe_top1_kept": cam.probe_top1(model, cam.zero_dropped(images, keep, 4), labels, 16, 13),
+        "probe_top1_random_keep": cam.probe_top1(
+            model, cam.zero_dropped(images, cam.keep_mask(cam.random_scores(13, 16, 2), 0.5), 4), labels, 16, 13),
+        "probe_top1_std_keep": cam.probe_top1(
+            model, cam.zero_dropped(images, cam.keep_mask(cam.pixel_std_scores(images, 4), 0.5), 4), labels, 16, 13)}
+    expected = {k: round(v, 4) for k, v in expected.items()}
+    assert cam.probe_metrics(model, images, labels, keep, 4, 16, 5, seed=2) == expected
+    counts = cam.ProbeCounts(model, 4, 16, 0.5, seed=2)
+    for rows in (np.arange(0, 5), np.arange(5, 6), np.arange(6, 13)):
+        counts.add(images[rows], labels[rows], keep[rows], rows)
+    assert counts.metrics() == expected and counts.counts[0] == 13
+    # two shards' counts add up (what torchrun's all-reduce does)
+    first, second = cam.ProbeCounts(model, 4, 16, 0.5, seed=2), cam.ProbeCounts(model, 4, 16, 0.5, seed=2)
+    first.add(images[:8], labels[:8], keep[:8], np.arange(8))
+    second.add(images[8:], labels[8:], keep[8:], np.arange(8, 13))
+    assert first.metrics(first.counts + second.counts) == expected
+
+
+def test_score_batches_hands_each_batch_on_and_keeps_only_scores_and_masks():
+    images, labels = _textured_quadrant_images(10)
+    scorer = cam.create_scorer("pixel-std", 4)
+    batches = [(images[s:s + 3], labels[s:s + 3], np.arange(s, min(s + 3, 10))) for s in range(0, 10, 3)]
+    seen = []
+    figure = cam.FigureSamples(cam.figure_rows(labels, count=3))
+    scores, keep = cam.score_batches(scorer, iter(batches), 0.75, 16, figure=figure,
+                                     on_batch=lambda im, y, pos, sc, kp: seen.append((len(im), pos.tolist())))
+    whole_maps, whole = scorer.scores(images, labels)
+    np.testing.assert_array_equal(scores, whole)
+    np.testing.assert_array_equal(keep, cam.keep_mask(whole, 0.75))
+    assert seen == [(3, [0, 1, 2]), (3, [3, 4, 5]), (3, [6, 7, 8]), (1, [9])]
+    positions, shown, maps, shown_keep = figure.arrays(images.shape[1:], 16)
+    assert positions.tolist() == cam.figure_rows(labels, count=3).tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(shown, images[positions])
+    np.testing.assert_array_equal(maps, whole_maps[positions])
+    np.testing.assert_array_equal(shown_keep, keep[positions])
+    empty = cam.score_batches(scorer, iter([]), 0.75, 16)
+    assert empty[0].shape == (0, 16) and empty[1].shape == (0, 16)

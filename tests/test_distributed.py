@@ -220,3 +220,25 @@ def test_too_small_a_batch_for_the_processes_is_one_line(monkeypatch):
         dq_train.train_classifier(dq_train.full_training_set(train), test,
                                   TrainParams(model="test_resnet", input="full", epochs=1, batch_size=4),
                                   seed=0, device=torch.device("cpu"), progress=False)
+
+
+def test_compress_on_two_ranks_writes_what_one_process_writes(tmp_path):
+    """`python -m stages.launch compress` with runtime.nproc 2: each rank scores its shard of whole batches
+    (12 selected images, batches of 4: rank 0 two, rank 1 one), rank 0 gathers and writes. The compact file,
+    the metrics and the figure are those of one process, byte for byte."""
+    from tests.test_format import _tiny_pipeline
+
+    outputs = {}
+    for nproc in (1, 2):
+        root = _tiny_pipeline(tmp_path / str(nproc), batch_size=4)
+        raw = yaml.safe_load((root / "params.yaml").read_text())
+        raw["runtime"]["nproc"] = nproc
+        (root / "params.yaml").write_text(yaml.safe_dump(raw))
+        done = _run([sys.executable, "-m", "stages.launch", "compress", "--params", str(root / "params.yaml"),
+                     "--data", str(root / "data")], _env())
+        assert ("on 2 processes" in done.stderr) == (nproc == 2), done.stderr[-2000:]
+        data = root / "data"
+        outputs[nproc] = {name: _sha256(data / name) for name in
+                          ("compact/dataset.h5", "compact_metrics.json", "compact_plots/patches.png")}
+        assert not list(data.rglob(".*tmp*"))
+    assert outputs[1] == outputs[2]

@@ -135,6 +135,96 @@ def test_chunk_shape_splits_rows_larger_than_the_maximum():
 
 
 # ---------------------------------------------------------------------------------------------------
+# The streaming writer
+
+
+def _stream(path: Path, src: dict, codec: str, batch: int, n: int, size: int = 32) -> dict:
+    header = fmt.Header(image_size=size, patch_size=4, channels=3, drop=0.25, ratio=0.1, classes=["a", "b", "c"],
+                        source="test", params={"patches": {"drop": 0.25}}, codec=codec, quality=90)
+    with fmt.CompactWriter(path, header, n) as writer:
+        for start in range(0, n, batch):
+            rows = slice(start, start + batch)
+            writer.add(src["images"][rows], src["keep"][rows], src["labels"][rows], src["indices"][rows],
+                       src["bins"][rows], src["scores"][rows])
+    return writer.stats
+
+
+@pytest.mark.parametrize("codec", ["raw", "webp-lossless", "jpeg"])
+def test_streaming_writer_gives_the_whole_array_file_whatever_the_batches(tmp_path, codec, monkeypatch):
+    """Batches of 1, 7 or all 70 images, and spool copies in blocks of one chunk or of the whole: the file
+    write_compact writes from whole arrays, byte for byte, and nothing left beside it."""
+    whole = tmp_path / "whole.h5"
+    src = make_compact(whole, n=70, size=32, codec=codec)
+    expected, stats = whole.read_bytes(), fmt.read_stats(h5py.File(whole, "r"))
+    decoded = fmt.read_compact(whole)
+    for block in (fmt.SPOOL_BLOCK_BYTES, 1000):  # 1000: each block one chunk (raw) or 1000 bytes (streams)
+        monkeypatch.setattr(fmt, "SPOOL_BLOCK_BYTES", block)
+        for batch in (1, 7, 70):
+            path = tmp_path / f"streamed-{block}-{batch}.h5"
+            assert _stream(path, src, codec, batch, 70) == stats
+            assert path.read_bytes() == expected, (block, batch)
+    ours = fmt.read_compact(path)
+    for name in ("patches", "keep", "labels", "indices", "bins", "scores"):
+        np.testing.assert_array_equal(getattr(ours, name), getattr(decoded, name))
+    fmt.validate(path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_streaming_writer_stats_are_those_of_the_whole_set(tmp_path):
+    """The kept-pixel PSNR from summed integer squared errors equals the whole-array figure exactly."""
+    images = grey_and_colour(40, 16)
+    src = make_compact(tmp_path / "whole.h5", codec="jpeg", images=images)
+    with h5py.File(tmp_path / "whole.h5", "r") as f:
+        stats = fmt.read_stats(f)
+    decoded = fmt.read_compact(tmp_path / "whole.h5").images()
+    masks = masks_of(src["keep"])
+    assert stats["kept_pixel_psnr"] == fmt.kept_pixel_psnr(images, decoded, masks)
+    diff = decoded[masks].astype(np.float64) - images[masks]
+    assert stats["kept_pixel_psnr"] == 10 * math.log10(255 ** 2 / np.mean(diff * diff))  # main's formula
+    assert stats["jpeg_q90_bytes"] == fmt.jpeg_reference_bytes(images)
+
+
+def _bad_batches(kind: str):
+    def run(path, src, n=20):
+        header = fmt.Header(image_size=16, patch_size=4, channels=3, drop=0.25, ratio=0.1, classes=["a", "b", "c"],
+                            source="test", codec="webp-lossless")
+        with fmt.CompactWriter(path, header, n) as writer:
+            for start in range(0, n if kind != "short" else n - 5, 5):
+                rows = slice(start, start + 5)
+                keep = src["keep"][rows].copy()
+                if kind == "keep" and start == 10:
+                    keep[2, :] = True
+                if kind == "interrupted" and start == 10:
+                    raise KeyboardInterrupt
+                writer.add(src["images"][rows], keep, src["labels"][rows], src["indices"][rows], src["bins"][rows],
+                           src["scores"][rows])
+    return run
+
+
+@pytest.mark.parametrize("kind, error, message", [
+    ("keep", DQError, r"out\.h5: keep row 12 has 16 True values; expected exactly K = 12"),
+    ("short", ValueError, "15 images added, the writer was opened for 20"),
+    ("interrupted", KeyboardInterrupt, ""),
+])
+def test_a_failed_stream_leaves_the_old_file_and_no_temporaries(tmp_path, kind, error, message):
+    src = make_compact(tmp_path / "out.h5", n=20)
+    before = (tmp_path / "out.h5").read_bytes()
+    with pytest.raises(error, match=message):
+        _bad_batches(kind)(tmp_path / "out.h5", src)
+    assert (tmp_path / "out.h5").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.h5"]
+
+
+def test_a_killed_writers_spool_is_swept_by_the_next_write(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for suffix in ("", ".part"):
+        (tmp_path / f".out.h5.tmp-{gone.pid}{suffix}").write_bytes(b"half")
+    make_compact(tmp_path / "out.h5", n=4)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.h5"]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Version 2: codec streams
 
 
@@ -469,13 +559,17 @@ def test_cli_reports_damage_as_one_error_line(compact):
 # The compress stage, in-process, on a tiny prepared + selection + features set
 
 
-def _tiny_pipeline(root: Path) -> Path:
+def _tiny_pipeline(root: Path, n: int = 24, indices: np.ndarray | None = None, shard_images: int = 10000,
+                   **patches) -> Path:
+    """Inputs of the compress stage under root/data, params in root/params.yaml: `n` prepared images of
+    3 classes (32 px), every other one selected unless `indices` says otherwise; `patches` overrides."""
     from dq.features import Features, write_features
 
-    n, classes = 24, ["zero", "one", "two"]
+    classes = ["zero", "one", "two"]
     labels = np.arange(n) % 3
-    write_prepared(root / "data/prepared/train", Prepared(smooth_images(n, 32, 3), labels, classes, "synthetic"))
-    indices = np.arange(0, n, 2, dtype=np.int64)
+    write_prepared(root / "data/prepared/train", Prepared(smooth_images(n, 32, 3), labels, classes, "synthetic"),
+                   shard_images=shard_images)
+    indices = np.arange(0, n, 2, dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
     (root / "data/selection").mkdir(parents=True)
     np.save(root / "data/selection/indices.npy", indices)
     np.save(root / "data/selection/bins.npy", (np.arange(n) % 4).astype(np.int32))
@@ -489,7 +583,7 @@ def _tiny_pipeline(root: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(source="synthetic", image_size=32)
     params["features"].update(backbone="resnet10t", weights="none", input_size=32)
-    params["patches"].update(drop=0.25, patch_size=4, cam_layer="auto", batch_size=8)
+    params["patches"].update({"drop": 0.25, "patch_size": 4, "cam_layer": "auto", "batch_size": 8, **patches})
     params["runtime"].update(device="cpu")
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
@@ -534,6 +628,22 @@ def test_compress_stage_writes_a_valid_file_metrics_and_a_figure(tmp_path):
 
     compress.main(argv)  # same inputs, same bytes
     assert hashlib.sha256(out.read_bytes()).hexdigest() == first
+
+
+def test_compress_stage_gives_the_same_bytes_with_dataloader_workers(tmp_path):
+    """runtime.num_workers 0 or 2, over 5 shards: the same compact file, metrics and figure."""
+    from stages import compress
+
+    outputs = []
+    for workers in (0, 2):
+        root = _tiny_pipeline(tmp_path / str(workers), shard_images=5, batch_size=4, scorer="pixel-std")
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["runtime"]["num_workers"] = workers
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        compress.main(["--params", str(root / "params.yaml"), "--data", str(root / "data")])
+        outputs.append([(root / "data" / name).read_bytes() for name in
+                        ("compact/dataset.h5", "compact_metrics.json", "compact_plots/patches.png")])
+    assert outputs[0] == outputs[1]
 
 
 def test_compress_stage_refuses_features_from_another_backbone(tmp_path):

@@ -273,3 +273,57 @@ def test_features_stage_never_reads_more_than_a_batch(tmp_path, monkeypatch):
     features_stage.main(["--params", str(params), "--data", str(data)])
     assert largest["rows"] == batch and largest["calls"] == -(-n // batch)
     assert dq.read_features(data / "features" / "train.h5").embedding.shape[0] == n
+
+
+def test_compress_stage_never_reads_more_than_a_batch(tmp_path, monkeypatch):
+    """N = 300 images in shards of 40, 64 of them selected: the CAM pass and the writer see one batch
+    (8 images) at a time, the largest single read of image bytes is one batch, and nothing decodes the
+    whole split or the whole selection."""
+    from dq import format as fmt
+    from stages import compress as compress_stage
+    from tests.test_format import _tiny_pipeline, smooth_images
+
+    n, batch = 300, 8
+    indices = np.sort(np.random.default_rng(0).choice(n, 64, replace=False))
+    root = _tiny_pipeline(tmp_path, n=n, indices=indices, shard_images=40, batch_size=batch, scorer="pixel-std")
+    largest = {"read": 0, "reads": 0, "written": 0}
+    streams, add = Store.streams, fmt.CompactWriter.add
+
+    def recording_streams(self, rows):
+        largest["read"] = max(largest["read"], len(np.asarray(rows).reshape(-1)))
+        largest["reads"] += 1
+        return streams(self, rows)
+
+    def recording_add(self, images, *rest):
+        largest["written"] = max(largest["written"], len(images))
+        return add(self, images, *rest)
+
+    def no_whole_split(self, rows=None):
+        raise AssertionError("a stage decoded a whole split")
+
+    monkeypatch.setattr(Store, "streams", recording_streams)
+    monkeypatch.setattr(Store, "read", no_whole_split)
+    monkeypatch.setattr(fmt.CompactWriter, "add", recording_add)
+    compress_stage.main(["--params", str(root / "params.yaml"), "--data", str(root / "data")])
+    assert largest == {"read": batch, "reads": 64 // batch, "written": batch}
+    data = fmt.read_compact(root / "data/compact/dataset.h5")
+    np.testing.assert_array_equal(data.indices, indices)
+    kept = data.keep.reshape(64, 8, 8).repeat(4, axis=1).repeat(4, axis=2)
+    np.testing.assert_array_equal(data.images()[kept], smooth_images(n, 32, 3)[indices][kept])
+
+
+def test_a_bad_stream_read_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
+    """torch re-raises a worker's DQError with the worker's traceback in its message: run_cli prints the
+    original line, naming the shard and the row."""
+    from dq.errors import run_cli
+
+    write_prepared(tmp_path / "train", _split(12), shard_images=5)
+    with h5py.File(tmp_path / "train" / "shard-00001.h5", "r+") as f:
+        offsets = f["offsets"][...]
+        f["streams"][offsets[1]:offsets[2]] = 0  # row 6
+    store = open_store(tmp_path / "train")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: list(image_loader(store, batch_size=4, num_workers=1)))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'train' / 'shard-00001.h5'}: row 6: "), err
