@@ -1,7 +1,7 @@
-"""Benchmark of the sharded prepared store at 224 px: wall time and peak RSS of prepare and features as N
-grows, prepare's speed-up from a second worker, and prepared bytes per source byte for each codec.
+"""Benchmark of the streaming stages at 224 px: wall time and peak RSS of every stage as N grows, prepare's
+speed-up from a second worker, and prepared bytes per source byte for each codec.
 
-    python -m bench.scale [--sizes 1000 4000] [--out /tmp/dq-scale] [--codecs-at 1000]
+    python -m bench.scale [--sizes 1000 4000 16000] [--out /tmp/dq-scale] [--codecs-at 1000]
 
 Builds, offline, a photo-like ImageNet-layout folder: each JPEG (quality 90, 300-500 px on the long
 side) is a random crop, flip and brightness change of one of the colour photos shipped inside
@@ -12,6 +12,12 @@ that reports `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`: the peak RSS of th
 the stage's tree (DataLoader workers included). Ratios are against baselines of this same run: RSS and
 time against N = the first size, prepare with 2 workers against 1 worker, bytes against the source
 JPEGs' bytes.
+
+Stages: prepare (jpeg q90, 1 and 2 workers), features (the built-in efficientnet_lite0 at 64 px), select
+(dq, ratio 0.1), compress (the default scorer, 16-px patches: the 14x14 grid of configs/imagenet.yaml),
+mae (the tiny default MAE at 56 px, whose 14x14 grid matches the stored one; 1 epoch) and train
+(resnet10t on the MAE-filled compact set, 1 epoch, scored on val/). The models are small and the
+epochs few because what is measured is how memory and time per image grow with N, not accuracy.
 """
 from __future__ import annotations
 
@@ -84,6 +90,9 @@ def params_file(folder: Path, source_root: Path, *, codec: str, workers: int) ->
     raw["data"].update({"source": "imagefolder", "root": str(source_root), "image_size": 224, "train_limit": None,
                         "test_limit": None, "codec": codec, "quality": 90})
     raw["features"].update({"input_size": 64, "batch_size": 64})
+    raw["patches"].update({"patch_size": 16, "batch_size": 64})
+    raw["mae"].update({"input_size": 56, "epochs": 1, "warmup_epochs": 0, "eval_images": 64})
+    raw["train"].update({"epochs": 1, "batch_size": 64})
     raw["runtime"].update({"num_workers": workers, "device": "cpu"})
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "params.yaml"
@@ -108,13 +117,16 @@ def run_stage(stage: str, params: Path, data: Path) -> tuple[float, float]:
     return float(seconds), int(rss_kb) / 1024
 
 
+LATER_STAGES = ("select", "compress", "mae", "train")
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
     ap.add_argument("--codecs-at", type=int, default=1000, help="N at which every codec's bytes are measured")
     ap.add_argument("--out", type=Path, default=Path("/tmp/dq-scale"))
     args = ap.parse_args()
@@ -138,6 +150,9 @@ def main() -> None:
         row["features"] = run_stage("features", data / "params.yaml", data / "data")
         print(f"  features (efficientnet_lite0 at 64 px, 1 worker): {row['features'][0]:.1f} s, "
               f"{row['features'][1]:.0f} MB", flush=True)
+        for stage in LATER_STAGES:
+            row[stage] = run_stage(stage, data / "params.yaml", data / "data")
+            print(f"  {stage}: {row[stage][0]:.1f} s, {row[stage][1]:.0f} MB", flush=True)
         if n == args.codecs_at:
             row["codecs"] = {}
             for codec in ("raw", "png", "webp-lossless", "webp"):
@@ -159,7 +174,9 @@ def report(rows: dict, sizes: list[int]) -> None:
     for n in sizes:
         r = rows[n]
         for key, name in (("prepare_w1", "prepare 1 worker"), ("prepare_w2", "prepare 2 workers"),
-                          ("features", "features")):
+                          ("features", "features"), *((k, k) for k in LATER_STAGES)):
+            if key not in r or key not in base:
+                continue
             sec, rss = r[key]
             b_sec, b_rss = base[key]
             print(f"{n:5d}  {name:18s} {sec:7.1f} {n / sec:7.0f} {rss:12.0f} {rss / b_rss:10.2f}x "
