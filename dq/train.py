@@ -85,6 +85,7 @@ from dq.train_data import Rows, as_rows
 CIFAR_STEM_MAX_SIZE = 64
 EVAL_BATCH_SIZE = 500  # also the batch of the channel statistics and of the fingerprint's reads
 FILL_BATCH_SIZE = 256  # images per MAE forward pass in the compact fill
+CPU_BATCH_PIXELS = EVAL_BATCH_SIZE * 32 * 32  # on the CPU, pixels per forward pass (scoring, fill)
 MIN_IMAGES_PER_RANK = 2  # BatchNorm cannot train on a single sample
 
 
@@ -134,6 +135,19 @@ class TrainResult:
     mean: list[float]  # per-channel normalisation of the training set, in [0, 1] units
     std: list[float]
     meta: dict = field(default_factory=dict)
+
+
+def forward_batch(base: int, image_shape, device) -> int:
+    """Images per inference forward pass: `base` on CUDA; on the CPU at most CPU_BATCH_PIXELS pixels.
+
+    On the CPU a batch's activations live in host memory: 500 images at 224 px through a ResNet take
+    several GB, which would make the train stage's peak memory grow with the test set up to that cap
+    (bench/scale.py). At 32 px the batch stays `base`, so the default run's numbers do not move.
+    """
+    if torch.device(device).type == "cuda":
+        return base
+    h, w = image_shape[:2]
+    return max(1, min(base, CPU_BATCH_PIXELS // (h * w)))
 
 
 # --- training sets ----------------------------------------------------------------------------------
@@ -192,9 +206,10 @@ def compact_training_set(compact_path: str | Path, mae_path: str | Path, *, devi
             or not np.array_equal(prepared_labels[indices], labels)):
         raise DQError(f"{compact_path}: its indices and labels do not match the prepared training set; "
                       "rerun the pipeline from compress")
+    batch_size = batch_size or forward_batch(FILL_BATCH_SIZE, header.image_shape, device)
     images = train_data.filled_images(compact_path, mae_path, fill_cache, keep=keep, image_shape=header.image_shape,
-                                      patch_size=header.patch_size, device=device,
-                                      batch_size=batch_size or FILL_BATCH_SIZE, num_workers=num_workers)
+                                      patch_size=header.patch_size, device=device, batch_size=batch_size,
+                                      num_workers=num_workers)
     patch = header.patch_size
     return TrainingSet(images, labels, list(header.classes), "compact",
                        kept_pixels=int(keep.sum()) * patch * patch, stored_bytes=compact_path.stat().st_size,
@@ -421,7 +436,7 @@ def evaluate(model, images, labels: np.ndarray, mean, std, num_classes: int, dev
     model.eval()
     device = torch.device(device)
     source, labels = as_rows(images), np.asarray(labels)
-    batch_size = batch_size or EVAL_BATCH_SIZE
+    batch_size = batch_size or forward_batch(EVAL_BATCH_SIZE, source.image_shape, device)
     norm = normalisation(mean, std, device)
     rows = distributed.shard(len(labels), batch_size, distributed.rank(), distributed.world_size())
     reads = train_data.consecutive(rows.start, rows.stop, batch_size)

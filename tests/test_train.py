@@ -449,3 +449,13 @@ def test_training_streamed_from_the_stores_equals_training_in_memory(data, basel
                                       progress=False)
         b = dq_train.train_classifier(in_memory, data[1], one, seed=0, device=torch.device("cpu"), progress=False)
         assert a.history == b.history and a.mean == b.mean and a.std == b.std, kind
+
+
+def test_forward_batches_on_the_cpu_hold_a_fixed_number_of_pixels():
+    """The default's 32-px batches are unchanged; 224-px ones shrink so that host memory stays small."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert dq_train.forward_batch(dq_train.EVAL_BATCH_SIZE, (32, 32, 3), cpu) == dq_train.EVAL_BATCH_SIZE
+    assert dq_train.forward_batch(dq_train.FILL_BATCH_SIZE, (32, 32, 3), cpu) == dq_train.FILL_BATCH_SIZE
+    assert dq_train.forward_batch(500, (224, 224, 3), cpu) == 500 * 32 * 32 // (224 * 224)
+    assert dq_train.forward_batch(500, (4096, 4096, 3), cpu) == 1
+    assert dq_train.forward_batch(500, (224, 224, 3), cuda) == 500
