@@ -278,10 +278,10 @@ def fit_probe(h: np.ndarray, labels: np.ndarray, num_classes: int, *, l2: float 
     The optimisation runs on standardised embeddings (well conditioned); the standardisation is then
     folded into W and b, so the probe applies to raw embeddings.
     """
-    h64 = torch.from_numpy(np.asarray(h, dtype=np.float64))
+    z = torch.from_numpy(np.array(h, dtype=np.float64))  # a copy, standardised in place below
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    mu, sigma = _standardisation(h64)
-    z = (h64 - mu) / sigma
+    mu, sigma = _standardisation(z)
+    z.sub_(mu).div_(sigma)  # in place: one float64 copy of the embeddings, not three (N x D x 8 bytes each)
     w, b = _minimise_cross_entropy(z, y, num_classes, l2, steps)
     weight = w / sigma  # W z + b = (W / sigma) h + (b - (W / sigma) mu)
     bias = b - weight @ mu
