@@ -63,30 +63,28 @@ def codec_overrides(spec: str) -> tuple[str, dict]:
     return codec + quality, {"patches": patches}
 
 
-def with_codecs(runs: list, specs: list[str] | None) -> list:
-    """Every compact run once per codec spec (other inputs do not read the compact images)."""
-    if not specs:
+def with_variants(runs: list, variants: list[tuple[str, dict]]) -> list:
+    """Every compact run once per (tag, overrides) variant, named `<run>-<tag>`; other inputs do not read
+    the compact images, so they run once as they are."""
+    if not variants:
         return runs
     out = []
     for name, overrides in runs:
         if overrides["train"]["input"] != "compact":
             out.append((name, overrides))
             continue
-        out += [(f"{name}-{tag}", deep_merge(overrides, extra)) for tag, extra in map(codec_overrides, specs)]
+        out += [(f"{name}-{tag}", deep_merge(overrides, extra)) for tag, extra in variants]
     return out
+
+
+def with_codecs(runs: list, specs: list[str] | None) -> list:
+    """Every compact run once per codec spec (`patches.codec`, `:quality`)."""
+    return with_variants(runs, [codec_overrides(spec) for spec in specs or []])
 
 
 def with_scorers(runs: list, scorers: list[str] | None) -> list:
-    """Every compact run once per patch scorer (`patches.scorer`), named `<run>-<scorer>`."""
-    if not scorers:
-        return runs
-    out = []
-    for name, overrides in runs:
-        if overrides["train"]["input"] != "compact":
-            out.append((name, overrides))
-            continue
-        out += [(f"{name}-{scorer}", deep_merge(overrides, {"patches": {"scorer": scorer}})) for scorer in scorers]
-    return out
+    """Every compact run once per patch scorer (`patches.scorer`)."""
+    return with_variants(runs, [(scorer, {"patches": {"scorer": scorer}}) for scorer in scorers or []])
 
 
 def images_sha256(path: Path) -> str:
