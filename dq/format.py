@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 from dq import codec as codecs
 from dq.errors import DQError, first_line, run_cli
 from dq.grid import assemble, extract_patches, grid_of, kept_count, pixel_keep
-from dq.io import H5_OPEN_ERRORS, atomic_path, check_free_space, h5_file
+from dq.io import H5_OPEN_ERRORS, READ_GAP, atomic_path, byte_runs, check_free_space, h5_file
 
 FORMAT = "dq-compact"
 SCHEMA_VERSION = 2  # what write_compact writes
@@ -77,7 +77,6 @@ CHUNK_MIN = 10 * 1024
 CHUNK_TARGET = 64 * 1024  # small enough that one random read inflates few neighbours
 CHUNK_MAX = 1024 * 1024
 GZIP_LEVEL = 4
-READ_GAP = 64 * 1024  # bytes: streams closer than this are read in one HDF5 call (CompactFile.read_streams)
 READ_CACHE_BYTES = 64 * 1024 * 1024  # per dataset: the default run's whole file stays inflated
 VALIDATE_BLOCK_BYTES = 4 * 1024 * 1024
 SPOOL_BLOCK_BYTES = 4 * 1024 * 1024  # CompactWriter copies the spooled streams in blocks this size
@@ -485,15 +484,6 @@ def masked(images: np.ndarray, keep: np.ndarray, patch_size: int) -> np.ndarray:
     return images
 
 
-def _runs(starts: np.ndarray, stops: np.ndarray, gap: int) -> list[tuple[int, int]]:
-    """[first, last) positions of runs of sorted byte ranges whose gaps are at most `gap` bytes."""
-    if not len(starts):
-        return []
-    breaks = np.flatnonzero(starts[1:] - stops[:-1] > gap) + 1
-    edges = [0, *breaks.tolist(), len(starts)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Reading and validation
 
@@ -665,7 +655,7 @@ class CompactFile:
         starts, stops = offsets[rows], offsets[np.asarray(rows) + 1]
         out = []
         try:
-            for first, last in _runs(starts, stops, READ_GAP):
+            for first, last in byte_runs(starts, stops, READ_GAP):
                 base = int(starts[first])
                 span = streams[base:int(stops[last - 1])]
                 out += [span[a - base:b - base] for a, b in zip(starts[first:last], stops[first:last])]

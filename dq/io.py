@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 
 from dq.errors import DQError, first_line
 
@@ -21,6 +23,8 @@ H5_OPEN_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
 # Below this much free space a failed write is taken for a full disk: numpy, torch and HDF5 report
 # ENOSPC as "requested and written", "file write failed" or a RuntimeError without an errno.
 DISK_FULL_BYTES = 1024 * 1024
+# bytes: streams of one HDF5 byte dataset lying closer than this are read in one call (byte_runs)
+READ_GAP = 64 * 1024
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(\.old|\.part)?$")
 
 
@@ -158,3 +162,17 @@ def h5_file(path: str | Path, mode: str = "r"):
         return h5py.File(path, mode, libver="earliest", track_order=False)
     except H5_OPEN_ERRORS as exc:
         raise DQError(f"{path}: not a readable HDF5 file ({first_line(exc)})") from None
+
+
+def byte_runs(starts, stops, gap: int = READ_GAP) -> list[tuple[int, int]]:
+    """[first, last) positions of runs of sorted byte ranges [starts[i], stops[i]) whose gaps are at most `gap`.
+
+    An h5py read costs about as much as copying tens of kilobytes, so readers of many small streams
+    (a batch of 32-px images) read each run as one span and cut it apart in memory.
+    """
+    starts, stops = np.asarray(starts), np.asarray(stops)
+    if not len(starts):
+        return []
+    breaks = np.flatnonzero(starts[1:] - stops[:-1] > gap) + 1
+    edges = [0, *breaks.tolist(), len(starts)]
+    return list(zip(edges[:-1], edges[1:]))

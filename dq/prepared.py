@@ -25,7 +25,7 @@ import numpy as np
 
 from dq.codec import CODECS, CodecError, codec_problem, decode, encode, is_lossless
 from dq.errors import DQError, first_line
-from dq.io import H5_OPEN_ERRORS, atomic_path, check_free_space, h5_file
+from dq.io import H5_OPEN_ERRORS, READ_GAP, atomic_path, byte_runs, check_free_space, h5_file
 
 FORMAT = "dq-prepared"
 SHARD_FORMAT = "dq-prepared-shard"
@@ -288,7 +288,7 @@ class Store:
         return labels
 
     def _shard(self, k: int):
-        """(h5 file, offsets int64 [n + 1], labels int64 [n]) of shard k, opened once per process."""
+        """(h5 file, offsets int64 [n + 1], labels int64 [n], streams dataset) of shard k, opened once per process."""
         if self._pid != os.getpid():  # a forked worker must not share its parent's HDF5 handles
             self._handles, self._pid = {}, os.getpid()
         if k not in self._handles:
@@ -297,32 +297,34 @@ class Store:
 
     def read_bytes(self, k: int, start: int, stop: int) -> np.ndarray:
         """uint8 [stop - start]: bytes [start, stop) of shard k's streams (the one place bytes are read)."""
-        f = self._shard(k)[0]
+        streams = self._shard(k)[3]
         try:
-            return f["streams"][start:stop]
+            return streams[start:stop]
         except H5_OPEN_ERRORS as exc:
             raise DQError(f"{self.folder / self.index.shards[k].file}: cannot read ({first_line(exc)}); "
                           f"the shard is damaged, {RERUN}") from None
 
     def streams(self, rows) -> list[np.ndarray]:
-        """The codec streams of `rows` (any order, repeats allowed): uint8 arrays, one per row."""
+        """The codec streams of `rows` (any order, repeats allowed): uint8 arrays, one per row.
+
+        Rows are read in file order; streams of one shard lying less than READ_GAP bytes apart are read as
+        one span (a shuffled batch of small images costs a few reads, not one per image).
+        """
         rows = self.check_rows(rows)
         out: list[np.ndarray | None] = [None] * rows.size
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         shard_of = np.searchsorted(self.starts, sorted_rows, side="right") - 1
-        i = 0
-        while i < rows.size:  # one read per run of consecutive rows within one shard
-            k, j = shard_of[i], i + 1
-            while j < rows.size and shard_of[j] == k and sorted_rows[j] - sorted_rows[j - 1] <= 1:
-                j += 1
-            offsets = self._shard(k)[1]
-            local = sorted_rows[i:j] - self.starts[k]
-            base = offsets[local[0]]
-            body = self.read_bytes(k, int(base), int(offsets[local[-1] + 1]))
-            for pos, r in zip(order[i:j], local):
-                out[pos] = body[offsets[r] - base: offsets[r + 1] - base]
-            i = j
+        for k in np.unique(shard_of):
+            at = np.flatnonzero(shard_of == k)
+            offsets = self._shard(int(k))[1]
+            local = sorted_rows[at] - self.starts[k]
+            starts, stops = offsets[local], offsets[local + 1]
+            for first, last in byte_runs(starts, stops, READ_GAP):
+                base = int(starts[first])
+                body = self.read_bytes(int(k), base, int(stops[last - 1]))
+                for pos, a, b in zip(order[at[first:last]], starts[first:last], stops[first:last]):
+                    out[pos] = body[a - base:b - base]
         return out
 
     def read(self, rows=None) -> np.ndarray:
@@ -357,7 +359,7 @@ def check_labels(where, labels: np.ndarray, num_classes: int) -> None:
 
 
 def open_shard(folder: Path, index: StoreIndex, k: int):
-    """(h5 file, offsets, labels) of shard k, after checking it is the shard the index lists."""
+    """(h5 file, offsets, labels, streams dataset) of shard k, after checking it is the shard the index lists."""
     info = index.shards[k]
     path = folder / info.file
     check_shard_file(path, info)
@@ -380,7 +382,7 @@ def open_shard(folder: Path, index: StoreIndex, k: int):
     if offsets.shape != (info.count + 1,) or labels.shape != (info.count,) or offsets[-1] != f["streams"].shape[0]:
         f.close()
         raise DQError(f"{path}: offsets and labels do not match its {info.count} images; {RERUN}")
-    return f, offsets.astype(np.int64), labels.astype(np.int64)
+    return f, offsets.astype(np.int64), labels.astype(np.int64), f["streams"]
 
 
 def check_shard_file(path: Path, info: ShardInfo) -> None:

@@ -68,6 +68,29 @@ def test_store_round_trip_across_shards(tmp_path, codec):
     assert verify_store(tmp_path / "train").num_images == 23
 
 
+def test_a_shuffled_batch_of_small_images_costs_one_read_per_shard_and_large_gaps_split_reads(tmp_path, monkeypatch):
+    """Streams lying within READ_GAP bytes are read as one span (one h5py call per shard for a shuffled batch of
+    small images), streams further apart are read on their own, and either way each row gets its own bytes."""
+    split = _split(90)
+    write_prepared(tmp_path / "s", split, codec="raw", shard_images=40)  # at most 768 bytes per stream
+    store = open_store(tmp_path / "s")
+    reads = []
+    read_bytes = Store.read_bytes
+    monkeypatch.setattr(Store, "read_bytes", lambda self, k, a, b: (reads.append(b - a), read_bytes(self, k, a, b))[1])
+    rows = np.random.default_rng(0).permutation(90)[:30]
+    shard_of = np.searchsorted(store.starts, np.sort(rows), side="right") - 1
+
+    def decoded():
+        return np.stack([store.decode_row(int(r), s) for r, s in zip(rows, store.streams(rows))])
+
+    assert np.array_equal(decoded(), split.images[rows]) and len(reads) == len(set(shard_of))
+    reads.clear()
+    monkeypatch.setattr("dq.prepared.READ_GAP", 0)  # as if every stream were larger than the gap
+    assert np.array_equal(decoded(), split.images[rows])
+    runs = 1 + np.count_nonzero((np.diff(np.sort(rows)) > 1) | (np.diff(shard_of) != 0))
+    assert len(reads) == runs < 30 and max(reads) < 768 * 30
+
+
 def test_shard_layout_is_readable_without_dq(tmp_path):
     """What docs/FORMAT.md promises readers in other languages: offsets into one byte array, standard PNG."""
     from PIL import Image
