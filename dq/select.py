@@ -41,6 +41,8 @@ from dq.params import METHODS, PRECISIONS
 # Gains closer than this (relative to the gain's scale) are ties and go to the lowest index; it absorbs
 # float64 rounding so that duplicate rows tie however BLAS orders its sums.
 TIE_RTOL = 1e-9
+# Rows per slice when checking features for NaN or zero rows (bounds the temporaries).
+CHECK_ROWS = 65536
 # Kernels costing up to this many multiply-adds are computed in float64, larger ones in float32.
 FLOAT64_MAX_COST = 2**27
 # Classes larger than this use the lazy engine: their dense cosine block would need > 256 MiB.
@@ -101,10 +103,11 @@ class _UnitRows:
         self._cast = {rows.dtype.type: rows}
 
     @classmethod
-    def from_features(cls, x: np.ndarray, precision: str = "float64") -> "_UnitRows":
+    def from_features(cls, x: np.ndarray, precision: str = "float64", whole_size: int | None = None) -> "_UnitRows":
         # With float32 precision, large float32 inputs stay float32 (their kernels are float32 anyway);
-        # norms are float64 either way.
-        keep32 = precision == "float32" and x.dtype == np.float32 and x.size > FLOAT64_MAX_COST // 32
+        # norms are float64 either way. whole_size: the size of the set x was cut from (one class of it).
+        size = x.size if whole_size is None else whole_size
+        keep32 = precision == "float32" and x.dtype == np.float32 and size > FLOAT64_MAX_COST // 32
         norm = np.sqrt(np.einsum("nd,nd->n", x, x, dtype=np.float64))
         return cls(x / norm[:, None].astype(x.dtype) if keep32 else np.asarray(x, np.float64) / norm[:, None])
 
@@ -218,10 +221,11 @@ def _chunked(fn, n: int, rows: np.ndarray | None) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def unit_features(features, precision: str = "float64") -> "_UnitRows | _UnitGradients":
+def unit_features(features, precision: str = "float64", whole_size: int | None = None) -> "_UnitRows | _UnitGradients":
     """Check `features` (dense [N, D] or GradientFeatures) and return its unit-norm view.
 
-    precision float64 (the default) normalises in float64; float32 keeps large float32 inputs in float32.
+    precision float64 (the default) normalises in float64; float32 keeps large float32 inputs in float32
+    (large: judged by `whole_size` elements when `features` is one class of a larger set).
     """
     if isinstance(features, GradientFeatures):
         e, h = _finite_2d(features.logit_grad, "logit_grad"), _finite_2d(features.embedding, "embedding")
@@ -232,7 +236,7 @@ def unit_features(features, precision: str = "float64") -> "_UnitRows | _UnitGra
         return _UnitGradients.from_features(GradientFeatures(e, h))
     x = _finite_2d(features, "features")
     _nonzero_rows(x, "features")
-    return _UnitRows.from_features(x, precision)
+    return _UnitRows.from_features(x, precision, whole_size)
 
 
 def _finite_2d(x, name: str) -> np.ndarray:
@@ -243,18 +247,64 @@ def _finite_2d(x, name: str) -> np.ndarray:
         x = x.astype(np.float64)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise DQError(f"{name}: expected a non-empty float array [N, D], got shape {x.shape}")
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise DQError(f"{name}: row {int(np.argmax(bad))} holds NaN or infinite values "
-                      f"({int(bad.sum())} such rows); expected finite features")
+    _check_rows(x, name, lambda part: ~np.isfinite(part).all(axis=1), "holds NaN or infinite values",
+                "expected finite features")
     return x
 
 
 def _nonzero_rows(x: np.ndarray, name: str) -> None:
-    zero = ~(np.abs(x) > 0).any(axis=1)
-    if zero.any():
-        raise DQError(f"{name}: row {int(np.argmax(zero))} has zero norm ({int(zero.sum())} such rows); "
-                      "cosine similarity needs nonzero feature rows")
+    _check_rows(x, name, lambda part: ~(part != 0).any(axis=1), "has zero norm",
+                "cosine similarity needs nonzero feature rows")
+
+
+def _check_rows(x: np.ndarray, name: str, is_bad, what: str, expected: str) -> None:
+    """One line naming the first row where is_bad(rows) holds and how many do; CHECK_ROWS rows at a time, so
+    the temporaries stay small however many samples there are."""
+    first, count = None, 0
+    for start in range(0, x.shape[0], CHECK_ROWS):
+        bad = np.flatnonzero(is_bad(x[start:start + CHECK_ROWS]))
+        if bad.size and first is None:
+            first = start + int(bad[0])
+        count += bad.size
+    if count:
+        raise DQError(f"{name}: row {first} {what} ({count} such rows); {expected}")
+
+
+def _class_rows(features, members: np.ndarray):
+    """The rows `members` of dense features [N, D] or of GradientFeatures: one class's copy, not the set's."""
+    if isinstance(features, GradientFeatures):
+        return GradientFeatures(np.asarray(features.logit_grad)[members], np.asarray(features.embedding)[members])
+    return np.asarray(features)[members]
+
+
+def class_units(features, labels: np.ndarray, precision: str = "float64", classes=None):
+    """(class index, members int64 [n_c], unit view of the class's rows) for each class in turn.
+
+    Rows are normalised one class at a time, so what selection holds beyond the features themselves grows
+    with the largest class, not with N. Row-wise normalisation gives each row the bits it gets in the
+    whole-set view. `classes`: the class indices to visit (default: all, ascending); labels: int [N].
+    """
+    uniq, inverse = np.unique(labels, return_inverse=True)
+    whole = None if isinstance(features, GradientFeatures) else np.asarray(features).size
+    for c in range(len(uniq)) if classes is None else classes:
+        members = np.flatnonzero(inverse == c)
+        unit = unit_features(_class_rows(features, members), precision, whole)
+        yield c, members, unit.subset(np.arange(len(members)))  # float64 rows, as the engines take them
+
+
+def check_features(features) -> int:
+    """Refuse features that are not finite, non-zero rows (one line naming the first bad row of the whole set);
+    returns N. Checks run in slices: no whole-set float64 copy."""
+    if isinstance(features, GradientFeatures):
+        e, h = _finite_2d(features.logit_grad, "logit_grad"), _finite_2d(features.embedding, "embedding")
+        if len(e) != len(h):
+            raise DQError(f"features: logit_grad has {len(e)} rows but embedding has {len(h)}; "
+                          "expected one row of each per sample")
+        _nonzero_rows(e, "logit_grad")
+        return len(e)
+    x = _finite_2d(features, "features")
+    _nonzero_rows(x, "features")
+    return len(x)
 
 
 def _check_labels(labels, n: int) -> np.ndarray:
@@ -530,20 +580,20 @@ def dq_bins(features, labels, num_bins: int, *, lam: float = 1.0, per_class: boo
     classes but can flip a near-tie, and a flip moves every later pick of that class.
     """
     _blas_dtype(0, precision)  # refuse an unknown precision before any work
-    unit = unit_features(features, precision)
-    labels = _check_labels(labels, len(unit))
+    n = check_features(features)
+    labels = _check_labels(labels, n)
     _check_num_bins(num_bins, labels)
     if not (math.isfinite(lam) and lam > 0):
         raise DQError(f"select.lam = {lam!r} is not allowed; expected a finite number > 0")
     if not per_class:
-        budgets = bin_budgets([len(unit)], num_bins)[:, 0]
-        return greedy_bins(unit, budgets, lam=lam, engine="lazy", progress=progress)
+        budgets = bin_budgets([n], num_bins)[:, 0]
+        return greedy_bins(unit_features(features, precision), budgets, lam=lam, engine="lazy", progress=progress)
     classes, inverse = np.unique(labels, return_inverse=True)
     budgets = bin_budgets(np.bincount(inverse), num_bins)  # [num_bins - 1, num_classes]
-    bins = np.empty(len(unit), np.int32)
-    for c in _progress(range(len(classes)), progress, "dq bins", len(classes)):
-        members = np.flatnonzero(inverse == c)
-        bins[members] = greedy_bins(unit.subset(members), budgets[:, c], lam=lam, precision=precision)
+    bins = np.empty(n, np.int32)
+    visits = _progress(range(len(classes)), progress, "dq bins", len(classes))
+    for c, members, unit in class_units(features, labels, precision, visits):
+        bins[members] = greedy_bins(unit, budgets[:, c], lam=lam, precision=precision)
     return bins
 
 
@@ -576,15 +626,13 @@ def sample_bins(bins, labels, ratio: float, seed: int) -> np.ndarray:
 
 def graphcut_indices(features, labels, ratio: float, *, lam: float = 1.0, precision: str = "float64") -> np.ndarray:
     """One-shot GraphCut per class; class budgets apportioned from round(ratio * N) as in sample_bins."""
-    unit = unit_features(features, precision)
-    labels = _check_labels(labels, len(unit))
-    classes, inverse = np.unique(labels, return_inverse=True)
-    sizes = np.bincount(inverse)
-    quotas = _apportion(sizes, round(ratio * len(unit)))
+    n = check_features(features)
+    labels = _check_labels(labels, n)
+    _, inverse = np.unique(labels, return_inverse=True)
+    quotas = _apportion(np.bincount(inverse), round(ratio * n))
     kept = []
-    for c in range(len(classes)):
-        members = np.flatnonzero(inverse == c)
-        first = greedy_bins(unit.subset(members), [int(quotas[c])], lam=lam, precision=precision) == 0
+    for c, members, unit in class_units(features, labels, precision):
+        first = greedy_bins(unit, [int(quotas[c])], lam=lam, precision=precision) == 0
         kept.append(members[first])
     return np.sort(np.concatenate(kept)).astype(np.int64)
 
@@ -603,7 +651,7 @@ def select_indices(method: str, features, labels, ratio: float, seed: int, num_b
         bins = dq_bins(features, labels, num_bins, lam=lam, per_class=per_class, precision=precision,
                        progress=progress)
         return bins, sample_bins(bins, labels, ratio, seed)
-    n = len(unit_features(features)) if method == "graphcut" else len(labels)
+    n = check_features(features) if method == "graphcut" else len(labels)
     no_bins = np.full(n, -1, np.int32)
     if method == "graphcut":
         return no_bins, graphcut_indices(features, labels, ratio, lam=lam, precision=precision)
@@ -620,13 +668,12 @@ def diversity(features, labels, subset: np.ndarray | None = None, chunk: int = 2
     Returns mean_distance_to_class_centre and mean_nn_distance (nearest other member of the same
     class in the set), averaged over the samples of the set; `subset`: indices, None for all.
     """
-    unit = unit_features(features)
-    labels = _check_labels(labels, len(unit))
-    idx = np.arange(len(unit)) if subset is None else np.asarray(subset, np.int64)
+    labels = _check_labels(labels, check_features(features))
+    idx = np.arange(len(labels)) if subset is None else np.asarray(subset, np.int64)
     centre_d, nn_d = [], []
     for c in np.unique(labels[idx]):
         members = idx[labels[idx] == c]
-        part = unit.subset(members)
+        part = unit_features(_class_rows(features, members))
         sigma = part.total()
         centre_d.append(1.0 - part.project(sigma) / max(np.linalg.norm(sigma), 1e-300))
         if len(members) < 2:

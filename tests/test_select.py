@@ -386,3 +386,32 @@ def test_stage_rejects_mismatched_files(tmp_path):
     with pytest.raises(DQError, match="has 100 rows but the prepared training set has 120"):
         main(["--params", str(params), "--data", str(tmp_path)])
     assert not (tmp_path / "selection").exists()
+
+
+def test_selection_normalises_one_class_at_a_time_with_the_whole_set_bits(monkeypatch):
+    """dq, graphcut and diversity hold unit rows of one class at a time (memory beyond the features grows with
+    the largest class, not with N), and the bins equal those of the whole-set unit view, cut per class."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), [50, 80, 30, 40])
+    x = (rng.normal(size=(200, 12)) + labels[:, None]).astype(np.float32)
+    whole = sel.unit_features(x)
+    reference = np.empty(200, np.int32)
+    budgets = bin_budgets(np.bincount(labels), 5)
+    for c in range(4):
+        members = np.flatnonzero(labels == c)
+        reference[members] = sel.greedy_bins(whole.subset(members), budgets[:, c])
+    largest = []
+    unit_features = sel.unit_features
+    monkeypatch.setattr(sel, "unit_features", lambda f, *a, **k: (largest.append(len(f)), unit_features(f, *a, **k))[1])
+    assert np.array_equal(dq_bins(x, labels, 5), reference)
+    select_indices("graphcut", x, labels, 0.2, 0)
+    sel.diversity(x, labels)
+    assert largest and max(largest) == 80
+
+
+def test_a_bad_row_is_named_by_its_row_in_the_whole_set():
+    x = np.ones((200_000, 2), np.float32)
+    x[150_001] = np.nan
+    x[199_999] = np.inf
+    with pytest.raises(DQError, match=r"^features: row 150001 holds NaN or infinite values \(2 such rows\)"):
+        dq_bins(x, np.zeros(200_000, np.int64), 2)
