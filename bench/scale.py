@@ -16,7 +16,7 @@ JPEGs' bytes.
 Stages: prepare (jpeg q90, 1 and 2 workers), features (the built-in efficientnet_lite0 at 64 px), select
 (dq, ratio 0.1), compress (the default scorer, 16-px patches: the 14x14 grid of configs/imagenet.yaml),
 mae (the tiny default MAE at 56 px, whose 14x14 grid matches the stored one; 1 epoch) and train
-(resnet10t on the MAE-filled compact set, 1 epoch, scored on val/). The models are small and the
+(resnet10t on the MAE-filled compact set, 1 epoch at the default batch of 32, scored on val/). The models are small and the
 epochs few because what is measured is how memory and time per image grow with N, not accuracy.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def params_file(folder: Path, source_root: Path, *, codec: str, workers: int) ->
     raw["features"].update({"input_size": 64, "batch_size": 64})
     raw["patches"].update({"patch_size": 16, "batch_size": 64})
     raw["mae"].update({"input_size": 56, "epochs": 1, "warmup_epochs": 0, "eval_images": 64})
-    raw["train"].update({"epochs": 1, "batch_size": 64})
+    raw["train"].update({"epochs": 1})  # the default batch (32)
     raw["runtime"].update({"num_workers": workers, "device": "cpu"})
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "params.yaml"
