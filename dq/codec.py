@@ -20,8 +20,6 @@ almost nothing only where it covers whole blocks, so writers fill dropped patche
 from __future__ import annotations
 
 import io
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -34,11 +32,6 @@ DEFAULT_QUALITY = 90  # FFCV's JPEG quality for ImageNet training; unused by the
 PNG_LEVEL = 6
 WEBP_LOSSLESS_EFFORT = 80
 WEBP_METHOD = 4
-# libwebp and zlib decode without holding the GIL, so a batch of WebP or PNG streams decodes on this many
-# threads (32 px, bench/format.py: 1.7x and 1.4x with 2); torchvision's JPEG decoder holds it, so JPEG does
-# not. At most 2, so that DataLoader workers x threads stays within twice the cores.
-DECODE_THREADS = min(2, os.cpu_count() or 1)
-THREADED_MIN_STREAMS = 32  # smaller batches decode on the calling thread: a thread costs more than it saves
 
 
 class CodecError(DQError):
@@ -183,9 +176,8 @@ def decode_batch(streams: list[bytes | np.ndarray], codec: str, shape: tuple[int
     """uint8 [n, H, W, C]: streams of one codec decoded by the fastest CPU decoder measured (bench/format.py).
 
     JPEG: `decode_jpeg_batch`, one call. WebP (both kinds): torchvision's libwebp binding, about 3x Pillow
-    at 32 px; WebP decoding is bit-exact, so the pixels equal Pillow's. PNG and raw: `decode`. WebP and PNG
-    batches of THREADED_MIN_STREAMS or more decode on DECODE_THREADS threads. A stream that fails raises
-    CodecError with `index` set to its position in `streams` (the first bad one).
+    at 32 px; WebP decoding is bit-exact, so the pixels equal Pillow's. PNG and raw: `decode`. A stream that
+    fails raises CodecError with `index` set to its position in `streams`.
     """
     out = np.empty((len(streams),) + tuple(shape), np.uint8)
     if codec == "jpeg":
@@ -196,23 +188,10 @@ def decode_batch(streams: list[bytes | np.ndarray], codec: str, shape: tuple[int
     one = (lambda s: decode_jpeg_batch([s], shape)[0]) if codec == "jpeg" else \
         (lambda s: _decode_webp(s, shape)) if codec in ("webp", "webp-lossless") else \
         (lambda s: decode(s, codec, shape))
-
-    def decode_range(start: int, stop: int) -> None:
-        for i in range(start, stop):
-            try:
-                out[i] = one(streams[i])
-            except CodecError as exc:
-                exc.index = i
-                raise
-
-    n = len(streams)
-    threads = DECODE_THREADS if codec not in ("jpeg", "raw") and n >= THREADED_MIN_STREAMS else 1
-    if threads == 1:
-        decode_range(0, n)
-        return out
-    edges = np.linspace(0, n, threads + 1).astype(int)
-    with ThreadPoolExecutor(threads) as pool:
-        parts = [pool.submit(decode_range, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-    for part in parts:  # in order: a failure names the first bad stream, as decoding in one loop would
-        part.result()
+    for i, stream in enumerate(streams):
+        try:
+            out[i] = one(stream)
+        except CodecError as exc:
+            exc.index = i
+            raise
     return out

@@ -1,6 +1,4 @@
 """dq.codec: the one image codec module of the prepared and compact stores."""
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 
@@ -123,28 +121,3 @@ def test_decode_batch_equals_the_one_by_one_decoders(codec_name):
     with pytest.raises(codec.CodecError) as info:
         codec.decode_batch(streams, codec_name, (16, 16, 3))
     assert info.value.index == 1
-
-
-@pytest.mark.parametrize("codec_name", ["png", "webp-lossless"])
-def test_a_threaded_batch_decodes_in_order_and_names_the_first_bad_stream(codec_name, monkeypatch):
-    """Batches of THREADED_MIN_STREAMS or more decode on DECODE_THREADS threads: same pixels in the same order,
-    and with bad streams in both halves the error names the first one."""
-    monkeypatch.setattr(codec, "DECODE_THREADS", 2)
-    rng = np.random.default_rng(5)
-    images = rng.integers(0, 256, (70, 8, 8, 3), dtype=np.uint8)
-    streams = [codec.encode(image, codec_name) for image in images]
-    pools = []
-
-    class RecordingPool(ThreadPoolExecutor):
-        def __init__(self, workers):
-            pools.append(workers)
-            super().__init__(workers)
-
-    monkeypatch.setattr(codec, "ThreadPoolExecutor", RecordingPool)
-    np.testing.assert_array_equal(codec.decode_batch(streams, codec_name, (8, 8, 3)), images)
-    np.testing.assert_array_equal(codec.decode_batch(streams[:31], codec_name, (8, 8, 3)), images[:31])
-    assert pools == [2]  # 70 streams on 2 threads, 31 on the calling thread
-    streams[60], streams[20] = b"junk", b"junk"
-    with pytest.raises(codec.CodecError) as info:
-        codec.decode_batch(streams, codec_name, (8, 8, 3))
-    assert info.value.index == 20
