@@ -16,8 +16,9 @@ Streaming. No split's images are ever held whole: the training set and the test 
 batch's order) through a DataLoader of `runtime.num_workers` workers, each opening its own file handles.
 What is held whole is per image: labels, the compact rows' indices and keep masks. The channel
 statistics are exact integer sums over batches (the result does not depend on the order or the number
-of processes), and the resume fingerprint hashes the images batch by batch, the same bytes in the same
-order as hashing the whole arrays.
+of processes). The resume fingerprint hashes a data set's identity where it has one (a prepared store's
+index with its shards' SHA-256, the fill cache's key, a subset's rows), so no image is decoded for it;
+in-memory arrays are hashed batch by batch.
 
 Small images. timm's ResNets begin with a stride-2 stem and a max-pool, which leave a 32×32 image 8×8
 before the first stage. For a ResNet (any `timm.models.resnet.ResNet`) on images of at most 64 pixels,
@@ -83,7 +84,7 @@ from dq.runtime import autocast
 from dq.train_data import Rows, as_rows
 
 CIFAR_STEM_MAX_SIZE = 64
-EVAL_BATCH_SIZE = 500  # also the batch of the channel statistics and of the fingerprint's reads
+EVAL_BATCH_SIZE = 500  # also the batch of the channel statistics and of the fingerprint's array reads
 FILL_BATCH_SIZE = 256  # images per MAE forward pass in the compact fill
 CPU_BATCH_PIXELS = EVAL_BATCH_SIZE * 32 * 32  # on the CPU, pixels per forward pass (scoring, fill)
 MIN_IMAGES_PER_RANK = 2  # BatchNorm cannot train on a single sample
@@ -474,7 +475,9 @@ def run_fingerprint(train_set: TrainingSet, test, config: TrainParams, seed: int
                     num_workers: int = 0) -> str:
     """What a checkpoint must match to be resumed: the params (but `resume`), seed and both data sets.
 
-    The images are hashed batch by batch: the bytes (and so the digest) of hashing whole arrays.
+    A data set is hashed by its identity where it has one (a prepared store's index with its shards'
+    SHA-256, the fill cache's key, the rows of a subset): no image is decoded for it. Other images (arrays)
+    are hashed batch by batch: the bytes (and so the digest) of hashing whole arrays.
     """
     h = hashlib.sha256()
     settings = {k: v for k, v in vars(config).items() if k != "resume"}
@@ -482,9 +485,13 @@ def run_fingerprint(train_set: TrainingSet, test, config: TrainParams, seed: int
     for images, labels in ((train_set.images, train_set.labels), (test.images, test.labels)):
         source = as_rows(images)
         h.update(str((len(source),) + tuple(source.image_shape)).encode())
-        for batch in train_data.batches(source, train_data.consecutive(0, len(source), EVAL_BATCH_SIZE),
-                                        num_workers):
-            h.update(batch.numpy().tobytes())
+        identity = source.identity()
+        if identity is not None:
+            h.update(identity)
+        else:
+            for batch in train_data.batches(source, train_data.consecutive(0, len(source), EVAL_BATCH_SIZE),
+                                            num_workers):
+                h.update(batch.numpy().tobytes())
         labels = np.ascontiguousarray(labels)
         h.update(str(labels.shape).encode())
         h.update(labels.tobytes())

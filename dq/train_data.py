@@ -75,6 +75,13 @@ class Rows:
     def _read_sorted(self, rows: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def identity(self) -> bytes | None:
+        """Bytes that change whenever the images do, known without decoding them; None: only the pixels say.
+
+        The resume fingerprint hashes these instead of decoding the whole set once more (an ImageNet pass).
+        """
+        return None
+
     def subset(self, rows) -> "SubsetRows":
         return SubsetRows(self, rows)
 
@@ -105,6 +112,10 @@ class SubsetRows(Rows):
     def _read_sorted(self, rows: np.ndarray) -> np.ndarray:
         return self.source.read(self.rows[rows])
 
+    def identity(self) -> bytes | None:
+        source = self.source.identity()
+        return None if source is None else source + b"rows:" + hashlib.sha256(self.rows.tobytes()).digest()
+
 
 class StoreRows(Rows):
     """Every row of a prepared store; `Store` reopens its shards lazily in each process."""
@@ -121,6 +132,10 @@ class StoreRows(Rows):
         for i, (row, stream) in enumerate(zip(rows, self.store.streams(rows))):
             out[i] = self.store.decode_row(int(row), stream)
         return out
+
+    def identity(self) -> bytes:
+        """The store's index: codec, shape and every shard's SHA-256 (stages check shards against it)."""
+        return b"store:" + json.dumps(self.store.index.as_json(), sort_keys=True).encode()
 
 
 class CompactRows(Rows):
@@ -145,8 +160,8 @@ class CompactRows(Rows):
 class FilledRows(Rows):
     """The fill cache's images.npy, read with one pread per run of consecutive rows."""
 
-    def __init__(self, path: Path, shape: tuple[int, ...], offset: int):
-        self.path, self.offset = Path(path), int(offset)
+    def __init__(self, path: Path, shape: tuple[int, ...], offset: int, key: str = ""):
+        self.path, self.offset, self.key = Path(path), int(offset), key
         self.count, self.image_shape = int(shape[0]), tuple(int(s) for s in shape[1:])
         self.row_bytes = int(np.prod(self.image_shape))
         self._fd, self._pid = None, None
@@ -160,6 +175,10 @@ class FilledRows(Rows):
     def __del__(self):
         if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
             os.close(self._fd)
+
+    def identity(self) -> bytes | None:
+        """The cache's key: the SHA-256 of the compact and MAE files and the fill settings it was filled from."""
+        return b"fill:" + self.key.encode() if self.key else None
 
     def _read_sorted(self, rows: np.ndarray) -> np.ndarray:
         if self._fd is None or self._pid != os.getpid():
@@ -266,7 +285,7 @@ def open_cache(folder: Path, key: str, shape: tuple[int, ...]) -> FilledRows | N
         return None
     if layout is None or layout[0] != tuple(shape):
         return None
-    return FilledRows(folder / IMAGES_NAME, shape, layout[1])
+    return FilledRows(folder / IMAGES_NAME, shape, layout[1], key)
 
 
 def _npy_layout(path: Path) -> tuple[tuple[int, ...], int] | None:

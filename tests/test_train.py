@@ -459,3 +459,36 @@ def test_forward_batches_on_the_cpu_hold_a_fixed_number_of_pixels():
     assert dq_train.forward_batch(500, (224, 224, 3), cpu) == 500 * 32 * 32 // (224 * 224)
     assert dq_train.forward_batch(500, (4096, 4096, 3), cpu) == 1
     assert dq_train.forward_batch(500, (224, 224, 3), cuda) == 500
+
+
+def test_the_resume_fingerprint_of_stored_images_decodes_nothing_and_follows_the_shards(tmp_path, monkeypatch):
+    """Prepared stores, subsets of them and the fill cache are fingerprinted by identity (the index with its
+    shards' SHA-256, the rows, the cache key), not by decoding every image once more; changing one image, the
+    rows or the key changes the fingerprint, and equal content gives an equal one."""
+    from types import SimpleNamespace
+
+    from dq import train_data
+    from dq.prepared import Store, open_store
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(30) % 3
+    write_prepared(tmp_path / "a", Prepared(images, labels, ["x", "y", "z"], "synthetic"), shard_images=8)
+    write_prepared(tmp_path / "same", Prepared(images.copy(), labels, ["x", "y", "z"], "synthetic"), shard_images=8)
+    images[17, 0, 0, 0] ^= 1
+    write_prepared(tmp_path / "b", Prepared(images, labels, ["x", "y", "z"], "synthetic"), shard_images=8)
+    monkeypatch.setattr(Store, "decode_row", lambda *a: pytest.fail("the fingerprint decoded an image"))
+
+    def fingerprint(train_rows, test_name="a"):
+        test = SimpleNamespace(images=train_data.StoreRows(open_store(tmp_path / test_name)), labels=labels)
+        return dq_train.run_fingerprint(SimpleNamespace(images=train_rows, labels=np.zeros(len(train_rows), np.int64)),
+                                        test, TINY, 0)
+
+    def store(name):
+        return train_data.StoreRows(open_store(tmp_path / name))
+
+    assert fingerprint(store("a")) == fingerprint(store("same")) != fingerprint(store("b"))
+    assert fingerprint(store("a"), "same") != fingerprint(store("a"), "b")
+    assert fingerprint(store("a").subset([1, 2])) != fingerprint(store("a").subset([1, 3]))
+    filled = [train_data.FilledRows(tmp_path / "none.npy", (30, 8, 8, 3), 128, key) for key in ("k1", "k1", "k2")]
+    assert fingerprint(filled[0]) == fingerprint(filled[1]) != fingerprint(filled[2])
