@@ -227,16 +227,25 @@ def unit_features(features, precision: str = "float64", whole_size: int | None =
     precision float64 (the default) normalises in float64; float32 keeps large float32 inputs in float32
     (large: judged by `whole_size` elements when `features` is one class of a larger set).
     """
+    checked = _checked(features)
+    if isinstance(checked, GradientFeatures):
+        return _UnitGradients.from_features(checked)
+    return _UnitRows.from_features(checked, precision, whole_size)
+
+
+def _checked(features) -> "np.ndarray | GradientFeatures":
+    """`features` with its arrays checked (finite, non-zero rows, one row of each per sample): one line naming
+    the first bad row otherwise. The checks run in slices: no whole-set float64 copy of float32 features."""
     if isinstance(features, GradientFeatures):
         e, h = _finite_2d(features.logit_grad, "logit_grad"), _finite_2d(features.embedding, "embedding")
         if len(e) != len(h):
             raise DQError(f"features: logit_grad has {len(e)} rows but embedding has {len(h)}; "
                           "expected one row of each per sample")
         _nonzero_rows(e, "logit_grad")
-        return _UnitGradients.from_features(GradientFeatures(e, h))
+        return GradientFeatures(e, h)
     x = _finite_2d(features, "features")
     _nonzero_rows(x, "features")
-    return _UnitRows.from_features(x, precision, whole_size)
+    return x
 
 
 def _finite_2d(x, name: str) -> np.ndarray:
@@ -294,17 +303,8 @@ def class_units(features, labels: np.ndarray, precision: str = "float64", classe
 
 def check_features(features) -> int:
     """Refuse features that are not finite, non-zero rows (one line naming the first bad row of the whole set);
-    returns N. Checks run in slices: no whole-set float64 copy."""
-    if isinstance(features, GradientFeatures):
-        e, h = _finite_2d(features.logit_grad, "logit_grad"), _finite_2d(features.embedding, "embedding")
-        if len(e) != len(h):
-            raise DQError(f"features: logit_grad has {len(e)} rows but embedding has {len(h)}; "
-                          "expected one row of each per sample")
-        _nonzero_rows(e, "logit_grad")
-        return len(e)
-    x = _finite_2d(features, "features")
-    _nonzero_rows(x, "features")
-    return len(x)
+    returns N."""
+    return len(_checked(features))
 
 
 def _check_labels(labels, n: int) -> np.ndarray:
