@@ -48,6 +48,7 @@ INIT_SEED = 0  # `weights: none` must build the same backbone in `features` and 
 # The probe is a fixed, full-batch optimisation: same data in, same bytes out.
 PROBE_L2 = 1.0e-2  # on standardised embeddings, with the mean loss; held-out accuracy peaks near here
 PROBE_STEPS = 100  # L-BFGS iterations
+PROBE_ROWS = 8192  # rows standardised in float64 at a time (8192 x 1280 x 8 bytes = 84 MB)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,8 +268,12 @@ class Probe:
     train_accuracy: float
 
     def logits(self, h: np.ndarray) -> np.ndarray:
-        """[N, D] → [N, C], in float64."""
-        return h.astype(np.float64) @ self.weight.astype(np.float64).T + self.bias.astype(np.float64)
+        """[N, D] → [N, C], in float64, PROBE_ROWS rows at a time (no float64 copy of all of h)."""
+        weight, bias = self.weight.astype(np.float64), self.bias.astype(np.float64)
+        out = np.empty((len(h), len(bias)), dtype=np.float64)
+        for rows in _row_chunks(len(h)):
+            out[rows] = h[rows].astype(np.float64) @ weight.T + bias
+        return out
 
 
 def fit_probe(h: np.ndarray, labels: np.ndarray, num_classes: int, *, l2: float = PROBE_L2,
@@ -276,13 +281,18 @@ def fit_probe(h: np.ndarray, labels: np.ndarray, num_classes: int, *, l2: float 
     """Fit the probe on embeddings h [N, D] and int labels [N]: deterministic, float64, full batch.
 
     The optimisation runs on standardised embeddings (well conditioned); the standardisation is then
-    folded into W and b, so the probe applies to raw embeddings.
+    folded into W and b, so the probe applies to raw embeddings. Beyond PROBE_ROWS rows, the rows are
+    standardised in float64 one chunk at a time: the fit adds no N x D array to the embeddings.
     """
-    z = torch.from_numpy(np.array(h, dtype=np.float64))  # a copy, standardised in place below
+    h = np.asarray(h)
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    mu, sigma = _standardisation(z)
-    z.sub_(mu).div_(sigma)  # in place: one float64 copy of the embeddings, not three (N x D x 8 bytes each)
-    w, b = _minimise_cross_entropy(z, y, num_classes, l2, steps)
+    mu, sigma = _standardisation(h)
+    if len(h) <= PROBE_ROWS:  # standardise once, not at every L-BFGS evaluation
+        z = _standardised(h, slice(None), mu, sigma)
+        rows_of = z.__getitem__
+    else:
+        rows_of = lambda rows: _standardised(h, rows, mu, sigma)  # noqa: E731
+    w, b = _minimise_cross_entropy(rows_of, y, h.shape[1], num_classes, l2, steps)
     weight = w / sigma  # W z + b = (W / sigma) h + (b - (W / sigma) mu)
     bias = b - weight @ mu
     probe = Probe(weight.numpy().astype(np.float32), bias.numpy().astype(np.float32), 0.0)
@@ -290,26 +300,55 @@ def fit_probe(h: np.ndarray, labels: np.ndarray, num_classes: int, *, l2: float 
     return probe
 
 
-def _standardisation(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean [D] and std [D]; constant features keep std 1 (dividing by ~0 blows up W)."""
-    mu = h.mean(0)
-    sigma = h.std(0, unbiased=False)
+def _row_chunks(n: int) -> list[slice]:
+    return [slice(i, min(i + PROBE_ROWS, n)) for i in range(0, n, PROBE_ROWS)]
+
+
+def _standardised(h: np.ndarray, rows: slice, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """z = (h[rows] - mu) / sigma, float64 [rows, D]."""
+    return torch.from_numpy(np.array(h[rows], dtype=np.float64)).sub_(mu).div_(sigma)
+
+
+def _standardisation(h: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean [D] and std [D] in float64; constant features keep std 1 (dividing by ~0 blows up W).
+
+    Chunks of PROBE_ROWS rows are merged with Chan et al.'s pairwise update (1979), so one chunk gives
+    exactly torch's own mean and std."""
+    seen, mu, sigma = 0, None, None
+    for rows in _row_chunks(len(h)):
+        chunk = torch.from_numpy(np.array(h[rows], dtype=np.float64))
+        n, chunk_mu, chunk_sigma = len(chunk), chunk.mean(0), chunk.std(0, unbiased=False)
+        if mu is None:
+            mu, sigma = chunk_mu, chunk_sigma
+        else:
+            total, delta = seen + n, chunk_mu - mu
+            var = (seen * sigma.square() + n * chunk_sigma.square() + delta.square() * (seen * n / total)) / total
+            mu, sigma = mu + delta * (n / total), var.sqrt()
+        seen += n
     return mu, torch.where(sigma > 1e-8 * (1.0 + mu.abs()), sigma, torch.ones_like(sigma))
 
 
-def _minimise_cross_entropy(z: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
-                            steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """argmin_{W,b} mean CE(W z + b, y) + l2/2 |W|², by L-BFGS from zero. Returns W [C, D], b [C]."""
-    w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
+def _minimise_cross_entropy(rows_of: Callable[[slice], torch.Tensor], y: torch.Tensor, dim: int,
+                            num_classes: int, l2: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin_{W,b} mean CE(W z + b, y) + l2/2 |W|², by L-BFGS from zero. Returns W [C, D], b [C].
+
+    rows_of(slice) gives z [rows, D]; the loss and its gradient are summed chunk by chunk."""
+    n = len(y)
+    w = torch.zeros(num_classes, dim, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-10, tolerance_change=1e-14)
 
     def closure():
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(z @ w.T + b, y) + 0.5 * l2 * (w * w).sum()
+        loss = 0.5 * l2 * (w * w).sum()
         loss.backward()
-        return loss
+        total = loss.detach()
+        for rows in _row_chunks(n):
+            part = nn.functional.cross_entropy(rows_of(rows) @ w.T + b, y[rows], reduction="sum") / n
+            part.backward()
+            total = total + part.detach()
+        return total
 
     with torch.enable_grad():
         opt.step(closure)

@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 from dq import codec as codecs
 from dq.errors import DQError, first_line, run_cli
 from dq.grid import assemble, extract_patches, grid_of, kept_count, pixel_keep
-from dq.io import H5_OPEN_ERRORS, READ_GAP, atomic_path, byte_runs, check_free_space, h5_file
+from dq.io import H5_OPEN_ERRORS, READ_GAP, atomic_path, check_free_space, h5_file, read_runs
 
 FORMAT = "dq-compact"
 SCHEMA_VERSION = 2  # what write_compact writes
@@ -653,12 +653,8 @@ class CompactFile:
         """
         offsets, streams = self.offsets, self["streams"]
         starts, stops = offsets[rows], offsets[np.asarray(rows) + 1]
-        out = []
         try:
-            for first, last in byte_runs(starts, stops, READ_GAP):
-                base = int(starts[first])
-                span = streams[base:int(stops[last - 1])]
-                out += [span[a - base:b - base] for a, b in zip(starts[first:last], stops[first:last])]
+            out = read_runs(lambda a, b: streams[a:b], starts, stops, READ_GAP)
         except H5_OPEN_ERRORS as exc:
             raise DQError(f"{self.path}: dataset 'streams' cannot be read; the file is damaged "
                           f"({first_line(exc, 160)})") from None

@@ -12,10 +12,9 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
-
 
 from dq.errors import DQError, first_line
 
@@ -176,3 +175,14 @@ def byte_runs(starts, stops, gap: int = READ_GAP) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(starts[1:] - stops[:-1] > gap) + 1
     edges = [0, *breaks.tolist(), len(starts)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def read_runs(read: Callable[[int, int], np.ndarray], starts, stops, gap: int = READ_GAP) -> list[np.ndarray]:
+    """The byte ranges [starts[i], stops[i]) (sorted), one array each, with one read(start, stop) call per
+    run of ranges at most `gap` apart (see byte_runs)."""
+    out = []
+    for first, last in byte_runs(starts, stops, gap):
+        base = int(starts[first])
+        span = read(base, int(stops[last - 1]))
+        out += [span[a - base:b - base] for a, b in zip(starts[first:last], stops[first:last])]
+    return out

@@ -25,7 +25,7 @@ import numpy as np
 
 from dq.codec import CODECS, CodecError, codec_problem, decode, encode, is_lossless
 from dq.errors import DQError, first_line
-from dq.io import H5_OPEN_ERRORS, READ_GAP, atomic_path, byte_runs, check_free_space, h5_file
+from dq.io import H5_OPEN_ERRORS, READ_GAP, atomic_path, check_free_space, h5_file, read_runs
 
 FORMAT = "dq-prepared"
 SHARD_FORMAT = "dq-prepared-shard"
@@ -320,11 +320,9 @@ class Store:
             offsets = self._shard(int(k))[1]
             local = sorted_rows[at] - self.starts[k]
             starts, stops = offsets[local], offsets[local + 1]
-            for first, last in byte_runs(starts, stops, READ_GAP):
-                base = int(starts[first])
-                body = self.read_bytes(int(k), base, int(stops[last - 1]))
-                for pos, a, b in zip(order[at[first:last]], starts[first:last], stops[first:last]):
-                    out[pos] = body[a - base:b - base]
+            pieces = read_runs(lambda a, b, k=int(k): self.read_bytes(k, a, b), starts, stops, READ_GAP)
+            for pos, piece in zip(order[at], pieces):
+                out[pos] = piece
         return out
 
     def read(self, rows=None) -> np.ndarray:

@@ -225,6 +225,30 @@ def test_probe_is_deterministic_and_learns_on_raw_features():
     assert a.train_accuracy == (a.logits(h).argmax(1) == labels).mean()
 
 
+def test_probe_fits_chunk_by_chunk_without_a_float64_copy_of_the_embeddings(monkeypatch):
+    import tracemalloc
+
+    import dq.backbones
+    rng = np.random.default_rng(1)
+    c, d, n = 5, 64, 4000
+    labels = np.arange(n) % c
+    h = (rng.normal(size=(c, d)) * 2)[labels] + rng.normal(size=(n, d)) * 3 + 40
+    h = h.astype(np.float32)
+    whole = fit_probe(h, labels, c)
+    monkeypatch.setattr(dq.backbones, "PROBE_ROWS", 300)  # 14 chunks, the last one short
+    tracemalloc.start()
+    try:
+        chunked = fit_probe(h, labels, c)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < n * d * 8 / 4, f"the fit held {peak} bytes; a float64 copy is {n * d * 8}"
+    # the same optimum, summed in another order
+    np.testing.assert_allclose(chunked.weight, whole.weight, rtol=1e-4, atol=1e-4 * np.abs(whole.weight).max())
+    np.testing.assert_allclose(chunked.bias, whole.bias, rtol=1e-4, atol=1e-4 * np.abs(whole.bias).max())
+    assert chunked.train_accuracy == whole.train_accuracy
+
+
 def test_gradient_features_equal_autograd_of_the_probe_head():
     backbone = create_backbone(TINY, "none")
     images, labels = _images(6)
