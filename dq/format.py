@@ -18,8 +18,8 @@ Its layout is fixed by docs/DESIGN.md and described for readers in other languag
     offsets     int64   [N + 1]          image n is streams[offsets[n]:offsets[n + 1]]
     crc32       uint32  [N]              zlib/PNG CRC-32 of each image's stream
 
-Each stream is a whole image whose dropped patches were filled flat (dq.codec.fill_dropped) before
-encoding; readers set them to zero again, so every codec reads back as the raw layout does.
+Each stream is a whole image whose dropped patches were filled before encoding (dq.codec.encode_dropped:
+the codec's candidate fill that gives the shortest stream); readers set them to zero again, so every codec reads back as the raw layout does.
 Every dataset but `streams` is chunked along N (10 KiB to 1 MiB a chunk), gzip-compressed after the
 shuffle filter and checksummed (fletcher32); `streams` is contiguous and unfiltered (its bytes are
 already compressed, and a C reader takes one image as a plain hyperslab), checked per image by crc32.
@@ -76,7 +76,7 @@ JPEG_REFERENCE_QUALITY = 90  # the "ordinary JPEG copy" the storage metrics comp
 CHUNK_MIN = 10 * 1024
 CHUNK_TARGET = 64 * 1024  # small enough that one random read inflates few neighbours
 CHUNK_MAX = 1024 * 1024
-GZIP_LEVEL = 4
+GZIP_LEVEL = 9  # the keep masks are the bytes a drop adds: level 9 stores them in 0.7x of level 4's
 READ_CACHE_BYTES = 64 * 1024 * 1024  # per dataset: the default run's whole file stays inflated
 VALIDATE_BLOCK_BYTES = 4 * 1024 * 1024
 SPOOL_BLOCK_BYTES = 4 * 1024 * 1024  # CompactWriter copies the spooled streams in blocks this size
@@ -106,7 +106,7 @@ class Header:
     num_images: int = 0
     codec: str = "raw"
     quality: int = codecs.DEFAULT_QUALITY
-    store_scores: bool = True
+    store_scores: bool = False
     version: int = SCHEMA_VERSION
 
     @property
@@ -174,9 +174,9 @@ def _create(f, name: str, data: np.ndarray, dtype: np.dtype) -> None:
 
 
 def encode_images(images: np.ndarray, keep: np.ndarray, patch_size: int, codec: str, quality: int) -> list[bytes]:
-    """One `codec` stream per image [N, H, W, C]: dropped patches filled flat first (dq.codec.fill_dropped)."""
+    """One `codec` stream per image [N, H, W, C], dropped patches filled first (dq.codec.encode_dropped)."""
     masks = pixel_keep(keep, patch_size, images.shape[1])  # bool [N, H, W]
-    return [codecs.encode(codecs.fill_dropped(image, mask), codec, quality) for image, mask in zip(images, masks)]
+    return [codecs.encode_dropped(image, mask, codec, quality) for image, mask in zip(images, masks)]
 
 
 def pack_streams(streams: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -537,8 +537,8 @@ def read_header(f, path: Path) -> Header:
 
 def _header_from_attrs(f, path: Path, version: int) -> Header:
     try:
-        v2 = {} if version == 1 else {"codec": str(f.attrs["codec"]), "quality": int(f.attrs["quality"]),
-                                      "store_scores": "scores" in f}
+        v2 = {"store_scores": True} if version == 1 else {
+            "codec": str(f.attrs["codec"]), "quality": int(f.attrs["quality"]), "store_scores": "scores" in f}
         return Header(image_size=int(f.attrs["image_size"]), patch_size=int(f.attrs["patch_size"]),
                       channels=int(f.attrs["channels"]), drop=float(f.attrs["drop"]),
                       ratio=float(f.attrs["ratio"]), classes=json.loads(f.attrs["classes"]),

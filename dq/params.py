@@ -134,7 +134,7 @@ class PatchesParams(_Section):
     batch_size: int = 64
     codec: str = "webp-lossless"  # how the compact store keeps images (dq.codec.CODECS); lossless: today's pixels
     quality: int = 90  # lossy codecs (webp, jpeg) only
-    store_scores: bool = True  # keep the GradCAM++ scores (float16) in the compact store
+    store_scores: bool = False  # keep the patch scores (float16) in the compact store; nothing reads them
 
     def check(self, where, prefix):
         self._need(self.scorer in SCORERS, where, prefix, "scorer", f"one of {', '.join(SCORERS)}")

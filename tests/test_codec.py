@@ -85,16 +85,62 @@ def test_a_stream_of_another_size_is_refused():
         codec.decode(codec.encode(image, "png"), "png", (96, 96, 3))
 
 
-def test_fill_dropped_sets_only_dropped_pixels_to_the_mean_kept_colour():
+def patch_mask(shape, patch: int, drop_share: float, seed: int = 0) -> np.ndarray:
+    """bool [H, W]: a random `drop_share` of the patch x patch cells dropped (False)."""
+    rows, cols = shape[0] // patch, shape[1] // patch
+    cells = np.random.default_rng(seed).random(rows * cols) >= drop_share
+    return cells.reshape(rows, cols).repeat(patch, 0).repeat(patch, 1)
+
+
+def test_zero_fill_sets_only_dropped_pixels_to_zero():
     image = photo()
-    keep = np.ones(image.shape[:2], bool)
-    keep[:16, :32] = False
-    filled = codec.fill_dropped(image, keep)
+    keep = patch_mask(image.shape, 16, 0.3)
+    filled = codec.zero_fill(image, keep)
+    assert np.array_equal(filled[keep], image[keep]) and (filled[~keep] == 0).all()
+
+
+def block_fill_reference(image, keep):
+    """dq.codec.block_fill's rule written as loops over the 16x16 macroblocks in raster order."""
+    out = image.astype(np.float64).copy()
+    carried = np.full(3, 128.0)
+    for my in range(0, image.shape[0], 16):
+        for mx in range(0, image.shape[1], 16):
+            mb_keep = keep[my:my + 16, mx:mx + 16]
+            mb_mean = image[my:my + 16, mx:mx + 16][mb_keep].mean(axis=0) if mb_keep.any() else carried
+            for by in (my, my + 8):
+                for bx in (mx, mx + 8):
+                    k = keep[by:by + 8, bx:bx + 8]
+                    block = out[by:by + 8, bx:bx + 8]
+                    block[~k] = image[by:by + 8, bx:bx + 8][k].mean(axis=0) if k.any() else mb_mean
+            carried = out[my + 8:my + 16, mx + 8:mx + 16].reshape(-1, 3).mean(axis=0) if mb_keep.any() \
+                else carried  # a wholly dropped macroblock passes the colour on unchanged
+    return np.where(keep[..., None], image, np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("patch, share", [(16, 0.3), (16, 0.7), (4, 0.25), (8, 0.5)])
+def test_block_fill_follows_its_rule(patch, share):
+    image = photo()
+    keep = patch_mask(image.shape, patch, share, seed=patch)
+    keep[:16, :32] = False  # the first two macroblocks wholly dropped: they take the neutral 128
+    filled = codec.block_fill(image, keep)
     assert np.array_equal(filled[keep], image[keep])
-    colour = np.rint(image[keep].mean(axis=0)).astype(np.uint8)
-    assert (filled[~keep] == colour).all()
-    # the flat fill is what makes dropping patches pay: the stream shrinks
-    assert len(codec.encode(filled, "png")) < len(codec.encode(image, "png"))
+    assert (filled[:16, :32] == 128).all()
+    np.testing.assert_array_equal(filled, block_fill_reference(image, keep))
+
+
+@pytest.mark.parametrize("name", ["png", "webp-lossless", "webp", "jpeg"])
+def test_encode_dropped_keeps_the_shortest_candidate_and_drops_pay_on_photos(name):
+    image = photo()
+    keep = patch_mask(image.shape, 16, 0.25, seed=1)
+    stream = codec.encode_dropped(image, keep, name, 90)
+    candidates = [codec.encode(codec.FILLS[fill](image, keep), name, 90) for fill in codec.FILL_CANDIDATES[name]]
+    assert stream == min(candidates, key=len)  # the first of the shortest
+    # the dropped blocks cost (nearly) nothing: bytes close to the kept share of the whole image's
+    assert len(stream) < (keep.mean() + 0.06) * len(codec.encode(image, name, 90))
+    decoded = codec.decode(stream, name, image.shape)
+    if codec.is_lossless(name):
+        assert np.array_equal(decoded[keep], image[keep])
+    assert codec.encode_dropped(image, np.ones_like(keep), name, 90) == codec.encode(image, name, 90)
 
 
 @pytest.mark.parametrize("setting, problem", [

@@ -140,7 +140,7 @@ def test_chunk_shape_splits_rows_larger_than_the_maximum():
 
 def _stream(path: Path, src: dict, codec: str, batch: int, n: int, size: int = 32) -> dict:
     header = fmt.Header(image_size=size, patch_size=4, channels=3, drop=0.25, ratio=0.1, classes=["a", "b", "c"],
-                        source="test", params={"patches": {"drop": 0.25}}, codec=codec, quality=90)
+                        source="test", params={"patches": {"drop": 0.25}}, codec=codec, quality=90, store_scores=True)
     with fmt.CompactWriter(path, header, n) as writer:
         for start in range(0, n, batch):
             rows = slice(start, start + batch)
@@ -289,7 +289,9 @@ def test_streams_are_ordinary_image_files_of_the_filled_image(tmp_path):
         body = streams[offsets[row]:offsets[row + 1]].tobytes()
         assert zlib.crc32(body) == crcs[row] and body[:8] == b"\x89PNG\r\n\x1a\n"
         pixels = np.asarray(Image.open(io.BytesIO(body)))
-        expected = codecs.fill_dropped(src["images"][row], masks_of(src["keep"])[row])
+        mask = masks_of(src["keep"])[row]
+        assert body == codecs.encode_dropped(src["images"][row], mask, "png")
+        expected = codecs.zero_fill(src["images"][row], mask)  # png's one candidate
         assert pixels.ndim == (2 if row == 0 else 3)  # a grey image is a 1-channel stream
         np.testing.assert_array_equal(pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, 2), expected)
 
@@ -606,10 +608,15 @@ def test_compress_stage_writes_a_valid_file_metrics_and_a_figure(tmp_path):
     np.testing.assert_array_equal(data.labels, np.arange(0, 24, 2) % 3)
     pixel_keep = data.keep.reshape(12, 8, 8).repeat(4, axis=1).repeat(4, axis=2)
     np.testing.assert_array_equal(data.images()[pixel_keep], prepared_images[data.indices][pixel_keep])
+    assert data.scores is None and not header.store_scores  # the default: nothing reads the scores
+    scored_root = _tiny_pipeline(tmp_path / "scored", store_scores=True)
+    compress.main(["--params", str(scored_root / "params.yaml"), "--data", str(scored_root / "data")])
+    scored = fmt.read_compact(scored_root / "data/compact/dataset.h5")
+    np.testing.assert_array_equal(scored.keep, data.keep)
     # float16 scores round monotonically: every kept score is still >= every dropped one
-    scores = data.scores.astype(np.float32)
-    assert data.scores.dtype == np.float16
-    assert all(scores[i][data.keep[i]].min() >= scores[i][~data.keep[i]].max() for i in range(12))
+    scores = scored.scores.astype(np.float32)
+    assert scored.scores.dtype == np.float16
+    assert all(scores[i][scored.keep[i]].min() >= scores[i][~scored.keep[i]].max() for i in range(12))
     assert header.codec == "webp-lossless"  # the default
     assert json.loads(json.dumps(header.params))["features"] == {"backbone": "resnet10t", "weights": "none",
                                                                   "input_size": 32}
