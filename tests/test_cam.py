@@ -288,6 +288,30 @@ def test_flat_first_drops_flat_patches_then_follows_gradcam():
     # with a bigger drop, the next patches to go are GradCAM++'s lowest among the content
     plain_keep = cam.keep_mask(np.where(flat, -1.0, cam_scores), drop=0.75)
     np.testing.assert_array_equal(cam.keep_mask(scores, drop=0.75), plain_keep)
+    # the five flat patches all lie on the outer ring: the higher grid index goes first
+    np.testing.assert_array_equal(cam.keep_mask(scores, drop=2 / 16)[:, [3, 11]], False)
+
+
+def test_flat_first_drops_flat_patches_from_the_outer_ring_inwards():
+    size, p = 32, 4
+    images = np.full((2, size, size, 3), 90, np.uint8)  # every patch flat
+    images[1, 12:20, 12:20] = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)  # the 2x2 centre has content
+    model = QuadrantNet(size)
+    scorer = cam.create_scorer("gradcam++-flat-first", p, model=model, layer=model.features, input_size=size,
+                               batch_size=2, progress=False)
+    scores = scorer.scores(images, np.array([0, 1]))[1]
+    rings = np.repeat(cam.grid_rings(8, 8).reshape(1, -1), 2, axis=0)
+    keep = cam.keep_mask(scores, drop=28 / 64)
+    np.testing.assert_array_equal(keep, rings > 0)  # exactly the outer ring of 28 patches
+    keep = cam.keep_mask(scores, drop=2 / 64)
+    assert np.flatnonzero(~keep[0]).tolist() == [62, 63]  # within a ring, the higher grid index goes first
+    innermost = cam.keep_mask(scores, drop=60 / 64)
+    assert np.flatnonzero(innermost[0]).tolist() == [27, 28, 35, 36]  # the last ring left: the centre
+
+
+def test_grid_rings_count_from_the_border_inwards():
+    np.testing.assert_array_equal(cam.grid_rings(4, 4), [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
+    assert cam.grid_rings(8, 8)[3, 4] == 1.0 and cam.grid_rings(8, 8)[1, 1] == pytest.approx(1 / 3)
 
 
 class QuadrantBrightness(nn.Module):
