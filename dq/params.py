@@ -176,7 +176,9 @@ class MaeParams(_Section):
 class TrainParams(_Section):
     model: str = "resnet10t"  # a timm model name; ResNets get a CIFAR stem on images <= 64 px
     input: str = "compact"  # compact | selected | full
-    epochs: int = 15
+    epochs: int = 15  # passes over the training set (the budget unless `steps` is set)
+    steps: int | None = None  # exactly this many optimizer steps whatever the set's size; epochs is then unused
+    eval_every: int | None = None  # steps between test evaluations and checkpoints; None: an epoch, or steps / 10
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
@@ -189,6 +191,9 @@ class TrainParams(_Section):
         self._need(self.input in TRAIN_INPUTS, where, prefix, "input", f"one of {', '.join(TRAIN_INPUTS)}")
         for name in ("epochs", "batch_size"):
             self._need(getattr(self, name) >= 1, where, prefix, name, "a positive integer")
+        for name in ("steps", "eval_every"):
+            value = getattr(self, name)
+            self._need(value is None or value >= 1, where, prefix, name, "a positive integer or null")
         self._need(self.lr > 0, where, prefix, "lr", "a number > 0")
         self._need(0 <= self.momentum < 1, where, prefix, "momentum", "a number in [0, 1)")
         self._need(self.weight_decay >= 0, where, prefix, "weight_decay", "a number >= 0")

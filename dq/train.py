@@ -25,11 +25,17 @@ before the first stage. For a ResNet (any `timm.models.resnet.ResNet`) on images
 `create_classifier` swaps in the CIFAR stem: one 3×3 convolution with stride 1 and no max-pool. Other
 architectures are built as timm defines them.
 
-Training budget. An epoch is one pass over the chosen training set, so `train.epochs` fixes the number of
-times each image is seen, whatever the set's size: the same budget per image seen for `compact`,
-`selected` and `full` alike (the `full` run simply takes more steps).
+Training budget (`Schedule`). By default an epoch is one pass over the chosen training set, so
+`train.epochs` fixes the number of times each image is seen, whatever the set's size: the same budget per
+image seen for `compact`, `selected` and `full` alike (the `full` run simply takes more steps), and a
+10% subset gets a tenth of the full run's optimizer steps. `train.steps` fixes the number of optimizer
+steps instead, whatever the set's size (the fixed-iteration protocol of CCS, Zheng et al. 2023): epochs
+follow one another, each with its own shuffled order, until the steps are done, and the cosine
+schedule spans them. The run is scored and checkpointed after every round: an epoch, or
+`train.eval_every` steps (a tenth of `train.steps` by default). `train_metrics.json` records the
+steps taken and the passes over the set they made.
 
-The reported accuracy is the FINAL epoch's top-1 on the test set. The best epoch's test accuracy is
+The reported accuracy is the FINAL round's top-1 on the test set. The best epoch's test accuracy is
 kept only as `best_epoch_test_acc_do_not_use_for_selection`: choosing an epoch by test accuracy is model
 selection on test data.
 
@@ -369,14 +375,31 @@ def classifier_epoch_generator(seed: int, epoch: int):
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def epoch_batches(n: int, config: TrainParams, generator, world: int = 1) -> list[tuple[torch.Tensor, tuple]]:
+    """(rows [b], augmentation draws) of every optimizer step of one epoch, drawn from the epoch's generator:
+    first the shuffled order, then each step's draws in turn (`augment_draws`). A last batch too small to
+    give every rank 2 images is skipped, without draws: BatchNorm cannot train on one sample."""
+    order = torch.randperm(n, generator=generator)
+    steps = [order[start:start + config.batch_size] for start in range(0, n, config.batch_size)]
+    return [(idx, augment_draws(len(idx), generator, config.crop_padding, config.hflip))
+            for idx in steps if len(idx) >= MIN_IMAGES_PER_RANK * world]
+
+
 def train_classifier_epoch(model, optimizer, scheduler, images, labels, mean, std, config: TrainParams,
                            generator, device, num_workers: int = 0) -> tuple[float, float]:
-    """One pass over the shuffled training set; returns (mean loss, accuracy) on the augmented batches.
+    """One pass over the shuffled training set (`epoch_batches` of `generator`); (mean loss, accuracy)."""
+    batches = epoch_batches(len(labels), config, generator, distributed.world_size())
+    return train_batches(model, optimizer, scheduler, images, labels, mean, std, config, batches, device,
+                         num_workers=num_workers)
+
+
+def train_batches(model, optimizer, scheduler, images, labels, mean, std, config: TrainParams, batches,
+                  device, num_workers: int = 0) -> tuple[float, float]:
+    """One optimizer step per (rows, draws) of `batches`; returns (mean loss, accuracy) on the augmented batches.
 
     `images` is a row source (or a uint8 array or tensor [N, H, W, C]); labels int64 [N]. Each step reads
     only its batch's rows (this rank's part of them), through `num_workers` DataLoader workers. Under
-    torchrun each rank trains on its part of every batch (see the module docstring). A last batch too
-    small to give every rank 2 images is skipped: BatchNorm cannot train on one sample. Loss and accuracy
+    torchrun each rank trains on its part of every batch (see the module docstring). Loss and accuracy
     are summed on the device and read once, at the end: a read per step would make the host wait for the
     GPU every step.
     """
@@ -386,16 +409,12 @@ def train_classifier_epoch(model, optimizer, scheduler, images, labels, mean, st
     source = as_rows(images)
     labels = torch.as_tensor(np.asarray(labels))
     norm = normalisation(mean, std, device)
-    order = torch.randperm(len(labels), generator=generator)
-    steps = [order[start:start + config.batch_size] for start in range(0, len(order), config.batch_size)]
-    steps = [idx for idx in steps if len(idx) >= MIN_IMAGES_PER_RANK * world]
-    parts = [distributed.split(len(idx), rank, world) for idx in steps]
-    reads = [idx[part].numpy() for idx, part in zip(steps, parts)]
+    parts = [distributed.split(len(idx), rank, world) for idx, _ in batches]
+    reads = [idx[part].numpy() for (idx, _), part in zip(batches, parts)]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    for idx, part, rows, raw in zip(steps, parts, reads, train_data.batches(source, reads, num_workers)):
-        draws = augment_draws(len(idx), generator, config.crop_padding, config.hflip)
+    for (idx, draws), part, rows, raw in zip(batches, parts, reads, train_data.batches(source, reads, num_workers)):
         x = to_input(apply_augment(raw, draws, config.crop_padding, part), norm, device)
         y = labels[rows].to(device, non_blocking=True)
         with autocast(device):
@@ -463,6 +482,60 @@ def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
     return full + (1 if rest >= MIN_IMAGES_PER_RANK * world else 0)
 
 
+DEFAULT_STEP_ROUNDS = 10  # with train.steps and no train.eval_every: rounds of a tenth of the steps
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The optimizer steps of a run, in rounds: each round ends with a test evaluation and a checkpoint.
+
+    `train.steps: null` (the default): `train.epochs` epochs, one round per epoch. `train.steps: S`: exactly S
+    steps whatever the training set's size, in rounds of `train.eval_every` steps (default a tenth of S);
+    epochs follow one another as usual (each its own shuffled order), a round may end inside one.
+    """
+
+    steps_per_epoch: int
+    total: int
+    round_steps: int
+
+    @property
+    def rounds(self) -> int:
+        return -(-self.total // self.round_steps)
+
+    def round_end(self, r: int) -> int:
+        """Steps done after round r (0-based)."""
+        return min((r + 1) * self.round_steps, self.total)
+
+    def epochs_seen(self, step: int) -> float | int:
+        """Passes over the training set after `step` steps: an int when whole (every epoch run), else a float."""
+        whole, rest = divmod(step, self.steps_per_epoch)
+        return whole if rest == 0 else round(step / self.steps_per_epoch, 4)
+
+
+def training_schedule(n: int, config: TrainParams, world: int = 1) -> Schedule:
+    """The run's `Schedule` for `n` training images on `world` processes."""
+    per_epoch = steps_per_epoch(n, config.batch_size, world)
+    if per_epoch == 0:
+        raise DQError(f"train.batch_size = {config.batch_size}: {n} training images give no batch of "
+                      f"{MIN_IMAGES_PER_RANK} images per process on {world} processes; raise ratio")
+    total = config.epochs * per_epoch if config.steps is None else config.steps
+    every = config.eval_every or (per_epoch if config.steps is None else -(-total // DEFAULT_STEP_ROUNDS))
+    return Schedule(per_epoch, total, min(every, total))
+
+
+def scheduled_batches(schedule: Schedule, n: int, config: TrainParams, seed: int, first: int, last: int,
+                      world: int = 1) -> list[tuple[torch.Tensor, tuple]]:
+    """(rows, draws) of global steps [first, last): epoch e's steps come from `classifier_epoch_generator(seed,
+    e)`, so a run resumed at any step draws what the uninterrupted run drew."""
+    out = []
+    per_epoch = schedule.steps_per_epoch
+    for epoch in range(first // per_epoch, (last - 1) // per_epoch + 1):
+        steps = epoch_batches(n, config, classifier_epoch_generator(seed, epoch), world)
+        start = epoch * per_epoch
+        out += steps[max(first - start, 0):last - start]
+    return out
+
+
 def sgd_with_cosine_schedule(model, config: TrainParams, total_steps: int):
     """SGD (no Nesterov) and a cosine schedule stepped once per batch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -502,11 +575,12 @@ def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed:
                      checkpoint: str | Path | None = None,
                      on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
                      num_workers: int = 0) -> TrainResult:
-    """Train `config.model` on `train_set`, scoring on `test` after every epoch.
+    """Train `config.model` on `train_set` for the `training_schedule` of `config`, scoring on `test` after
+    every round (an epoch, or `train.eval_every` steps under `train.steps`).
 
     `test` has `images` (a row source or a uint8 array), `labels` and `classes`: a `LabelledImages` or a
     `Prepared`. Images are read batch by batch through `num_workers` DataLoader workers.
-    `on_epoch` receives each epoch's record, including the epochs replayed from a resumed checkpoint,
+    `on_epoch` receives each round's record, including the rounds replayed from a resumed checkpoint,
     so a logger sees the same sequence as in an uninterrupted run. The returned model is on the CPU.
     Under torchrun every rank calls this and gets the same result; only rank 0 reads and writes
     `checkpoint`.
@@ -525,12 +599,13 @@ def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed:
                       f"{tuple(test_images.image_shape)} differ in size; rerun the pipeline from prepare")
     num_classes = len(test.classes)
     image_size = train_images.image_shape[0]
+    n = len(train_set.labels)
+    schedule = training_schedule(n, config, world)
     mean, std = channel_stats(train_images, num_workers=num_workers, device=device)
     torch.manual_seed(seed)
     net = create_classifier(config.model, num_classes, image_size)
     net = net.to(device).to(memory_format=torch.channels_last)
-    total = config.epochs * steps_per_epoch(len(train_set.labels), config.batch_size, world)
-    optimizer, scheduler = sgd_with_cosine_schedule(net, config, total)
+    optimizer, scheduler = sgd_with_cosine_schedule(net, config, schedule.total)
     fingerprint = None  # only rank 0 reads or writes the checkpoint, so only it hashes the data
     if checkpoint is not None and distributed.is_main():
         fingerprint = run_fingerprint(train_set, test, config, seed, num_workers=num_workers)
@@ -545,27 +620,29 @@ def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed:
 
     labels = np.ascontiguousarray(train_set.labels)
     final = None
-    epochs = range(len(history), config.epochs)
-    for epoch in tqdm(epochs, desc="train", unit="epoch", disable=not (progress and distributed.is_main()),
-                      leave=False):
-        generator = classifier_epoch_generator(seed, epoch)
+    rounds = range(len(history), schedule.rounds)
+    unit = "epoch" if config.steps is None and config.eval_every is None else "round"
+    for r in tqdm(rounds, desc="train", unit=unit, disable=not (progress and distributed.is_main()), leave=False):
+        first, last = (schedule.round_end(r - 1) if r else 0), schedule.round_end(r)
+        batches = scheduled_batches(schedule, n, config, seed, first, last, world)
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_classifier_epoch(model, optimizer, scheduler, train_images, labels, mean, std,
-                                                       config, generator, device, num_workers=num_workers)
+        train_loss, train_acc = train_batches(model, optimizer, scheduler, train_images, labels, mean, std, config,
+                                              batches, device, num_workers=num_workers)
         distributed.broadcast_buffers(net)
         final = evaluate(net, test_images, test.labels, mean, std, num_classes, device, num_workers=num_workers)
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                  "test_loss": final.loss, "test_acc": final.top1}
+        record = {"epoch": schedule.epochs_seen(last), "step": last, "lr": lr, "train_loss": train_loss,
+                  "train_acc": train_acc, "test_loss": final.loss, "test_acc": final.top1}
         history.append(record)
         _check_finite(history)
         if checkpoint is not None and distributed.is_main():
             _save_checkpoint(checkpoint, fingerprint, net, optimizer, scheduler, history)
         if on_epoch:
             on_epoch(record)
-    if final is None:  # every epoch came from the checkpoint: score the restored model once more
+    if final is None:  # every round came from the checkpoint: score the restored model once more
         final = evaluate(net, test_images, test.labels, mean, std, num_classes, device, num_workers=num_workers)
     return TrainResult(net.cpu(), history, final, mean, std,
-                       meta={"cifar_stem": uses_cifar_stem(net, image_size)})
+                       meta={"cifar_stem": uses_cifar_stem(net, image_size), "steps": schedule.total,
+                             "epochs": schedule.epochs_seen(schedule.total)})
 
 
 def _data_parallel(model, device):
@@ -669,7 +746,9 @@ def train_metrics(result: TrainResult, train_set: TrainingSet, config: TrainPara
         "compact_bytes": int(train_set.stored_bytes),
         "full_raw_bytes": int(full_raw_bytes),
         "input": train_set.input,
-        "epochs": int(config.epochs),
+        "budget": "epochs" if config.steps is None else "steps",
+        "epochs": result.meta["epochs"],  # passes over the training set: train.epochs, or what the steps made
+        "steps": result.meta["steps"],
         "model": config.model,
     }
 

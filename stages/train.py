@@ -54,7 +54,8 @@ def _train(paths: DataPaths, params, device) -> None:
         raise DQError(f"{paths.compact}: its classes differ from the prepared test "
                       "set's; rerun the pipeline from compress")
     if main_rank:
-        print(f"train: {tp.model} on {len(train_set.labels)} {tp.input} images, {tp.epochs} epochs, "
+        budget = f"{tp.epochs} epochs" if tp.steps is None else f"{tp.steps} steps"
+        print(f"train: {tp.model} on {len(train_set.labels)} {tp.input} images, {budget}, "
               f"{len(test.labels)} test images, device {device}, {distributed.world_size()} process(es)",
               file=sys.stderr)
 
@@ -78,7 +79,7 @@ def _log_epoch(live, record: dict) -> None:
     for name, key in LIVE_METRICS.items():
         live.log_metric(name, record[key])
     live.next_step()
-    print(f"train: epoch {record['epoch']}: loss {record['train_loss']:.4f} train acc {record['train_acc']:.4f} "
+    print(f"train: step {record['step']} (epoch {record['epoch']}): loss {record['train_loss']:.4f} train acc {record['train_acc']:.4f} "
           f"test acc {record['test_acc']:.4f}", file=sys.stderr)
 
 

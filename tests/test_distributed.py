@@ -161,6 +161,20 @@ def test_launch_with_nproc_2_runs_torchrun_and_repeats_the_run(two_ranks, tmp_pa
         assert _sha256(tmp_path / "data" / name) == _sha256(two_ranks / "data" / name), name
 
 
+def test_two_ranks_take_a_step_budget_in_the_rounds_of_one_process(tmp_path):
+    params = _setup(tmp_path, nproc=2)
+    raw = yaml.safe_load(params.read_text())
+    raw["train"].update(steps=13, eval_every=5)  # 96 images, batch 16: rounds end inside epochs
+    params.write_text(yaml.safe_dump(raw))
+    _run([sys.executable, "-m", "stages.launch", "train", "--params", str(params), "--data", str(tmp_path / "data")],
+         _env())
+    metrics = json.loads((tmp_path / "data" / "train_metrics.json").read_text())
+    assert (metrics["budget"], metrics["steps"], metrics["epochs"]) == ("steps", 13, 2.1667)
+    assert metrics["top1"] > 0.5  # it learned (chance 0.25)
+    history = json.loads((tmp_path / "data" / "train" / "evaluation.json").read_text())["history"]
+    assert [(r["step"], r["epoch"]) for r in history] == [(5, 0.8333), (10, 1.6667), (13, 2.1667)]
+
+
 def test_launch_refuses_more_processes_than_gpus(tmp_path, monkeypatch, capsys):
     from dq.errors import run_cli
     from stages import launch

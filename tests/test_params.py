@@ -59,6 +59,8 @@ BAD_VALUES = [
     ("train.epochs", 0, "positive"), ("train.batch_size", 0, "positive"), ("train.lr", 0.0, "> 0"),
     ("train.momentum", 1.0, "[0, 1)"), ("train.weight_decay", -1.0, ">= 0"),
     ("train.crop_padding", -1, ">= 0"), ("train.hflip", "no", "true or false"), ("train.resume", 2, "true or false"),
+    ("train.steps", 0, "positive integer or null"), ("train.steps", 2.5, "an integer or null"),
+    ("train.eval_every", -3, "positive integer or null"),
     ("runtime.device", "tpu", "one of"), ("runtime.nproc", 0, "positive"), ("runtime.num_workers", -1, ">= 0"),
     ("runtime.threads", -1, ">= 0"),
 ]

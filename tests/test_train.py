@@ -163,6 +163,64 @@ def test_two_runs_are_identical_and_resume_matches_an_uninterrupted_run(data, ba
     assert state_bytes(resumed, tmp_path, "c.pt") == state_bytes(first, tmp_path, "a.pt")
 
 
+# 96 images in batches of 16: 6 steps an epoch; rounds of 5 steps end inside epochs 0 and 1
+STEPS = dataclasses.replace(TINY, steps=13, eval_every=5)
+
+
+def test_a_step_budget_takes_its_steps_whatever_the_set_size(data):
+    import math
+
+    for n, per_epoch in ((96, 6), (40, 3), (2, 1)):
+        schedule = dq_train.training_schedule(n, STEPS)
+        assert (schedule.steps_per_epoch, schedule.total, schedule.rounds) == (per_epoch, 13, 3)
+        assert [schedule.round_end(r) for r in range(3)] == [5, 10, 13]
+    assert dq_train.training_schedule(96, TINY).total == TINY.epochs * 6  # the epoch budget, unchanged
+    assert dq_train.training_schedule(96, dataclasses.replace(TINY, steps=95)).round_steps == 10  # a tenth
+    train, test = data
+    result = fit(train, test, STEPS)
+    assert [r["step"] for r in result.history] == [5, 10, 13]
+    assert [r["epoch"] for r in result.history] == [0.8333, 1.6667, 2.1667]
+    # the cosine schedule spans the 13 steps: the lr at each round's start
+    assert [r["lr"] for r in result.history] == pytest.approx([0.025 * (1 + math.cos(math.pi * s / 13))
+                                                               for s in (0, 5, 10)])
+    metrics = dq_train.train_metrics(result, dq_train.full_training_set(train), STEPS, train.images.nbytes)
+    assert (metrics["budget"], metrics["steps"], metrics["epochs"]) == ("steps", 13, 2.1667)
+    baseline_metrics = dq_train.train_metrics(fit(train, test, dataclasses.replace(TINY, epochs=1)),
+                                              dq_train.full_training_set(train), TINY, train.images.nbytes)
+    assert (baseline_metrics["budget"], baseline_metrics["steps"], baseline_metrics["epochs"]) == ("epochs", 6, 1)
+
+
+def test_the_step_stream_is_the_epoch_stream_cut_anywhere():
+    """Steps [a, b) of a step budget are the epochs' own batches and draws, wherever a and b fall."""
+    n = 40  # 3 steps an epoch: 16, 16 and the last 8
+    schedule = dq_train.training_schedule(n, STEPS)
+    epochs = [b for e in range(5) for b in dq_train.epoch_batches(n, STEPS, dq_train.classifier_epoch_generator(0, e))]
+    cuts = [0, 1, 4, 5, 9, 13]
+    pieces = [b for a, z in zip(cuts, cuts[1:]) for b in dq_train.scheduled_batches(schedule, n, STEPS, 0, a, z)]
+    assert len(pieces) == 13
+    for (rows, draws), (rows_e, draws_e) in zip(pieces, epochs):
+        assert torch.equal(rows, rows_e) and all(torch.equal(d, e) for d, e in zip(draws, draws_e))
+    assert sorted(torch.cat([r for r, _ in pieces[:3]]).tolist()) == list(range(n))  # an epoch sees every image
+
+
+def test_a_step_budget_resumed_inside_an_epoch_matches_the_uninterrupted_run(data, tmp_path):
+    train, test = data
+    first = fit(train, test, STEPS)
+    ckpt = tmp_path / "ckpt" / "last.pt"
+
+    def stop_after_one(record):
+        if record["step"] == 5:  # 5 of epoch 0's 6 steps
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(train, test, STEPS, checkpoint=ckpt, on_epoch=stop_after_one)
+    resumed = fit(train, test, dataclasses.replace(STEPS, resume=True), checkpoint=ckpt)
+    assert resumed.history == first.history
+    assert state_bytes(resumed, tmp_path, "r.pt") == state_bytes(first, tmp_path, "f.pt")
+    with pytest.raises(DQError, match="other train params"):  # another budget is another run
+        fit(train, test, dataclasses.replace(STEPS, steps=14, resume=True), checkpoint=ckpt)
+
+
 def test_a_checkpoint_from_other_params_or_unreadable_is_refused(data, tmp_path):
     train, test = data
     ckpt = tmp_path / "last.pt"
