@@ -1,0 +1,333 @@
+"""The accuracy/bytes frontier of compact sets: top-1 against stored bytes, per family of runs.
+
+A study (bench/frontier.py) trains one run per (family, ratio, seed). This module turns the finished runs
+into what a user reads off: for B bytes, which family trains the best model.
+
+    cells          runs -> one Cell per (family, ratio): mean bytes and top-1, seed range, per-seed values
+    interpolate    a family's top-1 at any byte budget inside its range: linear in log-bytes between the
+                   two points around it, per seed (seeds are paired: seed s of one family against seed s
+                   of another, each at its own bytes)
+    paired         the paired differences of two families at a budget, with a 95% t-interval
+    pareto         the cells no other cell beats in both bytes (fewer) and top-1 (higher)
+
+The study's summary, `frontier.json` (owned here: `write_study` writes it, `read_summary` reads and checks
+it), is what the report stage reads to place its own run beside the whole set and the trivial families.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dq.errors import DQError
+from dq.figures import pyplot, save_png
+from dq.io import atomic_path, write_json
+
+SUMMARY_VERSION = 1
+# The families a user has without dq: a random subset of whole images, or the whole set at lower quality.
+TRIVIAL = ("random-webp-lossless", "random-jpeg90", "random-jpeg50", "whole-jpeg")
+DQ = ("dq-webp-lossless", "dq-drop25", "dq-drop50")
+WHOLE_LOSSLESS = "random-webp-lossless"  # at ratio 1.0: the whole set, losslessly; the budgets' yardstick
+WHOLE_JPEG = "whole-jpeg"  # the whole set at JPEG q90, q50, q25: built from the jpeg families' ratio-1.0 runs
+BUDGETS = (0.02, 0.05, 0.1, 0.2)  # shares of the whole set's lossless bytes
+
+
+@dataclass
+class Cell:
+    """One (family, setting): `ratio` (and `quality`) with per-seed (bytes, top-1)."""
+
+    family: str
+    ratio: float
+    quality: int
+    seeds: dict[int, tuple[int, float]] = field(default_factory=dict)
+    images: int = 0
+    minutes: list[float] = field(default_factory=list)
+    spread: tuple[float, float] | None = None  # (min, max) over seeds when only the mean is known (a summary)
+
+    @property
+    def bytes(self) -> float:
+        return statistics.fmean(b for b, _ in self.seeds.values())
+
+    @property
+    def top1(self) -> float:
+        return statistics.fmean(t for _, t in self.seeds.values())
+
+    @property
+    def low(self) -> float:
+        return self.spread[0] if self.spread else min(t for _, t in self.seeds.values())
+
+    @property
+    def high(self) -> float:
+        return self.spread[1] if self.spread else max(t for _, t in self.seeds.values())
+
+    @property
+    def setting(self) -> str:
+        return f"q{self.quality}" if self.family == WHOLE_JPEG else f"{self.ratio:g}"
+
+
+def cells(records: list[dict]) -> list[Cell]:
+    """One Cell per (family, ratio) of the finished runs, plus the `whole-jpeg` cells (the ratio-1.0 runs of
+    the JPEG families), sorted by family and bytes. `records`: dicts with family, ratio, seed, bytes, top1,
+    quality (bench/frontier.py's `finished`)."""
+    out: dict[tuple[str, float, int], Cell] = {}
+    for r in records:
+        families = [r["family"]]
+        if r["ratio"] == 1.0 and "jpeg" in r["family"] and "drop" not in r["family"]:
+            families.append(WHOLE_JPEG)
+        for family in families:
+            key = (family, r["ratio"], r["quality"] if family == WHOLE_JPEG else 0)
+            cell = out.setdefault(key, Cell(family, r["ratio"], r["quality"]))
+            cell.seeds[int(r["seed"])] = (int(r["bytes"]), float(r["top1"]))
+            cell.images = int(r.get("train_images") or 0)
+            if r.get("minutes") is not None:
+                cell.minutes.append(float(r["minutes"]))
+    return sorted(out.values(), key=lambda c: (c.family, c.bytes))
+
+
+def curve(all_cells: list[Cell], family: str, seed: int | None = None) -> list[tuple[float, float]]:
+    """(bytes, top-1) of a family's cells sorted by bytes: one seed's values, or the means (seed None)."""
+    points = [((c.seeds[seed] if seed is not None else (c.bytes, c.top1))) for c in all_cells
+              if c.family == family and (seed is None or seed in c.seeds)]
+    return sorted(points)
+
+
+def interpolate(points: list[tuple[float, float]], budget: float) -> float | None:
+    """Top-1 at `budget` bytes on the piecewise-linear curve in log-bytes through `points` (sorted by bytes);
+    None outside their range (no extrapolation)."""
+    if not points or not points[0][0] <= budget <= points[-1][0]:
+        return None
+    for (b0, t0), (b1, t1) in zip(points, points[1:]):
+        if b0 <= budget <= b1:
+            if b1 == b0:
+                return max(t0, t1)
+            w = (math.log(budget) - math.log(b0)) / (math.log(b1) - math.log(b0))
+            return t0 + w * (t1 - t0)
+    return points[0][1]  # a single point, exactly at the budget
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """(mean, low, high) of a two-sided t-interval; low and high None with fewer than two values."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None, None
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Family `a` against family `b` at a budget: per-seed top-1 of each, paired differences a - b."""
+
+    a: str
+    b: str
+    budget: float
+    a_top1: dict[int, float]
+    b_top1: dict[int, float]
+
+    @property
+    def diffs(self) -> list[float]:
+        return [self.a_top1[s] - self.b_top1[s] for s in sorted(self.a_top1) if s in self.b_top1]
+
+    def interval(self) -> tuple[float, float | None, float | None]:
+        return t_interval(self.diffs)
+
+
+def family_at(all_cells: list[Cell], family: str, budget: float | dict[int, float]) -> dict[int, float]:
+    """Per seed, the family's top-1 at `budget` bytes (one budget for all seeds, or one per seed); seeds whose
+    curve does not reach the budget are left out."""
+    seeds = sorted({s for c in all_cells if c.family == family for s in c.seeds})
+    out = {}
+    for s in seeds:
+        b = budget[s] if isinstance(budget, dict) else budget
+        if b is None:
+            continue
+        value = interpolate(curve(all_cells, family, s), b)
+        if value is not None:
+            out[s] = value
+    return out
+
+
+def best_at(all_cells: list[Cell], families, budget: float | dict[int, float]) -> tuple[str | None, dict[int, float]]:
+    """The family with the highest mean top-1 at `budget` among `families`, and its per-seed values."""
+    best, values = None, {}
+    for family in families:
+        at = family_at(all_cells, family, budget)
+        if at and (best is None or statistics.fmean(at.values()) > statistics.fmean(values.values())):
+            best, values = family, at
+    return best, values
+
+
+def pareto(all_cells: list[Cell]) -> list[Cell]:
+    """Cells that no other cell beats with fewer (or as few) mean bytes and a higher (or equal) mean top-1."""
+    def beaten(c: Cell) -> bool:
+        return any(o is not c and o.bytes <= c.bytes and o.top1 >= c.top1 and (o.bytes, o.top1) != (c.bytes, c.top1)
+                   for o in all_cells)
+
+    return [c for c in all_cells if not beaten(c)]
+
+
+def whole_set(all_cells: list[Cell]) -> Cell | None:
+    """The whole training set stored losslessly: the budgets' yardstick and the full-set top-1."""
+    return next((c for c in all_cells if c.family == WHOLE_LOSSLESS and c.ratio == 1.0), None)
+
+
+def default_comparisons(all_cells: list[Cell], family: str = "dq-drop25") -> list[tuple[Cell, str | None, Comparison | None]]:
+    """For every cell of `family` below the whole set: the best trivial family at that cell's own bytes (per
+    seed), and the paired comparison against it."""
+    out = []
+    for c in (c for c in all_cells if c.family == family and c.ratio < 1.0):
+        budgets = {s: b for s, (b, _) in c.seeds.items()}
+        best, values = best_at(all_cells, TRIVIAL, budgets)
+        comparison = None
+        if best is not None:
+            comparison = Comparison(family, best, c.bytes, {s: t for s, (_, t) in c.seeds.items()}, values)
+        out.append((c, best, comparison))
+    return out
+
+
+def budget_comparisons(all_cells: list[Cell]) -> list[tuple[float, float, Comparison | None]]:
+    """(share, bytes, the best dq family against the best trivial family there) at each of BUDGETS."""
+    whole = whole_set(all_cells)
+    if whole is None:
+        return []
+    out = []
+    for share in BUDGETS:
+        budget = share * whole.bytes
+        best_dq, dq_values = best_at(all_cells, DQ, budget)
+        best_trivial, trivial_values = best_at(all_cells, TRIVIAL, budget)
+        comparison = None
+        if best_dq is not None and best_trivial is not None:
+            comparison = Comparison(best_dq, best_trivial, budget, dq_values, trivial_values)
+        out.append((share, budget, comparison))
+    return out
+
+
+# --- outputs ---------------------------------------------------------------------------------------------
+
+def _interval_text(c: Comparison | None) -> str:
+    if c is None or not c.diffs:
+        return "n/a"
+    mean, low, high = c.interval()
+    spread = f" [{100 * low:+.2f}, {100 * high:+.2f}]" if low is not None else ""
+    return f"{100 * mean:+.2f}{spread} (n={len(c.diffs)})"
+
+
+def markdown(all_cells: list[Cell], descriptions: dict[str, str], epoch_family: str | None = None) -> str:
+    """The study's tables: every cell; the dq default against the best trivial family at its bytes; budgets."""
+    whole = whole_set(all_cells)
+    front = {id(c) for c in pareto([c for c in all_cells if not c.family.endswith("-epochs")])}
+    lines = ["| family | setting | images | stored bytes | share of whole (lossless) | top-1 mean | min–max | "
+             "seeds | front | min/run |", "|---|---|---:|---:|---:|---:|---:|---:|:-:|---:|"]
+    for c in sorted(all_cells, key=lambda c: (c.family, c.bytes)):
+        share = f"{c.bytes / whole.bytes:.3f}" if whole else "n/a"
+        minutes = f"{statistics.fmean(c.minutes):.1f}" if c.minutes else ""
+        lines.append(f"| {c.family} | {c.setting} | {c.images:,} | {c.bytes:,.0f} | {share} | {c.top1:.4f} | "
+                     f"{c.low:.4f}–{c.high:.4f} | {len(c.seeds)} | {'●' if id(c) in front else ''} | {minutes} |")
+    lines += ["", "The dq default (`dq-drop25`) against the best trivial family at its own bytes (each seed at the "
+              "bytes of its own dq run; top-1 interpolated linearly in log-bytes between the trivial family's two "
+              "runs of the same seed around it; points in percent, paired 95% t-interval):", "",
+              "| ratio | dq bytes | dq top-1 | best trivial family there | its top-1 | dq − trivial, points |",
+              "|---:|---:|---:|---|---:|---|"]
+    for c, best, comparison in default_comparisons(all_cells):
+        theirs = f"{statistics.fmean(comparison.b_top1.values()):.4f}" if comparison and comparison.b_top1 else "n/a"
+        lines.append(f"| {c.ratio:g} | {c.bytes:,.0f} | {c.top1:.4f} | {best or 'none reaches these bytes'} | "
+                     f"{theirs} | {_interval_text(comparison)} |")
+    if whole:
+        lines += ["", f"At budgets of the whole set's lossless bytes ({whole.bytes:,.0f}): the best dq family against "
+                  "the best trivial family, both interpolated at the budget:", "",
+                  "| budget | bytes | best dq family | top-1 | best trivial family | top-1 | dq − trivial, points |",
+                  "|---:|---:|---|---:|---|---:|---|"]
+        for share, budget, comparison in budget_comparisons(all_cells):
+            if comparison is None:
+                lines.append(f"| {share:.0%} | {budget:,.0f} | n/a | | n/a | | n/a |")
+                continue
+            lines.append(f"| {share:.0%} | {budget:,.0f} | {comparison.a} | {statistics.fmean(comparison.a_top1.values()):.4f} | "
+                         f"{comparison.b} | {statistics.fmean(comparison.b_top1.values()):.4f} | {_interval_text(comparison)} |")
+    lines += ["", "Families: " + "; ".join(f"`{k}`: {v}" for k, v in descriptions.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def figure(path: str | Path, all_cells: list[Cell], descriptions: dict[str, str], *, title: str = "",
+           run: tuple[float, float, str] | None = None) -> None:
+    """Top-1 against stored bytes (log axis): one line per family (means, bars from the seeds' min to max),
+    the Pareto front ringed; `run` (bytes, top-1, label) adds one run's own point as a star."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    front = {id(c) for c in pareto([c for c in all_cells if not c.family.endswith("-epochs")])}
+    families = list(dict.fromkeys(c.family for c in all_cells))
+    styles = {f: ("-" if f in DQ else "--" if f in TRIVIAL else ":") for f in families}
+    for i, family in enumerate(families):
+        line = sorted((c for c in all_cells if c.family == family), key=lambda c: c.bytes)
+        x, y = [c.bytes for c in line], [c.top1 for c in line]
+        colour = f"C{i % 10}"
+        ax.plot(x, y, styles[family], marker="o", color=colour, label=descriptions.get(family, family), ms=4)
+        ax.vlines(x, [c.low for c in line], [c.high for c in line], color=colour, alpha=0.5)
+    ringed = [c for c in all_cells if id(c) in front]
+    ax.scatter([c.bytes for c in ringed], [c.top1 for c in ringed], s=110, facecolors="none", edgecolors="black",
+               linewidths=1.2, label="Pareto front", zorder=5)
+    if run is not None:
+        ax.scatter([run[0]], [run[1]], marker="*", s=260, color="red", edgecolors="black", zorder=6, label=run[2])
+    ax.set_xscale("log")
+    ax.set(xlabel="stored bytes (compact file, log scale)", ylabel="test top-1 (final)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    save_png(fig, path, dpi=110)
+
+
+def summary(all_cells: list[Cell], descriptions: dict[str, str], match: dict, budget: dict) -> dict:
+    """The study in a small file: what makes a run comparable (`match`), the training budget, the whole set's
+    bytes and top-1, and every family's mean points."""
+    whole = whole_set(all_cells)
+    front = {id(c) for c in pareto([c for c in all_cells if not c.family.endswith("-epochs")])}
+    families: dict[str, dict] = {}
+    for c in sorted(all_cells, key=lambda c: (c.family, c.bytes)):
+        entry = families.setdefault(c.family, {"description": descriptions.get(c.family, c.family),
+                                               "trivial": c.family in TRIVIAL, "points": []})
+        entry["points"].append({"ratio": c.ratio, "quality": c.quality, "bytes": round(c.bytes),
+                                "top1": round(c.top1, 6), "low": c.low, "high": c.high, "seeds": len(c.seeds),
+                                "front": id(c) in front})
+    return {"version": SUMMARY_VERSION, "match": match, "budget": budget,
+            "whole_set": None if whole is None else {"bytes": round(whole.bytes), "top1": round(whole.top1, 6)},
+            "families": families}
+
+
+def write_study(folder: str | Path, records: list[dict], descriptions: dict[str, str], match: dict,
+                budget: dict) -> list[Path]:
+    """frontier.png, frontier.md and frontier.json of the finished runs into `folder`."""
+    if not records:
+        raise DQError("frontier: no finished run; run `python -m bench.frontier run` first")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    all_cells = cells(records)
+    paths = [folder / "frontier.png", folder / "frontier.md", folder / "frontier.json"]
+    figure(paths[0], all_cells, descriptions, title="Fashion-MNIST default: top-1 against stored bytes")
+    with atomic_path(paths[1]) as tmp:
+        tmp.write_text(markdown(all_cells, descriptions))
+    write_json(paths[2], summary(all_cells, descriptions, match, budget))
+    return paths
+
+
+def read_summary(path: str | Path) -> dict | None:
+    """The study's summary, or None when there is no file; a file that is not one is a one-line DQError."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DQError(f"{path}: not a readable frontier summary ({exc})") from None
+    if not isinstance(data, dict) or data.get("version") != SUMMARY_VERSION or "families" not in data:
+        raise DQError(f"{path}: not a frontier summary of version {SUMMARY_VERSION}; rerun "
+                      "`python -m bench.frontier report`")
+    return data
+
+
+def summary_cells(data: dict) -> list[Cell]:
+    """The summary's mean points as cells whose one seed (0) holds the mean, for `curve` and `figure`."""
+    return [Cell(family, p["ratio"], p["quality"], {0: (p["bytes"], p["top1"])}, spread=(p["low"], p["high"]))
+            for family, entry in data["families"].items() for p in entry["points"]]
