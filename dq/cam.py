@@ -504,6 +504,9 @@ class ProbeCounts:
     @torch.no_grad()
     def add(self, images: np.ndarray, labels: np.ndarray, keep: np.ndarray, positions: np.ndarray) -> None:
         """One batch: uint8 images [b, H, W, 3], labels [b], the scorer's keep [b, L], positions [b]."""
+        if keep.all():  # drop 0: every mask keeps every patch, and each count is the full images'
+            self.counts += np.asarray([len(images)] + [self._hits(images, labels)] * (1 + len(PROBE_MASKS)), np.int64)
+            return
         masks = {"kept": keep,
                  "random_keep": keep_mask(self.random.scores(images, labels, positions)[1], self.drop),
                  "std_keep": keep_mask(self.pixel_std.scores(images, labels)[1], self.drop)}
@@ -574,14 +577,20 @@ def score_batches(scorer: PatchScorer, batches: Iterable, drop: float, num_patch
                   on_batch=None) -> tuple[np.ndarray, np.ndarray]:
     """The compress CAM pass over (uint8 images [b, H, W, 3], labels [b], positions [b]) batches.
 
-    Each batch is scored, its keep mask chosen (`keep_mask`), then handed to `probe`, `figure` and
+    Each batch is scored (not at drop 0, where every patch is kept), its keep mask chosen (`keep_mask`),
+    then handed to `probe`, `figure` and
     `on_batch(images, labels, positions, scores, keep)` (the compact writer), and let go: only the scores
     and keep masks stay. Returns (scores float32 [n, L], keep bool [n, L]) of the batches, in order.
     """
     all_scores, all_keep = [], []
+    keeps_all = kept_count(num_patches, drop) == num_patches
     for images, labels, positions in batches:
         images, labels, positions = np.asarray(images), np.asarray(labels), np.asarray(positions)
-        maps, scores = scorer.scores(images, labels, positions)
+        if keeps_all:  # drop 0: every patch is kept whatever the scores, so none are computed (all zero)
+            maps = np.zeros(images.shape[:3], np.float32)
+            scores = np.zeros((len(images), num_patches), np.float32)
+        else:
+            maps, scores = scorer.scores(images, labels, positions)
         keep = keep_mask(scores, drop)
         if probe is not None:
             probe.add(images, labels, keep, positions)

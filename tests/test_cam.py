@@ -439,3 +439,23 @@ def test_score_batches_hands_each_batch_on_and_keeps_only_scores_and_masks():
     np.testing.assert_array_equal(shown_keep, keep[positions])
     empty = cam.score_batches(scorer, iter([]), 0.75, 16)
     assert empty[0].shape == (0, 16) and empty[1].shape == (0, 16)
+
+
+def test_drop_0_keeps_every_patch_without_scoring_and_probes_the_full_images_once():
+    class Refuses(cam.PatchScorer):
+        def maps(self, images, labels, positions=None):
+            raise AssertionError("a drop of 0 needs no scores")
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(5) % 2
+    calls = []
+
+    class Counting(cam.ProbeCounts):
+        def _hits(self, images, labels):
+            calls.append(len(images))
+            return 3
+
+    probe = Counting(QuadrantNet(16), 4, 16, 0.0)
+    scores, keep = cam.score_batches(Refuses(4), [(images, labels, np.arange(5))], 0.0, 16, probe=probe)
+    assert keep.all() and not scores.any()
+    assert calls == [5] and probe.counts.tolist() == [5, 3, 3, 3, 3]
