@@ -18,6 +18,7 @@ f = [e, vec(e ⊗ h)]. Only e and h are stored; selection uses <f_i, f_j> = <e_i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -284,7 +285,21 @@ def fit_probe(h: np.ndarray, labels: np.ndarray, num_classes: int, *, l2: float 
     folded into W and b, so the probe applies to raw embeddings. Beyond PROBE_ROWS rows, the rows are
     standardised in float64 one chunk at a time: the fit adds no N x D array to the embeddings.
     """
-    h = np.asarray(h)
+    with one_thread():  # sums in one order whatever the machine's cores (dq.kernels pins the instructions)
+        return _fit_probe(np.asarray(h), labels, num_classes, l2, steps)
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_probe(h: np.ndarray, labels: np.ndarray, num_classes: int, l2: float, steps: int) -> Probe:
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     mu, sigma = _standardisation(h)
     if len(h) <= PROBE_ROWS:  # standardise once, not at every L-BFGS evaluation

@@ -1,0 +1,39 @@
+"""The CPU kernels every stage uses, pinned so that shared artifacts are the same bytes on every x86-64 machine.
+
+PyTorch picks its CPU kernels by what the processor offers: ATen's vectorised loops for AVX-512 or AVX2,
+oneDNN's convolutions up to AMX, MKL's BLAS per instruction set. Each choice sums in another order, so
+a float64 fit (the features stage's probe) or a gradient (the compress stage's GradCAM++) can differ in
+its last bits from one machine to the next, and the keep masks and everything after them follow. Before
+torch loads, the stage entry points (stages/__init__.py) call `pin_cpu_kernels`, which sets:
+
+    ATEN_CPU_CAPABILITY=avx2         ATen's AVX2 loops, whatever wider units the CPU has
+    ONEDNN_MAX_CPU_ISA=AVX2          oneDNN's AVX2 convolutions (no AVX-512, no AMX)
+    MKL_ENABLE_INSTRUCTIONS=AVX2     MKL's AVX2 code path ...
+    MKL_CBWR=AVX2,STRICT             ... in conditional numerical reproducibility, STRICT mode
+
+overriding what the environment says, so a setting made outside changes no byte. The thread count is the
+other source of difference: the probe is fit on one thread (dq.backbones.fit_probe); every other
+shared computation was measured to give the same bytes on 1 and 2 threads (tests/test_reproducible.py,
+docs/DESIGN.md "Reproducibility across machines"). Every x86-64 CPU with AVX2 (Intel since 2013, AMD
+since 2015) runs these kernels; other CPUs (aarch64) keep their own, and are not byte-identical to x86.
+
+`DQ_CPU_KERNELS=native` turns the pinning off: the CPU's fastest kernels, at the price of outputs that
+match only machines of the same kind (docs/GPU.md says what this costs in speed).
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
+          "MKL_ENABLE_INSTRUCTIONS": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
+OPT_OUT = "DQ_CPU_KERNELS"
+
+
+def pin_cpu_kernels(environ=os.environ) -> dict[str, str]:
+    """Set PINNED in `environ` (before torch is imported) on x86-64 unless DQ_CPU_KERNELS=native; returns what
+    was set."""
+    if environ.get(OPT_OUT) == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    environ.update(PINNED)
+    return dict(PINNED)
