@@ -102,11 +102,17 @@ class DataPaths:
         """Not a DVC output, like `mae_resume`."""
         return self.root / "train_ckpt" / "last.pt"
 
+    # the rebuilt compact set, read by train and export
     @property
-    def train_fill(self) -> Path:
-        """The compact set filled by the MAE, cached across runs (dq.train_data); not a DVC output, like
-        `train_resume`: DVC would delete it before every run."""
-        return self.root / "train_fill"
+    def fill(self) -> Path:
+        """The compact set filled by the MAE, cached across runs and stages (dq.rebuilt); not a DVC output,
+        like `train_resume`: DVC would delete it before every run of train or export."""
+        return self.root / "fill"
+
+    # export
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
 
     # report
     @property

@@ -3,10 +3,10 @@
 A timm classifier is trained on one of three training sets (`train.input`) and scored on the whole
 prepared test set:
 
-- `compact`: the compact HDF5 store, its dropped patches filled in by the MAE. The fill happens ONCE,
-  before the first epoch, in batches streamed from the compact store, and its output is cached on disk
-  (`data/train_fill/`, keyed by the compact file's and the MAE's bytes; see `dq.train_data`), so a rerun
-  with the same inputs does not fill again; kept pixels are the stored ones.
+- `compact`: the compact HDF5 store, its dropped patches filled in by the MAE (`dq.rebuilt`). The fill
+  happens ONCE, before the first epoch, in batches streamed from the compact store, and its output is
+  cached on disk (`data/fill/`, keyed by the compact file's and the MAE's bytes), so a rerun with the same
+  inputs, and the export stage, do not fill again; kept pixels are the stored ones.
 - `selected`: the selected rows (the compact file's `indices`) with all their original pixels, the
   ablation without patch dropping.
 - `full`: the whole prepared training set, the upper bound.
@@ -82,6 +82,7 @@ from tqdm import tqdm
 from dq import distributed
 from dq import format as compact_format
 from dq import train_data
+from dq.rebuilt import rebuilt_set
 from dq.checkpoint import read_torch, resume_state, save_atomic
 from dq.errors import DQError, first_line
 from dq.prepared import Prepared, Store
@@ -91,8 +92,7 @@ from dq.train_data import Rows, as_rows
 
 CIFAR_STEM_MAX_SIZE = 64
 EVAL_BATCH_SIZE = 500  # also the batch of the channel statistics and of the fingerprint's array reads
-FILL_BATCH_SIZE = 256  # images per MAE forward pass in the compact fill
-CPU_BATCH_PIXELS = EVAL_BATCH_SIZE * 32 * 32  # on the CPU, pixels per forward pass (scoring, fill)
+CPU_BATCH_PIXELS = EVAL_BATCH_SIZE * 32 * 32  # on the CPU, pixels per forward pass when scoring
 MIN_IMAGES_PER_RANK = 2  # BatchNorm cannot train on a single sample
 
 
@@ -197,30 +197,15 @@ def selected_training_set(prepared: PreparedSplit, indices: np.ndarray) -> Train
 def compact_training_set(compact_path: str | Path, mae_path: str | Path, *, device, fill_cache: str | Path,
                          batch_size: int | None = None, num_workers: int = 0,
                          prepared_labels: np.ndarray | None = None) -> TrainingSet:
-    """The compact store with its dropped patches filled by the MAE: once, into the cache `fill_cache`.
-
-    With `prepared_labels` (the prepared training set's labels), the compact file's indices and labels
-    are checked against them before anything is filled.
-    """
-    compact_path = Path(compact_path)
-    with compact_format.open_compact(compact_path) as cf:
-        header = cf.header
-        keep = cf.read_keep()
-        labels = np.asarray(cf.read("labels"), dtype=np.int64)
-        indices = np.asarray(cf.read("indices"), dtype=np.int64)
-    if prepared_labels is not None and indices.size and (
-            indices.min() < 0 or indices.max() >= len(prepared_labels)
-            or not np.array_equal(prepared_labels[indices], labels)):
-        raise DQError(f"{compact_path}: its indices and labels do not match the prepared training set; "
-                      "rerun the pipeline from compress")
-    batch_size = batch_size or forward_batch(FILL_BATCH_SIZE, header.image_shape, device)
-    images = train_data.filled_images(compact_path, mae_path, fill_cache, keep=keep, image_shape=header.image_shape,
-                                      patch_size=header.patch_size, device=device, batch_size=batch_size,
-                                      num_workers=num_workers)
-    patch = header.patch_size
-    return TrainingSet(images, labels, list(header.classes), "compact",
-                       kept_pixels=int(keep.sum()) * patch * patch, stored_bytes=compact_path.stat().st_size,
-                       indices=indices)
+    """The compact store with its dropped patches filled by the MAE: once, into the cache `fill_cache`
+    (dq.rebuilt, shared with the export stage). With `prepared_labels` (the prepared training set's labels),
+    the compact file's indices and labels are checked against them before anything is filled."""
+    rebuilt = rebuilt_set(compact_path, mae_path, cache=fill_cache, device=device, num_workers=num_workers,
+                          prepared_labels=prepared_labels, batch_size=batch_size)
+    patch = rebuilt.header.patch_size
+    return TrainingSet(rebuilt.images, rebuilt.labels, list(rebuilt.header.classes), "compact",
+                       kept_pixels=int(rebuilt.keep.sum()) * patch * patch,
+                       stored_bytes=Path(compact_path).stat().st_size, indices=rebuilt.indices)
 
 
 def compact_indices(compact_path: str | Path) -> np.ndarray:

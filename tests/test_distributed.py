@@ -115,8 +115,8 @@ def test_only_rank_0_writes(two_ranks):
 # Run by torchrun: fills the compact set in batches of 8 and logs each rank's batch sizes, then runs the stage.
 FILL_LOG = textwrap.dedent('''
     import os, runpy, sys
-    from dq import fill, train
-    train.FILL_BATCH_SIZE = 8
+    from dq import fill, rebuilt
+    rebuilt.FILL_BATCH_SIZE = 8
     log = open(os.path.join(os.environ["AUDIT_DIR"], "fill" + os.environ["RANK"] + ".txt"), "w")
     real = fill.fill_batch
 
@@ -145,7 +145,7 @@ def test_two_ranks_fill_the_compact_set_once_between_them(tmp_path):
     assert all(shares) and sum(map(sum, shares)) == len(keep), shares  # once in all, both ranks working
     single = dq_train.compact_training_set(data / "compact" / "dataset.h5", data / "mae" / "model.pt",
                                            device=torch.device("cpu"), fill_cache=tmp_path / "single", batch_size=8)
-    assert np.array_equal(np.load(data / "train_fill" / "images.npy"), single.images.read(np.arange(len(keep))))
+    assert np.array_equal(np.load(data / "fill" / "images.npy"), single.images.read(np.arange(len(keep))))
     assert json.loads((data / "train_metrics.json").read_text())["train_images"] == len(keep)
     assert not list(data.rglob(".*tmp*"))
 

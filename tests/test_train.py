@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from dq import fill
+from dq import fill, rebuilt
 from dq import mae as dq_mae
 from dq import train as dq_train
 from dq.errors import DQError
@@ -307,7 +307,7 @@ def test_compact_input_fills_once_and_keeps_stored_pixels(data, tmp_path, monkey
     assert metrics["input"] == "compact" and metrics["train_images"] == len(data[0].labels) // 2
     assert metrics["compact_bytes"] == train_set.stored_bytes
     assert metrics["kept_pixels"] == train_set.kept_pixels
-    assert np.array_equal(np.load(tmp_path / "train_fill" / "images.npy"), filled)
+    assert np.array_equal(np.load(tmp_path / "fill" / "images.npy"), filled)
     calls.clear()
     train_stage.main(["--params", str(params), "--data", str(tmp_path)])
     assert calls == []  # the next run reads the cache
@@ -350,8 +350,8 @@ def test_a_compact_file_from_other_prepared_data_is_refused(data, tmp_path):
     other = Prepared(train.images, np.roll(train.labels, 1), train.classes, train.source)
     with pytest.raises(DQError, match="do not match the prepared training set"):
         dq_train.training_set("compact", other, tmp_path / "compact" / "dataset.h5", tmp_path / "mae" / "model.pt",
-                              device=torch.device("cpu"), fill_cache=tmp_path / "train_fill")
-    assert not (tmp_path / "train_fill").exists()  # refused before anything was filled
+                              device=torch.device("cpu"), fill_cache=tmp_path / "fill")
+    assert not (tmp_path / "fill").exists()  # refused before anything was filled
 
 
 # --- streaming: no read is larger than a batch, the fill is cached, results equal the in-memory path -----
@@ -377,7 +377,7 @@ def test_no_train_read_is_larger_than_a_batch(tmp_path, monkeypatch):
     batch = 16
     make_pipeline_inputs(tmp_path, (blobs(300, seed=1), blobs(100, seed=2)), shard_images=40)
     monkeypatch.setattr(dq_train, "EVAL_BATCH_SIZE", batch)
-    monkeypatch.setattr(dq_train, "FILL_BATCH_SIZE", batch)
+    monkeypatch.setattr(rebuilt, "FILL_BATCH_SIZE", batch)
     largest: dict[str, list[int]] = {}
 
     def recording(cls, name, what):
@@ -391,7 +391,7 @@ def test_no_train_read_is_larger_than_a_batch(tmp_path, monkeypatch):
 
     recording(Store, "streams", "prepared")
     recording(CompactFile, "read_images", "compact")
-    recording(train_data.FilledRows, "_read_sorted", "fill cache")
+    recording(rebuilt.FilledRows, "_read_sorted", "fill cache")
 
     def whole(*args, **kwargs):
         raise AssertionError("the train stage held a whole split")
@@ -513,7 +513,8 @@ def test_forward_batches_on_the_cpu_hold_a_fixed_number_of_pixels():
     """The default's 32-px batches are unchanged; 224-px ones shrink so that host memory stays small."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert dq_train.forward_batch(dq_train.EVAL_BATCH_SIZE, (32, 32, 3), cpu) == dq_train.EVAL_BATCH_SIZE
-    assert dq_train.forward_batch(dq_train.FILL_BATCH_SIZE, (32, 32, 3), cpu) == dq_train.FILL_BATCH_SIZE
+    assert rebuilt.fill_batch_size((32, 32, 3), cpu) == rebuilt.FILL_BATCH_SIZE
+    assert rebuilt.fill_batch_size((224, 224, 3), cpu) == 500 * 32 * 32 // (224 * 224)
     assert dq_train.forward_batch(500, (224, 224, 3), cpu) == 500 * 32 * 32 // (224 * 224)
     assert dq_train.forward_batch(500, (4096, 4096, 3), cpu) == 1
     assert dq_train.forward_batch(500, (224, 224, 3), cuda) == 500
@@ -548,5 +549,5 @@ def test_the_resume_fingerprint_of_stored_images_decodes_nothing_and_follows_the
     assert fingerprint(store("a")) == fingerprint(store("same")) != fingerprint(store("b"))
     assert fingerprint(store("a"), "same") != fingerprint(store("a"), "b")
     assert fingerprint(store("a").subset([1, 2])) != fingerprint(store("a").subset([1, 3]))
-    filled = [train_data.FilledRows(tmp_path / "none.npy", (30, 8, 8, 3), 128, key) for key in ("k1", "k1", "k2")]
+    filled = [rebuilt.FilledRows(tmp_path / "none.npy", (30, 8, 8, 3), 128, key) for key in ("k1", "k1", "k2")]
     assert fingerprint(filled[0]) == fingerprint(filled[1]) != fingerprint(filled[2])
