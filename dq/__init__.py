@@ -14,6 +14,7 @@ _EXPORTS = {
     "create_backbone": "dq.backbones",
     "classifier_with_probe": "dq.backbones",
     "preprocess": "dq.backbones",
+    "rebuilt_dataset": "dq.rebuilt",
 }
 __all__ = sorted(_EXPORTS)
 

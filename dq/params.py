@@ -27,6 +27,8 @@ METHODS = ("dq", "graphcut", "random")  # select.method; dq.select implements ea
 PRECISIONS = ("float64", "float32")  # select.precision
 SCORERS = ("gradcam++-flat-first", "gradcam++", "pixel-std", "random")  # patches.scorer; dq.cam implements each
 TRAIN_INPUTS = ("compact", "selected", "full")
+EXPORT_FORMATS = ("imagefolder", "webdataset")  # export.format; dq.export writes each
+EXPORT_TESTS = ("copy", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -205,6 +207,18 @@ class TrainParams(_Section):
 
 
 @dataclass(frozen=True)
+class ExportParams(_Section):
+    format: str = "imagefolder"  # imagefolder | webdataset (dq.export)
+    test: str = "copy"  # copy: export the prepared test split too; skip: the train split only
+    shard_images: int = 10000  # webdataset: images per tar shard
+
+    def check(self, where, prefix):
+        self._need(self.format in EXPORT_FORMATS, where, prefix, "format", f"one of {', '.join(EXPORT_FORMATS)}")
+        self._need(self.test in EXPORT_TESTS, where, prefix, "test", f"one of {', '.join(EXPORT_TESTS)}")
+        self._need(self.shard_images >= 1, where, prefix, "shard_images", "a positive integer")
+
+
+@dataclass(frozen=True)
 class RuntimeParams(_Section):
     device: str = "auto"  # auto: CUDA when present, else CPU
     nproc: int = 1  # processes per machine for features, compress and train (torchrun when > 1)
@@ -228,6 +242,7 @@ class Params:
     patches: PatchesParams = field(default_factory=PatchesParams)
     mae: MaeParams = field(default_factory=MaeParams)
     train: TrainParams = field(default_factory=TrainParams)
+    export: ExportParams = field(default_factory=ExportParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
 
     def check(self, where: str) -> None:

@@ -4,8 +4,9 @@ Outputs: data/train/model.pt (weights and normalisation), data/train/evaluation.
 per-class accuracy, per-epoch history), data/train_metrics.json (the run's metrics, top level for
 `dvc exp show`) and DVCLive's per-epoch plots under data/train_live/. The resumable checkpoint
 data/train_ckpt/last.pt is deliberately not a DVC output, so it survives an interrupted run
-(`train.resume: true` continues from it; see dq/train.py). Nor is data/train_fill/, the cache of the
-compact set filled by the MAE (dq/train_data.py): a rerun on the same compact file and MAE reuses it.
+(`train.resume: true` continues from it; see dq/train.py). Nor is data/fill/, the cache of the
+compact set filled by the MAE (dq/rebuilt.py): a rerun on the same compact file and MAE, and the export
+stage, reuse it.
 
 No split is read whole: the training and test images are read a batch of rows at a time from the
 prepared stores (and the fill cache) through DataLoaders of `runtime.num_workers` workers.
@@ -49,7 +50,7 @@ def _train(paths: DataPaths, params, device) -> None:
     prepared = open_store(paths.prepared_split("train"))
     test = split_images(open_store(paths.prepared_split("test")))
     train_set = training_set(tp.input, prepared, paths.compact, paths.mae_model, device=device,
-                             fill_cache=paths.train_fill, num_workers=workers)
+                             fill_cache=paths.fill, num_workers=workers)
     if list(train_set.classes) != list(test.classes):
         raise DQError(f"{paths.compact}: its classes differ from the prepared test "
                       "set's; rerun the pipeline from compress")

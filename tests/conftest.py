@@ -18,7 +18,7 @@ def tiny_run(tmp_path_factory):
 
     repo = make_repo(tmp_path_factory.mktemp("tiny_run") / "repo")
     out = dvc(repo, "repro")
-    assert len(ran_stages(out.stdout)) == 7, out.stdout
+    assert len(ran_stages(out.stdout)) == 8, out.stdout
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "tiny run")
     return repo

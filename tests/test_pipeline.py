@@ -8,7 +8,7 @@ import pytest
 
 from tests.pipeline_repo import dvc, git, make_repo, ran_stages, run
 
-ALL_STAGES = ["prepare", "features", "select", "compress", "mae", "train", "report"]
+ALL_STAGES = ["prepare", "features", "select", "compress", "mae", "train", "export", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,8 @@ def test_repro_writes_every_declared_output(repo):
     for path in ("prepared/train/index.json", "prepared/train/shard-00000.h5", "prepared/test/index.json",
                  "prepared/test/shard-00000.h5", "features/train.h5", "selection/bins.npy",
                  "selection/indices.npy", "selection/summary.json", "compact/dataset.h5", "mae/model.pt",
-                 "train/model.pt", "report/summary.json"):
-        assert (data / path).is_file(), path
+                 "train/model.pt", "report/summary.json", "export/dataset.json", "export/train", "export/test"):
+        assert (data / path).exists(), path
     metrics = json.loads((data / "train_metrics.json").read_text())
     assert 0.0 <= metrics["top1"] <= 1.0
     assert metrics["train_images"] == 24  # ratio 0.25 of 96
@@ -52,6 +52,14 @@ def test_exp_run_ratio_reruns_select_and_after_only(repo):
     assert by_ratio[0.5]["train_images"] == 48 and by_ratio[0.25]["train_images"] == 24
     for metrics in by_ratio.values():
         assert "top1" in metrics and "compact_bytes" in metrics
+
+
+def test_exp_run_export_format_reruns_only_export(repo):
+    out = dvc(repo, "exp", "run", "-S", "export.format=webdataset", "--name", "wds")
+    assert ran_stages(out.stdout) == ["export"], out.stdout
+    info = json.loads((repo / "data" / "export" / "dataset.json").read_text())
+    assert info["layout"] == "webdataset" and info["splits"]["train"]["shards"] == ["train-000000.tar"]
+    assert info["figures"]["train_top1"] == json.loads((repo / "data" / "train_metrics.json").read_text())["top1"]
 
 
 def test_sweep_queues_a_real_grid_runs_it_through_the_queue_and_reports_it(repo, tmp_path):

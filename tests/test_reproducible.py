@@ -27,7 +27,7 @@ EPOCHS = 3
 def test_two_fresh_clones_give_identical_bytes_in_every_output(tiny_run, tmp_path):
     other = make_repo(tmp_path / "clone")
     out = dvc(other, "repro")
-    assert len(ran_stages(out.stdout)) == 7, out.stdout
+    assert len(ran_stages(out.stdout)) == 8, out.stdout
     first, second = digest_tree(tiny_run / "data"), digest_tree(other / "data")
     assert sorted(first) == sorted(second)
     for stage_dir in ("prepared", "features", "selection", "compact", "mae", "train", "report"):
