@@ -33,7 +33,7 @@ import yaml
 from tests.pipeline_repo import digest_tree, dvc, env, git, make_repo, ran_stages
 
 SSHD = Path("/usr/sbin/sshd")
-ALL_STAGES = ["prepare", "features", "select", "compress", "mae", "train", "report"]
+ALL_STAGES = ["prepare", "features", "select", "compress", "mae", "train", "export", "report"]
 OTHER_RATIO = 0.5  # the experiment, and the run cache's parameter set that is never committed
 BULK_FILES = 1500  # objects in the interrupted push: enough that a kill lands half-way
 
@@ -131,7 +131,8 @@ def team(tmp_path_factory) -> Team:
     origin, store, shared_cache = root / "origin.git", root / "store", root / "shared-cache"
     git(root, "init", "-q", "--bare", "-b", "main", str(origin))
     a = make_repo(root / "A")
-    dvc(a, "remote", "add", "-d", "store", str(store))
+    dvc(a, "remote", "add", "-d", "store", str(store))  # the folder recipe of the README and docs/TEAM.md
+    dvc(a, "remote", "modify", "store", "verify", "true")
     git(a, "commit", "-q", "-am", "folder remote")
     git(a, "remote", "add", "origin", str(origin))
     use_cache(a, shared_cache)
@@ -230,6 +231,7 @@ def test_ssh_remote_push_then_pull_into_fresh_clone(team, sshd, tmp_path, monkey
     pusher = team.clone("ssh-pusher", shared_cache=True)
     dvc(pusher, "remote", "add", "ssh", url)
     dvc(pusher, "remote", "modify", "--local", "ssh", "keyfile", str(sshd["keyfile"]))
+    dvc(pusher, "remote", "modify", "ssh", "verify", "true")
     dvc(pusher, "push", "-r", "ssh")
     assert remote_objects(store)
     git(pusher, "commit", "-q", "-am", "ssh remote")
@@ -237,6 +239,7 @@ def test_ssh_remote_push_then_pull_into_fresh_clone(team, sshd, tmp_path, monkey
     assert ".dvc/config.local" not in git(pusher, "ls-files").stdout.split()
     committed = (pusher / ".dvc" / "config").read_text()
     assert url in committed and "keyfile" not in committed and str(sshd["keyfile"]) not in committed
+    assert "verify = true" in committed  # the puller re-hashes what it pulls
 
     puller = team.root / "ssh-puller"
     git(team.root, "clone", "-q", "-b", "ssh-remote", str(team.origin), str(puller))
@@ -364,7 +367,7 @@ def test_pull_with_verify_rejects_a_torn_remote_object(team, tmp_path):
     """What a push killed mid-file leaves on an SSH remote (dvc-ssh writes objects in place): a short object.
 
     Without `verify` DVC trusts the remote and checks it out as is; with it, the pull fails and names the
-    output. docs/TEAM.md tells SSH users to turn it on.
+    output. Every remote recipe in the README and docs/TEAM.md turns it on.
     """
     torn = tmp_path / "torn-store"
     subprocess.run(["cp", "-r", str(team.store), str(torn)], check=True)
