@@ -38,6 +38,41 @@ def test_two_fresh_clones_give_identical_bytes_in_every_output(tiny_run, tmp_pat
     assert (tiny_run / "dvc.lock").read_text() == (other / "dvc.lock").read_text()
 
 
+@pytest.mark.parametrize("outside", [
+    {"OMP_NUM_THREADS": "2"},  # another thread count
+    {"OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+     "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "MKL_CBWR": "COMPATIBLE"},  # another machine's kernels
+], ids=["threads", "isa"])
+def test_features_and_compress_give_the_same_bytes_whatever_the_kernels_and_threads(tiny_run, tmp_path, outside):
+    """What another CPU would pick (ISA limits set from outside) or another core count changes no byte of the
+    shared artifacts: dq.kernels pins the kernels before torch loads, and the probe is fit on one thread."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for part in ("prepared", "selection"):
+        (data / part).symlink_to(tiny_run / "data" / part, target_is_directory=True)
+    run_env = {**env(), **outside}
+    for stage in ("features", "compress"):
+        done = subprocess.run([sys.executable, "-m", "stages.launch", stage, "--params", str(tiny_run / "params.yaml"),
+                               "--data", str(data)], cwd=tiny_run, env=run_env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("features/train.h5", "compact/dataset.h5", "compact_metrics.json"):
+        assert (data / name).read_bytes() == (tiny_run / "data" / name).read_bytes(), name
+
+
+def test_pinning_overrides_the_environment_unless_asked_not_to(monkeypatch):
+    import platform
+
+    from dq import kernels
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    environ = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX", "MKL_CBWR": "AUTO"}
+    assert kernels.pin_cpu_kernels(environ) == kernels.PINNED and environ == kernels.PINNED
+    assert kernels.pin_cpu_kernels({"DQ_CPU_KERNELS": "native"}) == {}
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert kernels.pin_cpu_kernels({}) == {}
+
+
 # ------------------------------------------------------------------------------------------- workers
 
 
