@@ -23,7 +23,7 @@ def test_repo_params_load_and_match_dataclass_defaults(raw):
     assert params.ratio == raw["ratio"] and params.seed == raw["seed"]
     assert params.data.source == "fashion-mnist"
     # every key of params.yaml is a field, and every field is in params.yaml: the file documents them all
-    for section in ("data", "features", "select", "patches", "mae", "train", "runtime"):
+    for section in ("data", "features", "select", "patches", "mae", "train", "export", "runtime"):
         assert set(raw[section]) == set(getattr(params, section).__dataclass_fields__), section
 
 
@@ -61,6 +61,8 @@ BAD_VALUES = [
     ("train.crop_padding", -1, ">= 0"), ("train.hflip", "no", "true or false"), ("train.resume", 2, "true or false"),
     ("train.steps", 0, "positive integer or null"), ("train.steps", 2.5, "an integer or null"),
     ("train.eval_every", -3, "positive integer or null"),
+    ("export.format", "tfrecord", "one of imagefolder, webdataset"), ("export.test", "keep", "one of copy, skip"),
+    ("export.shard_images", 0, "positive integer"),
     ("runtime.device", "tpu", "one of"), ("runtime.nproc", 0, "positive"), ("runtime.num_workers", -1, ">= 0"),
     ("runtime.threads", -1, ">= 0"),
 ]
