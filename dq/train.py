@@ -12,7 +12,7 @@ prepared test set:
 - `full`: the whole prepared training set, the upper bound.
 
 Streaming. No split's images are ever held whole: the training set and the test set are row sources
-(`dq.train_data`), and every step reads only its batch's rows (sorted for the read, then put back in the
+(`dq.row_sources`), and every step reads only its batch's rows (sorted for the read, then put back in the
 batch's order) through a DataLoader of `runtime.num_workers` workers, each opening its own file handles.
 What is held whole is per image: labels, the compact rows' indices and keep masks. The channel
 statistics are exact integer sums over batches (the result does not depend on the order or the number
@@ -80,15 +80,15 @@ from timm.models.resnet import ResNet
 from tqdm import tqdm
 
 from dq import distributed
-from dq import format as compact_format
-from dq import train_data
+from dq import compact as compact_format
+from dq import row_sources
 from dq.rebuilt import rebuilt_set
 from dq.checkpoint import read_torch, resume_state, save_atomic
 from dq.errors import DQError, first_line
 from dq.prepared import Prepared, Store
 from dq.params import TrainParams
 from dq.runtime import autocast
-from dq.train_data import Rows, as_rows
+from dq.row_sources import Rows, as_rows
 
 CIFAR_STEM_MAX_SIZE = 64
 EVAL_BATCH_SIZE = 500  # also the batch of the channel statistics and of the fingerprint's array reads
@@ -100,7 +100,7 @@ MIN_IMAGES_PER_RANK = 2  # BatchNorm cannot train on a single sample
 class TrainingSet:
     """The images a classifier is trained on, and what storing them costs.
 
-    `images` is a row source (`dq.train_data`): it reads the rows a batch asks for, never the whole set.
+    `images` is a row source (`dq.row_sources`): it reads the rows a batch asks for, never the whole set.
     `kept_pixels` counts pixel positions (H×W, not ×C) that come from storage; `stored_bytes` is what
     the set occupies on disk (the compact file) or as raw uint8 arrays (`selected`, `full`).
     """
@@ -165,8 +165,8 @@ PreparedSplit = Prepared | Store  # a split in memory (tests, benchmarks) or an 
 def split_images(split: PreparedSplit) -> LabelledImages:
     """A prepared split as a labelled row source (a store is read by row; its labels are read whole)."""
     if isinstance(split, Store):
-        return LabelledImages(train_data.StoreRows(split), split.labels(), split.classes)
-    return LabelledImages(train_data.ArrayRows(split.images), np.asarray(split.labels, np.int64),
+        return LabelledImages(row_sources.StoreRows(split), split.labels(), split.classes)
+    return LabelledImages(row_sources.ArrayRows(split.images), np.asarray(split.labels, np.int64),
                           list(split.classes))
 
 
@@ -281,7 +281,7 @@ def channel_stats(images, *, batch_size: int | None = None, num_workers: int = 0
     channels = source.image_shape[-1]
     rows = distributed.shard(len(source), batch_size, distributed.rank(), distributed.world_size())
     hist = np.zeros((channels, 256), np.int64)
-    for batch in train_data.batches(source, train_data.consecutive(rows.start, rows.stop, batch_size), num_workers):
+    for batch in row_sources.batches(source, row_sources.consecutive(rows.start, rows.stop, batch_size), num_workers):
         x = batch.numpy()
         for c in range(channels):
             hist[c] += np.bincount(x[..., c].reshape(-1), minlength=256)
@@ -399,7 +399,7 @@ def train_batches(model, optimizer, scheduler, images, labels, mean, std, config
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    for (idx, draws), part, rows, raw in zip(batches, parts, reads, train_data.batches(source, reads, num_workers)):
+    for (idx, draws), part, rows, raw in zip(batches, parts, reads, row_sources.batches(source, reads, num_workers)):
         x = to_input(apply_augment(raw, draws, config.crop_padding, part), norm, device)
         y = labels[rows].to(device, non_blocking=True)
         with autocast(device):
@@ -444,11 +444,11 @@ def evaluate(model, images, labels: np.ndarray, mean, std, num_classes: int, dev
     batch_size = batch_size or forward_batch(EVAL_BATCH_SIZE, source.image_shape, device)
     norm = normalisation(mean, std, device)
     rows = distributed.shard(len(labels), batch_size, distributed.rank(), distributed.world_size())
-    reads = train_data.consecutive(rows.start, rows.stop, batch_size)
+    reads = row_sources.consecutive(rows.start, rows.stop, batch_size)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     with torch.inference_mode(), autocast(device):
-        for batch_rows, batch in zip(reads, train_data.batches(source, reads, num_workers)):
+        for batch_rows, batch in zip(reads, row_sources.batches(source, reads, num_workers)):
             x = to_input(batch, norm, device)
             y = torch.from_numpy(labels[batch_rows]).to(device, non_blocking=True)
             logits = model(x)
@@ -547,7 +547,7 @@ def run_fingerprint(train_set: TrainingSet, test, config: TrainParams, seed: int
         if identity is not None:
             h.update(identity)
         else:
-            for batch in train_data.batches(source, train_data.consecutive(0, len(source), EVAL_BATCH_SIZE),
+            for batch in row_sources.batches(source, row_sources.consecutive(0, len(source), EVAL_BATCH_SIZE),
                                             num_workers):
                 h.update(batch.numpy().tobytes())
         labels = np.ascontiguousarray(labels)
