@@ -12,32 +12,17 @@ evaluation, and writes into one folder:
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from dq.errors import DQError, first_line
+from dq.errors import DQError
 from dq.figures import pyplot, save_png
-from dq.io import atomic_path, write_json
+from dq.io import atomic_path, read_json, write_json
 
 COPIED_FIGURES = ("bins.png", "patches.png", "reconstruction.png")
 FILLS = ("mae", "mean_fill", "nearest_fill")
-
-
-def read_json(path: str | Path, what: str) -> dict:
-    """A JSON object from `path`; a DQError naming the file and the stage that writes it otherwise."""
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DQError(f"{path}: not found; run the {what} stage first") from None
-    except (OSError, ValueError) as exc:
-        raise DQError(f"{path}: not readable JSON ({first_line(exc, 120)}); rerun the {what} stage") from None
-    if not isinstance(obj, dict):
-        raise DQError(f"{path}: expected a JSON object; rerun the {what} stage")
-    return obj
 
 
 def _need(obj: dict, key: str, where: str):
