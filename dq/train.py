@@ -20,10 +20,8 @@ of processes). The resume fingerprint hashes a data set's identity where it has 
 index with its shards' SHA-256, the fill cache's key, a subset's rows), so no image is decoded for it;
 in-memory arrays are hashed batch by batch.
 
-Small images. timm's ResNets begin with a stride-2 stem and a max-pool, which leave a 32×32 image 8×8
-before the first stage. For a ResNet (any `timm.models.resnet.ResNet`) on images of at most 64 pixels,
-`create_classifier` swaps in the CIFAR stem: one 3×3 convolution with stride 1 and no max-pool. Other
-architectures are built as timm defines them.
+The model (a timm classifier, ResNets with a CIFAR stem on small images) and its file `train/model.pt`
+are dq.classifier's; the names are re-exported here.
 
 Training budget (`Schedule`). By default an epoch is one pass over the chosen training set, so
 `train.epochs` fixes the number of times each image is seen, whatever the set's size: the same budget per
@@ -72,25 +70,23 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.resnet import ResNet
 from tqdm import tqdm
 
 from dq import distributed
 from dq import compact as compact_format
 from dq import row_sources
 from dq.rebuilt import rebuilt_set
-from dq.checkpoint import read_torch, resume_state, save_atomic
-from dq.errors import DQError, first_line
+from dq.checkpoint import resume_state, save_atomic
+from dq.classifier import (Classifier, create_classifier, read_classifier, replace_stem_with_cifar,  # noqa: F401
+                           save_classifier, uses_cifar_stem)
+from dq.errors import DQError
 from dq.prepared import Prepared, Store
 from dq.params import TrainParams
 from dq.runtime import autocast
 from dq.row_sources import Rows, as_rows
 
-CIFAR_STEM_MAX_SIZE = 64
 EVAL_BATCH_SIZE = 500  # also the batch of the channel statistics and of the fingerprint's array reads
 CPU_BATCH_PIXELS = EVAL_BATCH_SIZE * 32 * 32  # on the CPU, pixels per forward pass when scoring
 MIN_IMAGES_PER_RANK = 2  # BatchNorm cannot train on a single sample
@@ -228,39 +224,6 @@ def training_set(kind: str, prepared: PreparedSplit, compact_path: str | Path, m
     labels = prepared.labels() if isinstance(prepared, Store) else np.asarray(prepared.labels, np.int64)
     return compact_training_set(compact_path, mae_path, device=device, fill_cache=fill_cache,
                                 num_workers=num_workers, prepared_labels=labels)
-
-
-# --- model --------------------------------------------------------------------------------------------
-
-
-def create_classifier(name: str, num_classes: int, image_size: int):
-    """A randomly initialised timm classifier; ResNets on images <= 64 px get the CIFAR stem."""
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    except (RuntimeError, ValueError) as exc:
-        raise DQError(f"train.model = {name!r}: timm cannot build it ({first_line(exc, 160)})") from None
-    if uses_cifar_stem(model, image_size):
-        replace_stem_with_cifar(model)
-    return model
-
-
-def uses_cifar_stem(model, image_size: int) -> bool:
-    return isinstance(model, ResNet) and image_size <= CIFAR_STEM_MAX_SIZE
-
-
-def replace_stem_with_cifar(model) -> None:
-    """conv1 → 3×3 stride-1 conv into the stem's output width; max-pool → identity."""
-    in_chans = _first_conv(model.conv1).in_channels
-    conv = nn.Conv2d(in_chans, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # as timm inits convs
-    model.conv1 = conv
-    model.maxpool = nn.Identity()
-
-
-def _first_conv(module):
-    if isinstance(module, nn.Conv2d):
-        return module
-    return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
 
 
 # --- tensors ------------------------------------------------------------------------------------------
@@ -670,48 +633,6 @@ def _resume(path, fingerprint, model, optimizer, scheduler) -> list[dict]:
 
 
 # --- outputs ------------------------------------------------------------------------------------------
-
-
-def save_classifier(path: str | Path, result: TrainResult, config: TrainParams, classes: list[str],
-                    image_size: int) -> None:
-    """model.pt: the state dict plus what is needed to rebuild and normalise (byte-identical reruns)."""
-    state = {"model": result.model.state_dict(), "arch": config.model, "num_classes": len(classes),
-             "classes": list(classes), "image_size": int(image_size), "mean": result.mean, "std": result.std,
-             "cifar_stem": bool(result.meta.get("cifar_stem", False))}
-    save_atomic(path, state)
-
-
-@dataclass
-class Classifier:
-    """A trained classifier read back from its model.pt: the model (eval mode) and how to feed it."""
-
-    model: nn.Module
-    classes: list[str]
-    image_size: int
-    mean: list[float]
-    std: list[float]
-
-
-CLASSIFIER_KEYS = ("model", "arch", "num_classes", "classes", "image_size", "mean", "std", "cifar_stem")
-
-
-def read_classifier(path: str | Path) -> Classifier:
-    """Read and validate a classifier written by `save_classifier`, rebuilt in eval mode on the CPU."""
-    path = Path(path)
-    state = read_torch(path, "classifier file", fix="; run the train stage")
-    missing = [k for k in CLASSIFIER_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise DQError(f"{path}: missing '{missing[0]}'; is this a model.pt written by the train stage?")
-    model = create_classifier(state["arch"], int(state["num_classes"]), int(state["image_size"]))
-    if uses_cifar_stem(model, int(state["image_size"])) != bool(state["cifar_stem"]):
-        raise DQError(f"{path}: its stem does not match {state['arch']} at {state['image_size']} px; "
-                      "rerun the train stage")
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise DQError(f"{path}: weights do not fit {state['arch']} ({first_line(exc, 160)})") from None
-    return Classifier(model.eval(), list(state["classes"]), int(state["image_size"]), list(state["mean"]),
-                      list(state["std"]))
 
 
 def train_metrics(result: TrainResult, train_set: TrainingSet, config: TrainParams,
