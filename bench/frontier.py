@@ -18,7 +18,7 @@ where it applies (at 1.0 the selection keeps every image, so the method does not
     random-jpeg50          ... as JPEG q50 (and the whole set)
     whole-jpeg             the whole set at JPEG q90, q50, q25: no selection, lower quality
     dq-webp-lossless       DQ selection, whole images, lossless WebP
-    dq-drop25              the dq default: DQ selection, 25% of patches dropped, lossless WebP (and 1.0)
+    dq-drop25              the dq default: DQ selection, 25% of patches dropped, lossless WebP
     dq-drop50              ... 50% dropped
     random-drop25          random selection, 25% dropped: separates selection from dropping
 
@@ -76,7 +76,7 @@ FAMILIES = {
     "random-jpeg50": (_family("random", 0.0, "jpeg", 50), RATIOS + (WHOLE,), "random subset, JPEG q50"),
     "whole-jpeg25": (_family("random", 0.0, "jpeg", 25), (WHOLE,), "whole set, JPEG q25"),
     "dq-webp-lossless": (_family("dq", 0.0, "webp-lossless"), RATIOS, "dq, whole images, WebP lossless"),
-    "dq-drop25": (_family("dq", 0.25, "webp-lossless"), RATIOS + (WHOLE,), "dq, 25% patches dropped (default)"),
+    "dq-drop25": (_family("dq", 0.25, "webp-lossless"), RATIOS, "dq, 25% patches dropped (default)"),
     "dq-drop50": (_family("dq", 0.5, "webp-lossless"), RATIOS, "dq, 50% patches dropped"),
     "random-drop25": (_family("random", 0.25, "webp-lossless"), RATIOS, "random subset, 25% patches dropped"),
 }

@@ -1,10 +1,12 @@
-"""The CPU kernels every stage uses, pinned so that shared artifacts are the same bytes on every x86-64 machine.
+"""The features stage's CPU kernels, pinned so that the shared artifacts are the same bytes on every x86-64 CPU.
 
 PyTorch picks its CPU kernels by what the processor offers: ATen's vectorised loops for AVX-512 or AVX2,
-oneDNN's convolutions up to AMX, MKL's BLAS per instruction set. Each choice sums in another order, so
-a float64 fit (the features stage's probe) or a gradient (the compress stage's GradCAM++) can differ in
-its last bits from one machine to the next, and the keep masks and everything after them follow. Before
-torch loads, the stage entry points (stages/__init__.py) call `pin_cpu_kernels`, which sets:
+oneDNN's convolutions up to AMX, MKL's BLAS per instruction set. Each choice sums in another order.
+Measured on this project's AVX-512/AMX machine with ISA limits set from outside (AVX2, SSE4.1) and on 1 or
+2 threads, the embeddings and everything the compress stage writes came out the same bytes; the features
+stage's linear probe did not (a float64 L-BFGS fit: 12% of its weights moved by a float32 ulp under an AVX2
+limit), and through GradCAM++ the keep masks, the compact store, the MAE fill and top-1 followed. So before
+torch loads, the features stage's entry point (stages/features.py) calls `pin_cpu_kernels`, which sets:
 
     ATEN_CPU_CAPABILITY=avx2         ATen's AVX2 loops, whatever wider units the CPU has
     ONEDNN_MAX_CPU_ISA=AVX2          oneDNN's AVX2 convolutions (no AVX-512, no AMX)
@@ -12,10 +14,12 @@ torch loads, the stage entry points (stages/__init__.py) call `pin_cpu_kernels`,
     MKL_CBWR=AVX2,STRICT             ... in conditional numerical reproducibility, STRICT mode
 
 overriding what the environment says, so a setting made outside changes no byte. The thread count is the
-other source of difference: the probe is fit on one thread (dq.backbones.fit_probe); every other
-shared computation was measured to give the same bytes on 1 and 2 threads (tests/test_reproducible.py,
-docs/DESIGN.md "Reproducibility across machines"). Every x86-64 CPU with AVX2 (Intel since 2013, AMD
-since 2015) runs these kernels; other CPUs (aarch64) keep their own, and are not byte-identical to x86.
+other source of difference: the probe is fit on one thread (dq.backbones.fit_probe). The other stages keep
+the CPU's own kernels: pinning MKL slows a transformer's matrix products by 1.5 to 2x, which the MAE and the
+classifier would pay for outputs that need not match across machines (tests/test_reproducible.py checks
+features and compress under other limits and thread counts; docs/DESIGN.md "Reproducibility across
+machines"). Every x86-64 CPU with AVX2 (Intel since 2013, AMD since 2015) runs the pinned kernels; other
+CPUs (aarch64) keep their own, and are not byte-identical to x86.
 
 `DQ_CPU_KERNELS=native` turns the pinning off: the CPU's fastest kernels, at the price of outputs that
 match only machines of the same kind (docs/GPU.md says what this costs in speed).

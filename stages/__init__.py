@@ -2,10 +2,6 @@
 import importlib.util
 import sys
 
-from dq.kernels import pin_cpu_kernels
-
-pin_cpu_kernels()  # before anything imports torch: the same kernels, hence the same bytes, on every x86-64 CPU
-
 # dvc.yaml says `python`, which is whatever the caller's PATH finds. Outside the project's venv that
 # is an interpreter without the pinned packages, and the first import would fail deep in a stage.
 _MISSING = [name for name in ("numpy", "torch", "timm", "h5py", "yaml") if importlib.util.find_spec(name) is None]

@@ -8,16 +8,20 @@ batches are the ones a single process would run, so the output is the same.
 """
 from __future__ import annotations
 
-import numpy as np
+from dq.kernels import pin_cpu_kernels
 
-from dq import distributed
-from dq.backbones import INIT_SEED, create_backbone, embed_batches, features_record
-from dq.errors import run_cli
-from dq.features import write_features
-from dq.paths import DataPaths
-from dq.prepared import image_loader, open_store
-from dq.runtime import device_for, seed_everything
-from stages.common import parse_args
+pin_cpu_kernels()  # before torch loads: the probe's float64 sums in one order on every x86-64 CPU
+
+import numpy as np  # noqa: E402
+
+from dq import distributed  # noqa: E402
+from dq.backbones import INIT_SEED, create_backbone, embed_batches, features_record  # noqa: E402
+from dq.errors import run_cli  # noqa: E402
+from dq.features import write_features  # noqa: E402
+from dq.paths import DataPaths  # noqa: E402
+from dq.prepared import image_loader, open_store  # noqa: E402
+from dq.runtime import device_for, seed_everything  # noqa: E402
+from stages.common import parse_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
