@@ -2,11 +2,12 @@
 
 PyTorch picks its CPU kernels by what the processor offers: ATen's vectorised loops for AVX-512 or AVX2,
 oneDNN's convolutions up to AMX, MKL's BLAS per instruction set. Each choice sums in another order.
-Measured on this project's AVX-512/AMX machine with ISA limits set from outside (AVX2, SSE4.1) and on 1 or
-2 threads, the embeddings and everything the compress stage writes came out the same bytes; the features
-stage's linear probe did not (a float64 L-BFGS fit: 12% of its weights moved by a float32 ulp under an AVX2
-limit), and through GradCAM++ the keep masks, the compact store, the MAE fill and top-1 followed. So before
-torch loads, the features stage's entry point (stages/features.py) calls `pin_cpu_kernels`, which sets:
+Measured on this project's AVX-512/AMX machine with ISA limits set from outside: the features stage's
+linear probe moved (a float64 L-BFGS fit: 12% of its weights by a float32 ulp under an AVX2 limit, 2% on one
+thread instead of two), and through GradCAM++ the keep masks, the compact store, the MAE fill and top-1
+followed; the compress stage's own output moved under SSE4.1 limits (its GradCAM++ gradients), though not
+under AVX2 ones. So before torch loads, the entry points of the two stages whose outputs are shared
+(stages/features.py, stages/compress.py) call `pin_cpu_kernels`, which sets:
 
     ATEN_CPU_CAPABILITY=avx2         ATen's AVX2 loops, whatever wider units the CPU has
     ONEDNN_MAX_CPU_ISA=AVX2          oneDNN's AVX2 convolutions (no AVX-512, no AMX)

@@ -8,24 +8,29 @@ itself, streamed, on one process or under torchrun, is dq.compaction's.
 """
 from __future__ import annotations
 
-import sys
+from dq.kernels import pin_cpu_kernels
 
-import torch
+pin_cpu_kernels()  # before torch loads: GradCAM++'s gradients in one order on every x86-64 CPU
 
-from dq import cam, distributed
-from dq.backbones import classifier_with_probe, create_backbone
-from dq.compaction import Selected, write_compact_store
-from dq.datasets import source_bytes
-from dq.errors import run_cli
-from dq.features import check_made_with, read_features
-from dq.compact import Header, storage_metrics
-from dq.io import write_json
-from dq.paths import DataPaths
-from dq.prepared import open_store
-from dq.runtime import device_for
-from dq.scorers import SCORERS, create_scorer
-from dq.selection_folder import read_selection
-from stages.common import parse_args
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+
+from dq import cam, distributed  # noqa: E402
+from dq.backbones import classifier_with_probe, create_backbone  # noqa: E402
+from dq.compaction import Selected, write_compact_store  # noqa: E402
+from dq.datasets import source_bytes  # noqa: E402
+from dq.errors import run_cli  # noqa: E402
+from dq.features import check_made_with, read_features  # noqa: E402
+from dq.compact import Header, storage_metrics  # noqa: E402
+from dq.io import write_json  # noqa: E402
+from dq.paths import DataPaths  # noqa: E402
+from dq.prepared import open_store  # noqa: E402
+from dq.runtime import device_for  # noqa: E402
+from dq.scorers import SCORERS, create_scorer  # noqa: E402
+from dq.selection_folder import read_selection  # noqa: E402
+from stages.common import parse_args  # noqa: E402
+
 
 # In the compact file's `params` attribute. data.source and data.root name the files the store came from
 # (and give source_bytes); the process and worker counts change no byte of the output.
