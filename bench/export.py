@@ -36,10 +36,10 @@ import yaml  # noqa: E402
 
 from bench.format import photo_crops  # noqa: E402
 from bench.scale import WRAPPER, folder_bytes  # noqa: E402
-from dq import cam  # noqa: E402
+from dq import scorers  # noqa: E402
 from dq import codec as codecs  # noqa: E402
-from dq.format import CompactWriter, Header  # noqa: E402
-from dq.prepared import Prepared, StoreWriter  # noqa: E402
+from dq.compact import CompactWriter, Header  # noqa: E402
+from dq.prepared import StoreWriter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, PATCH, BATCH = 224, 16, 250
@@ -66,7 +66,7 @@ def build_inputs(data: Path, n: int) -> int:
     with CompactWriter(data / "compact" / "dataset.h5", header, n) as writer:
         for start in range(0, n, BATCH):
             images = photo_crops(min(BATCH, n - start), SIZE, seed=start)
-            keep = cam.keep_mask(rng.random((len(images), (SIZE // PATCH) ** 2), dtype=np.float32), 0.25)
+            keep = scorers.keep_mask(rng.random((len(images), (SIZE // PATCH) ** 2), dtype=np.float32), 0.25)
             rows = np.arange(start, start + len(images))
             writer.add(images, keep, rows % len(CLASSES), rows, np.zeros(len(images), np.int32), None)
             jpeg_copy += sum(len(codecs.encode(image, "jpeg", 90)) for image in images)
@@ -153,8 +153,8 @@ def main() -> None:
                   ", ".join(f"{w} workers {r:7.0f} img/s" for w, r in reads.items()), flush=True)
         rows[n] = row
     base = rows[args.sizes[0]]
-    print(f"\n224 px photo crops, patch 16, drop 0.25, compact store jpeg q90; fill (micro MAE, CPU, 1 thread) "
-          f"and export (1 DataLoader worker) in their own processes")
+    print("\n224 px photo crops, patch 16, drop 0.25, compact store jpeg q90; fill (micro MAE, CPU, 1 thread) "
+          "and export (1 DataLoader worker) in their own processes")
     print("     N  format        export img/s  peak RSS MB  RSS vs N0  train bytes / compact  / JPEG q90 copy")
     for n in args.sizes:
         r = rows[n]

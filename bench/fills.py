@@ -18,7 +18,7 @@ colour (the fill before), the nearest kept pixel, left and up runs (the last kep
 column repeated: what a PNG/VP8L left or top predictor turns into zero residuals), and a smooth harmonic
 inpainting (Laplace's equation with the kept pixels as the boundary). `product` is what the writer does
 (the shortest of the codec's FILL_CANDIDATES per image). Then the whole compact FILE (streams, keep
-masks, offsets, header: what a user stores) with drop d against drop 0, written by dq.format.write_compact
+masks, offsets, header: what a user stores) with drop d against drop 0, written by dq.compact.write_compact
 with the product's fill and no scores.
 """
 from __future__ import annotations
@@ -35,9 +35,9 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import numpy as np  # noqa: E402
 
-from dq import cam  # noqa: E402
+from dq import scorers  # noqa: E402
 from dq import codec as codecs  # noqa: E402
-from dq.format import Header, write_compact  # noqa: E402
+from dq.compact import Header, write_compact  # noqa: E402
 from dq.grid import pixel_keep  # noqa: E402
 
 CODECS = (("png", 90), ("webp-lossless", 90), ("webp", 90), ("jpeg", 90), ("jpeg", 50))
@@ -163,13 +163,13 @@ def file_table(images: np.ndarray, masks: dict[float, np.ndarray], patch: int, t
 
 def default_data(data: Path, drops: list[float]) -> tuple[np.ndarray, dict[float, np.ndarray]]:
     """The default run's compact images (original pixels) and keep masks; pixel-std masks for other drops."""
-    from dq.format import read_compact
+    from dq.compact import read_compact
     from dq.prepared import read_images
 
     compact = read_compact(data / "compact" / "dataset.h5")
     images = read_images(data / "prepared" / "train", compact.indices)
-    std = cam.pixel_std_scores(images, compact.header.patch_size)
-    masks = {d: compact.keep if d == compact.header.drop else cam.keep_mask(std, d) for d in drops}
+    std = scorers.pixel_std_scores(images, compact.header.patch_size)
+    masks = {d: compact.keep if d == compact.header.drop else scorers.keep_mask(std, d) for d in drops}
     return images, masks
 
 
@@ -187,7 +187,7 @@ def main() -> None:
     if args.photos:
         photos = photo_crops(args.photos, 224)
         draw = np.random.default_rng(1).random((args.photos, (224 // 16) ** 2), dtype=np.float32)
-        photo_masks = {d: cam.keep_mask(draw, d) for d in args.drops}
+        photo_masks = {d: scorers.keep_mask(draw, d) for d in args.drops}
         fill_table(photos, photo_masks, 16, "photos")
         file_table(photos, photo_masks, 16, "photos")
 

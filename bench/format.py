@@ -14,7 +14,7 @@ Fashion-MNIST (`--fashion`): the same table on the default run's data (600 image
 default 6,000), patch 4, the numbers that chose the default codec.
 
 Reads (`--read-sizes`): the photos downscaled to 32 px (patch 4), read through a DataLoader (batch 64,
-0/1/2 workers, shuffled) from `dq.format.CompactDataset` per codec, against the v1 layout at the same
+0/1/2 workers, shuffled) from `dq.compact.CompactDataset` per codec, against the v1 layout at the same
 N and worker count, in this process; two N show how cost grows with N. Then JPEG decoding alone:
 `dq.codec.decode_jpeg_batch` (torchvision, one call per batch) against Pillow one image at a time.
 Peak RSS of this process and of its DataLoader workers is printed after each section.
@@ -42,9 +42,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from dq import cam  # noqa: E402
+from dq import cam, scorers  # noqa: E402
 from dq import codec as codecs  # noqa: E402
-from dq.format import CompactDataset, Header, read_compact, write_compact  # noqa: E402
+from dq.compact import CompactDataset, Header, read_compact, write_compact  # noqa: E402
 from dq.prepared import Prepared, read_prepared  # noqa: E402
 from dq.prepared import write_prepared_v1 as write_prepared  # noqa: E402  the v1 baseline
 
@@ -128,14 +128,14 @@ def bench_size(data: Path, n: int, drop: float, patch_size: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     size = p.images.shape[1]
     scores = np.random.default_rng(0).random((n, (size // patch_size) ** 2), dtype=np.float32)
-    keep = cam.keep_mask(scores, drop)
+    keep = scorers.keep_mask(scores, drop)
     header = Header(image_size=size, patch_size=patch_size, channels=3, drop=drop, ratio=1.0, classes=p.classes,
                     source=p.source)
     compact, prepared, pngs = folder / "compact.h5", folder / "prepared.h5", folder / "png"
     args = (p.images, keep, p.labels, np.arange(n), np.zeros(n, np.int32), scores)
 
     writes = {
-        "prepared HDF5": timed(lambda: write_prepared_v1(prepared, p)),
+        "prepared HDF5": timed(lambda: write_prepared(prepared, p)),
         "compact": timed(lambda: write_compact(compact, header, *args)),
         "PNG folder": timed(lambda: write_png_folder(pngs, p), repeat=1),
     }
@@ -231,7 +231,7 @@ def bench_fashion(n: int, drop: float) -> None:
 def bench_bytes(images: np.ndarray, patch: int, drop: float, name: str, title: str) -> None:
     """Bytes of every codec on `images` [N, S, S, 3], against a JPEG q90 copy and the v1 layout."""
     n, size = images.shape[:2]
-    keep = cam.keep_mask(np.random.default_rng(1).random((n, (size // patch) ** 2), dtype=np.float32), drop)
+    keep = scorers.keep_mask(np.random.default_rng(1).random((n, (size // patch) ** 2), dtype=np.float32), drop)
     folder = OUT / name
     folder.mkdir(parents=True, exist_ok=True)
     jpeg_copy = sum(len(codecs.encode(image, "jpeg", 90)) for image in images)
@@ -264,7 +264,7 @@ def bench_reads(sizes: list[int], drop: float) -> None:
     codecs_read = (("raw", 90), ("png", 90), ("webp-lossless", 90), ("jpeg", 90))
     for n in sizes:
         images = photo_crops(n, size, seed=n)
-        keep = cam.keep_mask(np.random.default_rng(2).random((n, (size // patch) ** 2), dtype=np.float32), drop)
+        keep = scorers.keep_mask(np.random.default_rng(2).random((n, (size // patch) ** 2), dtype=np.float32), drop)
         print(f"\n== reads: N = {n} photo crops at {size}x{size}, patch {patch}, drop {drop}; DataLoader batch "
               f"{BATCH}, shuffled; images/s (vs the v1 layout at the same workers)")
         datasets = {}

@@ -10,7 +10,7 @@ uint8 images, so nothing is downloaded:
                images resized on the device (the CIFAR-10 config's path), then 224-px stored images
                (ImageNet's). Baseline in the same process: the same model in float32, NCHW, a plain loop.
     cam        dq.cam.attention_maps: GradCAM++ on ResNet-18 + a linear probe at 224 px (float32).
-    mae        dq.fill.reconstruct: mae_vit_large_patch16 at 224 px, bf16, 25% of the patches dropped
+    mae        dq.mae_fill.reconstruct: mae_vit_large_patch16 at 224 px, bf16, 25% of the patches dropped
                (224-px images with 16-px patches, then 32-px images with 4-px patches, CIFAR-10's).
     train      dq.train.train_classifier_epoch: one epoch of ResNet-18 (CIFAR stem) on a synthetic 32-px
                set, batch 128, SGD, bf16 on CUDA.
@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dq import cam, fill  # noqa: E402
+from dq import cam, mae_fill  # noqa: E402
 from dq import mae as dq_mae  # noqa: E402
 from dq import train as dq_train  # noqa: E402
 from dq.backbones import (classifier_with_probe, create_backbone, embed, normalization,  # noqa: E402
@@ -143,12 +143,12 @@ def check_mae(sizes: Sizes, device: torch.device) -> None:
     layouts = {(sizes.mae_size, p): f"mae {sizes.mae_size}/{p}", (32, 4): f"mae 32/4->{sizes.mae_size}"}
     for (stored, patch), name in layouts.items():
         num_patches = (stored // patch) ** 2
-        keep = fill.eval_keep(sizes.mae_n, num_patches, 0.25, seed=0)
+        keep = mae_fill.eval_keep(sizes.mae_n, num_patches, 0.25, seed=0)
         x = images(sizes.mae_n, stored)
         b = sizes.mae_batch
         measure(name, sizes.mae_n, device,
-                lambda: fill.reconstruct(model, x, keep, patch, batch_size=b, device=device, progress=False),
-                lambda: fill.reconstruct(model, x[:b], keep[:b], patch, batch_size=b, device=device,
+                lambda: mae_fill.reconstruct(model, x, keep, patch, batch_size=b, device=device, progress=False),
+                lambda: mae_fill.reconstruct(model, x[:b], keep[:b], patch, batch_size=b, device=device,
                                          progress=False))
 
 

@@ -35,16 +35,18 @@ from dq.params import load_params  # noqa: E402
 from dq.paths import DataPaths  # noqa: E402
 from dq.prepared import read_prepared  # noqa: E402
 from dq.runtime import device_for  # noqa: E402
-from dq.selection import read_selection  # noqa: E402
+from dq.grid import zero_dropped  # noqa: E402
+from dq.scorers import SCORERS, create_scorer, keep_mask  # noqa: E402
+from dq.selection_folder import read_selection  # noqa: E402
 
 
 def scorer_scores(name: str, layer_name: str, model, backbone, images, labels, params, device) -> np.ndarray:
     """Patch scores float32 [N, L] of one scorer, as the compress stage computes them."""
     fp, pp = params.features, params.patches
     layer = None
-    if name.startswith("gradcam++"):
+    if SCORERS.get(name).needs_model:
         _, layer = cam.target_layer(backbone, layer_name, fp.input_size)
-    scorer = cam.create_scorer(name, pp.patch_size, seed=params.seed, model=model, layer=layer,
+    scorer = create_scorer(name, pp.patch_size, seed=params.seed, model=model, layer=layer,
                                input_size=fp.input_size, batch_size=pp.batch_size, device=device, progress=False)
     return scorer.scores(images, labels)[1]
 
@@ -74,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     full = cam.probe_top1(model, images, labels, fp.input_size, pp.batch_size, device)
     print(f"probe top-1 on the full images: {full:.4f}")
 
-    rows = [("random", ""), ("pixel-std", "")] + [(name, layer) for name in ("gradcam++", "gradcam++-flat-first")
-                                                  for layer in args.cam_layers]
+    rows = [(name, layer) for name in SCORERS for layer in (args.cam_layers if SCORERS.get(name).needs_model else [""])]
     print(f"\n| scorer | {' | '.join(f'drop {d}' for d in args.drops)} | seconds |")
     print(f"|---|{'---:|' * len(args.drops)}---:|")
     for name, layer_name in rows:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             resolved = cam.target_layer(backbone, layer_name, fp.input_size)[0]
             sizes = cam.feature_map_sizes(backbone, [resolved], fp.input_size)[resolved]
             label = f"{name} ({layer_name} → {resolved}, {sizes[0]}x{sizes[1]})"
-        top1 = [cam.probe_top1(model, cam.zero_dropped(images, cam.keep_mask(scores, d), pp.patch_size), labels,
+        top1 = [cam.probe_top1(model, zero_dropped(images, keep_mask(scores, d), pp.patch_size), labels,
                                fp.input_size, pp.batch_size, device) for d in args.drops]
         print(f"| {label} | {' | '.join(f'{t:.4f}' for t in top1)} | {time.perf_counter() - start:.0f} |",
               flush=True)

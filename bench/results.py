@@ -31,8 +31,9 @@ from pathlib import Path
 
 import yaml
 
-from dq.format import read_compact
+from dq.compact import read_compact
 from dq.params import deep_merge
+from dq.select import METHODS
 from dq.sweep import Experiment, write_results
 from stages import compress, select, train
 
@@ -157,7 +158,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=Path("bench/out/results"))
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.05, 0.2, 0.4])
-    parser.add_argument("--methods", nargs="+", default=["dq", "graphcut", "random"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--full", action="store_true", help="add the full-training-set upper bound")
     parser.add_argument("--selected", action="store_true", help="add dq without patch dropping")

@@ -1,40 +1,19 @@
-"""Patch scorers → per-patch scores → which patches of each image are kept, and how good the kept ones are.
+"""GradCAM++ patch maps, and how good the kept patches are: the compress stage's CAM pass.
 
-The steps, one function each:
+The patch scorers themselves, their registry and the keep rule live in dq.scorers (NumPy only); this
+module is the torch side:
 
-    PatchScorer.maps  uint8 images [N, H, W, 3], labels [N] → importance maps float32 [N, H, W]
-    patch_scores      maps [N, H, W] → mean of each p×p patch, float32 [N, L], raster order
-    keep_mask         scores [N, L] → bool [N, L], the K = L - round(drop * L) highest scores
+    target_layer      the backbone layer GradCAM++ reads (`patches.cam_layer`, or the `auto` rule)
+    attention_maps    GradCAM++ maps of a batch for each image's true label (dq.scorers.GradCamPlusPlus)
     probe_metrics     the probe's top-1 on the kept images with dropped patches zeroed, for the
                       scorer's masks and for random and highest-pixel-std masks with the same K
                       (`ProbeCounts`: the same, batch by batch)
+    score_batches     the compress pass: score, keep, count, pick the figure's images, hand to the writer
 
 Everything works batch by batch, so the compress stage streams: `score_batches` runs the CAM pass over
 (images, labels, positions) batches from the prepared store, hands each scored batch to `ProbeCounts`,
 `FigureSamples` (the few images the figure shows) and the compact writer, and keeps only the scores and
 keep masks. Each image gets the same scores, masks and metrics whatever the batches around it.
-
-Scorers (`patches.scorer`), pytorch-grad-cam's BaseCAM style: `PatchScorer` owns the machinery (maps to
-patch scores), each variant overrides `maps` only:
-
-    gradcam++-flat-first  flat patches (every pixel the same colour: empty background, padding) go first,
-                          outermost ring of the grid first, then GradCAM++ decides among the rest (the
-                          default)
-    gradcam++             GradCAM++ on the features backbone followed by the features stage's linear
-                          probe (the paper)
-    pixel-std             the standard deviation of each patch's pixel values: flat patches go first
-    random                uniform random scores under `seed`: the baseline every scorer must beat
-
-Why flat-first: a flat patch holds one colour and nothing else, and dropping it loses only that colour
-(MAE fills it back from its neighbours). GradCAM++ alone, at 4×4 resolution on 32-px images, spends part
-of the drop budget on content next to the object while flat background survives. Measured on the
-default (docs/RESULTS.md, "The backbone and the patch scorers"), flat-first GradCAM++ keeps what the
-probe needs as well as pixel-std at drop 0.25 and better at 0.5, where pixel-std has to cut into content.
-Among the flat patches GradCAM++ has nothing to say (its coarse map is smeared over them from the
-object), so they go in a fixed order: the outermost ring of the patch grid first (`grid_rings`), lower
-grid index kept on a tie. Dropped background then sits at the same places in most images, and the keep
-mask, the one part of the store that dropping adds, compresses to about 0.6x of its size under
-GradCAM++'s order (docs/RESULTS.md, "What dropping costs").
 
 GradCAM++ (pytorch-grad-cam's `GradCAMPlusPlus`) targets each image's TRUE label: the ImageNet head knows
 nothing of the dataset's classes, and the paper's code, which targeted the predicted class, scores the
@@ -51,10 +30,7 @@ efficientnet_lite0 that is `blocks.6` (4×4) at input 128 and `blocks.2` (4×4) 
 resnet10t `layer4` at 128 and `layer2` at 32. A named layer whose map is 1×1 is an error. A map at
 least as fine as the patch grid (8×8 for 4-px patches at 32 px: `blocks.4` at input 128) was measured
 and keeps worse patches (docs/RESULTS.md, "The backbone and the patch scorers"), so the deepest 4×4 map
-stays the rule.
-
-Ties in `keep_mask` go to the lower grid index (a stable sort), so a flat map keeps the first K
-patches. On the CPU the whole pass is deterministic: the same inputs give the same bytes.
+stays the rule. On the CPU the whole pass is deterministic: the same inputs give the same bytes.
 """
 from __future__ import annotations
 
@@ -68,11 +44,10 @@ from torch import nn
 
 from dq.errors import DQError
 from dq.figures import pyplot, save_png
-from dq.grid import grid_of, kept_count, pixel_keep
-from dq.params import SCORERS
+from dq.grid import grid_of, kept_count, pixel_keep, zero_dropped
+from dq.scorers import PatchScorer, PixelStd, RandomScores, flat_patches, grid_rings, keep_mask, keep_top, per_patch_map
 
 MIN_MAP_SIDE = 4  # the auto rule's preferred smallest feature map
-MAX_UINT8_STD = 127.5  # the largest std uint8 values can have: scales pixel-std maps into [0, 1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,159 +215,17 @@ def attention_map_batches(model: nn.Module, layer: nn.Module, batches: Iterable,
             cam.activations_and_grads.release()  # not `with cam`: its __exit__ swallows IndexError
 
 
-def patch_scores(maps: np.ndarray, patch_size: int) -> np.ndarray:
-    """Mean of each p×p patch: maps [N, H, W] → float32 [N, L], L = (H/p)(W/p), raster order."""
-    n, h, w = maps.shape
-    p = patch_size
-    rows, cols = grid_of(h, p)
-    blocks = maps.reshape(n, rows, p, cols, p).astype(np.float64)
-    return blocks.mean(axis=(2, 4)).reshape(n, -1).astype(np.float32)
-
-
-def keep_mask(scores: np.ndarray, drop: float) -> np.ndarray:
-    """bool [N, L]: the K = L - round(drop * L) highest scores of each row; ties keep the lower index.
-
-    NaN scores rank lowest.
-    """
-    n, num_patches = scores.shape
-    k = kept_count(num_patches, drop)
-    if k < 1:
-        raise DQError(f"patches.drop = {drop} drops all {num_patches} patches of each image; "
-                      f"expected a smaller drop or a smaller patch_size")
-    ranked = np.nan_to_num(scores.astype(np.float64), nan=-np.inf)
-    order = np.argsort(-ranked, axis=1, kind="stable")  # stable: equal scores stay in grid order
-    keep = np.zeros((n, num_patches), dtype=bool)
-    np.put_along_axis(keep, order[:, :k], True, axis=1)
-    return keep
-
-
 # ---------------------------------------------------------------------------------------------------
-# Scorers: one base owns the machinery, each variant overrides `maps`
-
-
-class PatchScorer:
-    """Images → importance maps → patch scores → keep masks. Subclasses override `maps` only.
-
-    Scorers work batch by batch: `positions` are the batch's places in the whole scored set (0..n-1,
-    default 0..len-1, i.e. the batch is the set), and every scorer gives each image the same scores
-    whatever the batches around it (the random scorer draws row `position` of its seeded [n, L] draw;
-    GradCAM++ maps each image on its own, up to float order inside a batch).
-    """
-
-    name = ""
-
-    def __init__(self, patch_size: int):
-        self.patch_size = patch_size
-
-    def maps(self, images: np.ndarray, labels: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
-        """uint8 images [N, H, W, 3], int labels [N] → float32 [N, H, W]; higher = keep first."""
-        raise NotImplementedError
-
-    def scores(self, images: np.ndarray, labels: np.ndarray,
-               positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(maps float32 [N, H, W], patch scores float32 [N, L])."""
-        maps = self.maps(images, labels, positions)
-        return maps, patch_scores(maps, self.patch_size)
-
-
-def _per_patch_map(values: np.ndarray, patch_size: int) -> np.ndarray:
-    """One value per patch [N, rows, cols] → a map [N, rows·p, cols·p] constant over each patch."""
-    return np.repeat(np.repeat(values, patch_size, axis=1), patch_size, axis=2).astype(np.float32)
-
-
-def pixel_std_scores(images: np.ndarray, patch_size: int) -> np.ndarray:
-    """Standard deviation of each patch's pixel values (all channels): uint8 [N, H, W, C] → float32 [N, L]."""
-    n, h, w, c = images.shape
-    rows, cols = grid_of(h, patch_size)
-    blocks = images.reshape(n, rows, patch_size, cols, patch_size, c).astype(np.float64)
-    return blocks.std(axis=(2, 4, 5)).reshape(n, -1).astype(np.float32)
-
-
-def flat_patches(images: np.ndarray, patch_size: int) -> np.ndarray:
-    """bool [N, L]: True where every pixel of the patch has the same colour (uint8 images [N, H, W, C])."""
-    n, h, w, c = images.shape
-    rows, cols = grid_of(h, patch_size)
-    blocks = images.reshape(n, rows, patch_size, cols, patch_size, c)
-    return (blocks.max(axis=(2, 4)) == blocks.min(axis=(2, 4))).all(axis=-1).reshape(n, -1)
-
-
-def random_scores(n: int, num_patches: int, seed: int) -> np.ndarray:
-    """Uniform random scores float32 [n, L] under `seed`: the same for the random scorer and its metric."""
-    return np.random.default_rng(seed).random((n, num_patches), dtype=np.float32)
-
-
-class RandomRows:
-    """Rows of `random_scores(n, L, seed)` on demand, for any n, without drawing the whole [n, L].
-
-    Consecutive draws of one generator continue one stream (tests/test_cam.py checks it), so asking for
-    rows in increasing order draws each value once; rows before the last one asked for restart the
-    stream, and rows further on skip ahead in blocks.
-    """
-
-    SKIP_BLOCK = 1 << 20  # values drawn and dropped at a time when skipping ahead
-
-    def __init__(self, num_patches: int, seed: int):
-        self.num_patches, self.seed = num_patches, seed
-        self._restart()
-
-    def _restart(self) -> None:
-        self._rng, self._next = np.random.default_rng(self.seed), 0
-
-    def rows(self, positions: np.ndarray) -> np.ndarray:
-        """float32 [len(positions), L]: the rows `positions` of the seeded draw."""
-        positions = np.asarray(positions, np.int64).reshape(-1)
-        if positions.size == 0:
-            return np.zeros((0, self.num_patches), np.float32)
-        first, last = int(positions.min()), int(positions.max()) + 1
-        if first < self._next:
-            self._restart()
-        step = max(1, self.SKIP_BLOCK // max(self.num_patches, 1))
-        while self._next < first:
-            take = min(step, first - self._next)
-            self._rng.random((take, self.num_patches), dtype=np.float32)
-            self._next += take
-        block = self._rng.random((last - first, self.num_patches), dtype=np.float32)
-        self._next = last
-        return block[positions - first]
-
-
-class PixelStd(PatchScorer):
-    """Keeps the patches whose pixels vary most: edges and texture, not flat background."""
-
-    name = "pixel-std"
-
-    def maps(self, images, labels, positions=None):
-        rows, cols = grid_of(images.shape[1], self.patch_size)
-        values = pixel_std_scores(images, self.patch_size).reshape(len(images), rows, cols)
-        return _per_patch_map(values / MAX_UINT8_STD, self.patch_size)
-
-
-class RandomScores(PatchScorer):
-    """Uniform random patch scores: the baseline."""
-
-    name = "random"
-
-    def __init__(self, patch_size: int, seed: int):
-        super().__init__(patch_size)
-        self.seed = seed
-        self._rows: RandomRows | None = None
-
-    def maps(self, images, labels, positions=None):
-        rows, cols = grid_of(images.shape[1], self.patch_size)
-        if self._rows is None or self._rows.num_patches != rows * cols:
-            self._rows = RandomRows(rows * cols, self.seed)
-        positions = np.arange(len(images)) if positions is None else positions
-        values = self._rows.rows(positions).reshape(len(images), rows, cols)
-        return _per_patch_map(values, self.patch_size)
+# The GradCAM++ scorers (registered in dq.scorers by name)
 
 
 class GradCamPlusPlus(PatchScorer):
-    """GradCAM++ of the probed backbone for each image's true label (`attention_maps`)."""
+    """GradCAM++ of the probed backbone for each image's true label (`dq.cam.attention_maps`)."""
 
     name = "gradcam++"
 
-    def __init__(self, patch_size: int, model: nn.Module, layer: nn.Module, input_size: int, batch_size: int,
-                 device: torch.device | str = "cpu", *, progress: bool = True):
+    def __init__(self, patch_size: int, model, layer, input_size: int, batch_size: int, device="cpu", *,
+                 progress: bool = True, **context):
         super().__init__(patch_size)
         self.model, self.layer, self.input_size = model, layer, input_size
         self.batch_size, self.device, self.progress = batch_size, device, progress
@@ -400,13 +233,6 @@ class GradCamPlusPlus(PatchScorer):
     def maps(self, images, labels, positions=None):
         return attention_maps(self.model, self.layer, images, labels, self.input_size, self.batch_size,
                               self.device, progress=self.progress)
-
-
-def grid_rings(rows: int, cols: int) -> np.ndarray:
-    """float [rows, cols] in [0, 1]: 0 on the outermost ring of the grid, rising ring by ring to 1 at the centre."""
-    y, x = np.mgrid[:rows, :cols]
-    ring = np.minimum(np.minimum(y, rows - 1 - y), np.minimum(x, cols - 1 - x))
-    return ring / max(int(ring.max()), 1)
 
 
 class GradCamFlatFirst(GradCamPlusPlus):
@@ -419,34 +245,13 @@ class GradCamFlatFirst(GradCamPlusPlus):
         rows, cols = grid_of(images.shape[1], self.patch_size)
         content = ~flat_patches(images, self.patch_size).reshape(len(images), rows, cols)
         cam = super().maps(images, labels, positions)
-        flat_order = _per_patch_map(np.broadcast_to(grid_rings(rows, cols), content.shape), self.patch_size)
+        flat_order = per_patch_map(np.broadcast_to(grid_rings(rows, cols), content.shape), self.patch_size)
         # [0, 1/3] on flat patches by ring, [2/3, 1] on the rest by GradCAM++ (no tie across the groups)
-        return np.where(_per_patch_map(content, self.patch_size) > 0, 2 + cam, flat_order) / 3
-
-
-def create_scorer(name: str, patch_size: int, *, seed: int = 0, model: nn.Module | None = None,
-                  layer: nn.Module | None = None, input_size: int = 0, batch_size: int = 64,
-                  device: torch.device | str = "cpu", progress: bool = True) -> PatchScorer:
-    """The scorer `patches.scorer` names; gradcam++ needs the probed `model` and its target `layer`."""
-    if name not in SCORERS:
-        raise DQError(f"patches.scorer = {name!r} is not a scorer; expected one of {', '.join(SCORERS)}")
-    if name == "pixel-std":
-        return PixelStd(patch_size)
-    if name == "random":
-        return RandomScores(patch_size, seed)
-    if model is None or layer is None:
-        raise DQError(f"patches.scorer = {name!r} needs the probed backbone and a target layer")
-    cls = GradCamFlatFirst if name == "gradcam++-flat-first" else GradCamPlusPlus
-    return cls(patch_size, model, layer, input_size, batch_size, device, progress=progress)
+        return np.where(per_patch_map(content, self.patch_size) > 0, 2 + cam, flat_order) / 3
 
 
 # ---------------------------------------------------------------------------------------------------
 # How good the kept patches are: the probe's top-1 with the dropped ones zeroed
-
-
-def zero_dropped(images: np.ndarray, keep: np.ndarray, patch_size: int) -> np.ndarray:
-    """uint8 images [N, H, W, C] with the pixels of dropped patches (keep [N, L] False) set to 0."""
-    return np.where(pixel_keep(keep, patch_size, images.shape[1:3])[..., None], images, np.uint8(0))
 
 
 @torch.no_grad()
@@ -491,13 +296,13 @@ class ProbeCounts:
     pixel-std scorer stores: the same masks whatever the batches.
     """
 
-    def __init__(self, model: nn.Module, patch_size: int, input_size: int, drop: float,
-                 device: torch.device | str = "cpu", *, seed: int = 0):
+    def __init__(self, model: nn.Module, patch_size: int, input_size: int, device: torch.device | str = "cpu", *,
+                 seed: int = 0):
         from dq.backbones import normalization
 
         self.model = model.eval().to(device)
         self.mean, self.std = normalization(self.model)
-        self.patch_size, self.input_size, self.drop, self.device = patch_size, input_size, drop, device
+        self.patch_size, self.input_size, self.device = patch_size, input_size, device
         self.random, self.pixel_std = RandomScores(patch_size, seed), PixelStd(patch_size)
         self.counts = np.zeros(1 + 1 + len(PROBE_MASKS), np.int64)
 
@@ -507,9 +312,10 @@ class ProbeCounts:
         if keep.all():  # drop 0: every mask keeps every patch, and each count is the full images'
             self.counts += np.asarray([len(images)] + [self._hits(images, labels)] * (1 + len(PROBE_MASKS)), np.int64)
             return
+        k = int(keep[0].sum())  # the scorer's K: the other masks keep as many
         masks = {"kept": keep,
-                 "random_keep": keep_mask(self.random.scores(images, labels, positions)[1], self.drop),
-                 "std_keep": keep_mask(self.pixel_std.scores(images, labels)[1], self.drop)}
+                 "random_keep": keep_top(self.random.scores(images, labels, positions)[1], k),
+                 "std_keep": keep_top(self.pixel_std.scores(images, labels)[1], k)}
         hits = [self._hits(images, labels)]
         hits += [self._hits(zero_dropped(images, masks[name], self.patch_size), labels) for name in PROBE_MASKS]
         self.counts += np.asarray([len(images)] + hits, np.int64)
@@ -531,9 +337,8 @@ def probe_metrics(model: nn.Module, images: np.ndarray, labels: np.ndarray, keep
     """The probe's top-1 on full images, and on images kept with `keep` [N, L], random and highest-pixel-std
     masks of the same K (dropped patches zeroed). A scorer earns its place when `probe_top1_kept` beats
     `probe_top1_random_keep` and reaches `probe_top1_std_keep`. The whole-array form of `ProbeCounts`."""
-    n, num_patches = keep.shape
-    drop = 1.0 - float(keep[0].sum()) / num_patches if n else 0.0
-    counts = ProbeCounts(model, patch_size, input_size, drop, device, seed=seed)
+    n = len(keep)
+    counts = ProbeCounts(model, patch_size, input_size, device, seed=seed)
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(start + batch_size, n))
         counts.add(images[rows], labels[rows], keep[rows], rows)

@@ -19,25 +19,32 @@ from dq.io import atomic_path
 
 
 def read_torch(path: str | Path, what: str, *, fix: str = "") -> Any:
-    """torch.load a file on the CPU (tensors only, no code), or one DQError line naming it and `what` it is."""
+    """torch.load a file on the CPU (tensors only, no code), or one DQError line naming it, `what` it is, how
+    to go on (`fix`) and torch's own reason. The one way dq loads a torch file."""
     path = Path(path)
     if not path.is_file():
         raise DQError(f"{path}: {what} not found{fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for torn or foreign files
-        raise DQError(f"{path}: not a readable {what} ({first_line(exc, 160)})") from None
+        raise DQError(f"{path}: not a readable {what}{fix} ({first_line(exc, 160)})") from None
 
 
-def save_atomic(path: str | Path, state: dict) -> None:
-    """torch.save `state` to `path` atomically, through a buffer (resume states, the classifier's model.pt).
+def save_atomic(path: str | Path, state: dict, *, archive_from_path: bool = False) -> None:
+    """torch.save `state` to `path` atomically: resume states, the classifier's and the MAE's model.pt.
 
-    Saving to the temporary path directly would write that name into the archive, so the bytes would
-    depend on the temporary's name; through a buffer they depend on `state` alone.
+    torch names the zip archive inside after the file it writes to. Through a buffer (the default) the name
+    is `archive`, so the bytes depend on `state` alone. `archive_from_path` writes the temporary file itself,
+    whose archive torch names `.model.pt` for `.model.pt.tmp-<pid>` (the name up to its last suffix, so no
+    pid gets in): the MAE's model.pt has always been written so, and its bytes are pinned in dvc.lock.
     """
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
     with atomic_path(path) as tmp:
+        if archive_from_path:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, tmp)
+            return
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
         tmp.write_bytes(buffer.getvalue())
 
 
@@ -51,10 +58,7 @@ def resume_state(path: str | Path, fingerprint: Any, *, section: str, what: str)
     if not path.is_file():
         return None
     how = f"delete it or set {section}.resume: false"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises many types for torn or foreign files
-        raise DQError(f"{path}: not a readable {what} training state; {how}") from None
+    state = read_torch(path, f"{what} training state", fix=f"; {how}")
     if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
         raise DQError(f"{path}: was saved with other {section} params, seed or training data; {how}")
     return state

@@ -20,14 +20,18 @@ again, so a store that drops patches is never bigger than the same images with n
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from dq.errors import DQError, first_line
+from dq.registry import Registry
 
-CODECS = ("raw", "png", "webp-lossless", "webp", "jpeg")
-LOSSLESS = ("raw", "png", "webp-lossless")
-BLOCK = {"raw": 1, "png": 1, "webp-lossless": 1, "webp": 16, "jpeg": 16}
+# Codecs (`data.codec`, `patches.codec`): each entry's object is a `Codec`; its traits say whether it is
+# lossless, its block size and the fills of dropped pixels it tries (see `encode_dropped`).
+CODECS = Registry("codec", "patches.codec", lossless=True, block=1, fills=("zero",))
+
 DEFAULT_QUALITY = 90  # FFCV's JPEG quality for ImageNet training; unused by the lossless codecs
 PNG_LEVEL = 6
 WEBP_LOSSLESS_EFFORT = 80
@@ -46,14 +50,14 @@ class CodecError(DQError):
 def codec_problem(codec: str, quality: int) -> str | None:
     """Why (`codec`, `quality`) is not a valid setting, or None: params validation names the key."""
     if codec not in CODECS:
-        return f"codec: one of {', '.join(CODECS)}"
+        return f"codec: {CODECS.expected()}"
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         return "quality: an integer in [1, 100]"
     return None
 
 
 def is_lossless(codec: str) -> bool:
-    return codec in LOSSLESS
+    return CODECS.get(codec).lossless
 
 
 def _pil(image: np.ndarray):
@@ -70,20 +74,15 @@ def _pil(image: np.ndarray):
 
 def encode(image: np.ndarray, codec: str, quality: int = DEFAULT_QUALITY) -> bytes:
     """The `codec` stream of one uint8 image [H, W, C] (C = 1 or 3)."""
-    if codec == "raw":
-        return np.ascontiguousarray(image, dtype=np.uint8).tobytes()
-    pil = _pil(image)
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected {CODECS.expected()}")
+    return CODECS.get(codec).obj.encode(image, int(quality))
+
+
+def _saved(image: np.ndarray, **save) -> bytes:
+    """`image` saved by Pillow with `save` (format and options): one stream."""
     buf = io.BytesIO()
-    if codec == "png":
-        pil.save(buf, format="PNG", compress_level=PNG_LEVEL, optimize=False)
-    elif codec == "webp-lossless":
-        pil.save(buf, format="WEBP", lossless=True, quality=WEBP_LOSSLESS_EFFORT, method=WEBP_METHOD, exact=True)
-    elif codec == "webp":
-        pil.save(buf, format="WEBP", lossless=False, quality=int(quality), method=WEBP_METHOD)
-    elif codec == "jpeg":
-        pil.save(buf, format="JPEG", quality=int(quality), subsampling="4:2:0", optimize=False, progressive=False)
-    else:
-        raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+    _pil(image).save(buf, **save)
     return buf.getvalue()
 
 
@@ -100,16 +99,17 @@ def _expand(pixels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def decode(data: bytes | np.ndarray, codec: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """uint8 [H, W, C]: one stream decoded by Pillow, checked against the expected `shape`."""
+    """uint8 [H, W, C]: one stream decoded (by Pillow, or the raw layout), checked against the expected `shape`."""
     buf = bytes(data) if not isinstance(data, bytes) else data
-    if codec == "raw":
-        if len(buf) != int(np.prod(shape)):
-            raise CodecError(f"raw stream of {len(buf)} bytes, expected {int(np.prod(shape))}")
-        return np.frombuffer(buf, dtype=np.uint8).reshape(shape).copy()
     if codec not in CODECS:
-        raise CodecError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+        raise CodecError(f"unknown codec {codec!r}; expected {CODECS.expected()}")
+    return CODECS.get(codec).obj.decode(buf, tuple(shape))
+
+
+def _pillow_decode(buf: bytes | np.ndarray, shape: tuple[int, int, int], name: str) -> np.ndarray:
     from PIL import Image
 
+    buf = buf if isinstance(buf, bytes) else bytes(buf)
     try:
         with Image.open(io.BytesIO(buf)) as pil:
             pil.load()
@@ -117,8 +117,15 @@ def decode(data: bytes | np.ndarray, codec: str, shape: tuple[int, int, int]) ->
                 pil = pil.convert("RGB")
             pixels = np.asarray(pil)
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for damaged streams
-        raise CodecError(f"not a valid {codec} stream ({first_line(exc)})") from None
+        raise CodecError(f"not a valid {name} stream ({first_line(exc)})") from None
     return _expand(pixels, shape)
+
+
+def _raw_decode(buf: bytes | np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    buf = buf if isinstance(buf, bytes) else bytes(buf)
+    if len(buf) != int(np.prod(shape)):
+        raise CodecError(f"raw stream of {len(buf)} bytes, expected {int(np.prod(shape))}")
+    return np.frombuffer(buf, dtype=np.uint8).reshape(shape).copy()
 
 
 def decode_jpeg_batch(streams: list[bytes | np.ndarray], shape: tuple[int, int, int],
@@ -195,16 +202,14 @@ def block_fill(image: np.ndarray, keep_pixels: np.ndarray) -> np.ndarray:
     return np.where(keep_pixels[..., None], image, filled)
 
 
-# The candidate fills of each codec, tried in this order; the shortest stream wins (bench/fills.py measured
-# these and the fills that lost: mean colour, nearest kept pixel, left/up runs, harmonic inpainting).
+# The fills a codec may try (its `fills` trait, in order; the shortest stream wins). bench/fills.py measured
+# these and the fills that lost: mean colour, nearest kept pixel, left/up runs, harmonic inpainting.
 FILLS = {"zero": zero_fill, "block": block_fill}
-FILL_CANDIDATES = {"raw": ("zero",), "png": ("zero",), "webp-lossless": ("zero",), "webp": ("zero", "block"),
-                   "jpeg": ("zero", "block")}
 
 
 def encode_dropped(image: np.ndarray, keep_pixels: np.ndarray, codec: str, quality: int = DEFAULT_QUALITY) -> bytes:
     """The shortest `codec` stream of `image` [H, W, C] with its dropped pixels (`keep_pixels` bool [H, W]
-    False) filled by one of the codec's candidate fills (`FILL_CANDIDATES`; ties go to the first).
+    False) filled by one of the codec's candidate fills (its `fills` trait; ties go to the first).
 
     Readers mask the dropped pixels out again, so the fill only decides the bytes (and, for a lossy codec,
     how its blocks spill onto kept pixels). With nothing dropped the image is encoded as it is.
@@ -212,7 +217,7 @@ def encode_dropped(image: np.ndarray, keep_pixels: np.ndarray, codec: str, quali
     if keep_pixels.all():
         return encode(image, codec, quality)
     best = None
-    for name in FILL_CANDIDATES[codec]:
+    for name in CODECS.get(codec).fills:
         stream = encode(FILLS[name](image, keep_pixels), codec, quality)
         if best is None or len(stream) < len(best):
             best = stream
@@ -232,25 +237,64 @@ def _decode_webp(stream: bytes | np.ndarray, shape: tuple[int, int, int]) -> np.
 
 
 def decode_batch(streams: list[bytes | np.ndarray], codec: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """uint8 [n, H, W, C]: streams of one codec decoded by the fastest CPU decoder measured (bench/format.py).
+    """uint8 [n, H, W, C]: streams of one codec decoded by its fastest CPU decoder (bench/format.py measured).
 
-    JPEG: `decode_jpeg_batch`, one call. WebP (both kinds): torchvision's libwebp binding, about 3x Pillow
-    at 32 px; WebP decoding is bit-exact, so the pixels equal Pillow's. PNG and raw: `decode`. A stream that
-    fails raises CodecError with `index` set to its position in `streams`.
+    A codec with a batch decoder (JPEG: `decode_jpeg_batch`, one call) decodes the batch at once, and one
+    stream at a time only to find a bad one; the others decode one by one with their `decode_one` (WebP:
+    torchvision's libwebp binding, about 3x Pillow at 32 px and bit-exact with it). A stream that fails
+    raises CodecError with `index` set to its position in `streams`.
     """
+    kind = CODECS.get(codec).obj
     out = np.empty((len(streams),) + tuple(shape), np.uint8)
-    if codec == "jpeg":
+    if kind.decode_batch is not None:
         try:
-            return decode_jpeg_batch(streams, shape)
+            return kind.decode_batch(streams, tuple(shape))
         except CodecError:
             pass  # decode one by one to find the bad stream
-    one = (lambda s: decode_jpeg_batch([s], shape)[0]) if codec == "jpeg" else \
-        (lambda s: _decode_webp(s, shape)) if codec in ("webp", "webp-lossless") else \
-        (lambda s: decode(s, codec, shape))
     for i, stream in enumerate(streams):
         try:
-            out[i] = one(stream)
+            out[i] = kind.decode_one(stream, tuple(shape))
         except CodecError as exc:
             exc.index = i
             raise
     return out
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# The built-in codecs
+
+
+@dataclass(frozen=True)
+class Codec:
+    """What dq asks of an image codec: an encoder, a decoder of one stream checked against the image shape,
+    optionally a faster decoder of one stream (`decode_one`, default `decode`) and of a whole batch."""
+
+    encode: Callable[[np.ndarray, int], bytes]  # (uint8 [H, W, C], quality) -> stream
+    decode: Callable[[bytes, tuple], np.ndarray]  # (stream, (H, W, C)) -> uint8 [H, W, C]
+    decode_one: Callable | None = None
+    decode_batch: Callable | None = None
+
+    def __post_init__(self):
+        if self.decode_one is None:
+            object.__setattr__(self, "decode_one", self.decode)
+
+
+CODECS.register("raw")(Codec(
+    encode=lambda image, quality: np.ascontiguousarray(image, dtype=np.uint8).tobytes(), decode=_raw_decode))
+CODECS.register("png")(Codec(
+    encode=lambda image, quality: _saved(image, format="PNG", compress_level=PNG_LEVEL, optimize=False),
+    decode=lambda buf, shape: _pillow_decode(buf, shape, "png")))
+CODECS.register("webp-lossless")(Codec(
+    encode=lambda image, quality: _saved(image, format="WEBP", lossless=True, quality=WEBP_LOSSLESS_EFFORT,
+                                         method=WEBP_METHOD, exact=True),
+    decode=lambda buf, shape: _pillow_decode(buf, shape, "webp-lossless"), decode_one=_decode_webp))
+CODECS.register("webp", lossless=False, block=16, fills=("zero", "block"))(Codec(
+    encode=lambda image, quality: _saved(image, format="WEBP", lossless=False, quality=quality, method=WEBP_METHOD),
+    decode=lambda buf, shape: _pillow_decode(buf, shape, "webp"), decode_one=_decode_webp))
+CODECS.register("jpeg", lossless=False, block=16, fills=("zero", "block"))(Codec(
+    encode=lambda image, quality: _saved(image, format="JPEG", quality=quality, subsampling="4:2:0",
+                                         optimize=False, progressive=False),
+    decode=lambda buf, shape: _pillow_decode(buf, shape, "jpeg"),
+    decode_one=lambda stream, shape: decode_jpeg_batch([stream], shape)[0], decode_batch=decode_jpeg_batch))
+LOSSLESS = tuple(name for name in CODECS if CODECS.get(name).lossless)

@@ -11,6 +11,17 @@ Sources (`data.source`):
   scaled by 1/256); an alpha channel is composited onto black.
 - `synthetic`: generated class patterns, for tests and demos.
 
+Each source is an entry of the registry `SOURCES` (dq.registry): a function `(params, split) -> Source`
+that declares whether it needs `data.root` (`needs_root`, checked with the params) and how to estimate
+the bytes of its source files (`source_bytes`, `(params, n) -> (bytes or None, how)`, the compact store's
+"vs the source" figure). Adding a source is one function:
+
+    @SOURCES.register("noise", source_bytes=lambda params, n: (None, "noise: no source files"))
+    def noise(params, split):
+        n = params.synthetic_train if split == "train" else params.synthetic_test
+        images = np.random.default_rng(0).integers(0, 256, (n, params.image_size, params.image_size, 3), np.uint8)
+        return Source(["a", "b"], "noise", np.arange(n) % 2, params.image_size, ArrayItems(images))
+
 `data.train_limit`/`data.test_limit` keep a deterministic class-balanced subset: each class keeps its
 first items in the source's order (file order; sorted paths for imagefolder), with the quota split as
 evenly as possible (the first `limit % C` classes take one more).
@@ -25,9 +36,21 @@ from pathlib import Path
 
 import numpy as np
 
+from typing import TYPE_CHECKING
+
 from dq.errors import DQError, first_line
 from dq.prepared import Prepared
-from dq.params import DataParams
+from dq.registry import Registry
+
+if TYPE_CHECKING:  # dq.params imports this module for SOURCES
+    from dq.params import DataParams
+
+
+def _no_files(params: "DataParams", n: int) -> tuple[int | None, str]:
+    return None, f"{params.source}: no source files"
+
+
+SOURCES = Registry("data source", "data.source", needs_root=False, source_bytes=_no_files)
 
 log = logging.getLogger("dq.datasets")
 
@@ -99,7 +122,20 @@ def _idx_path(root: Path, stem: str) -> Path:
                   f"dataset-fashion-mnist or point data.root at the folder")
 
 
-def fashion_mnist_source(params: DataParams, split: str) -> "Source":
+def _fashion_mnist_bytes(params: "DataParams", n: int) -> tuple[int | None, str]:
+    """n x the mean bytes per image of the training IDX file (gzip'd or not): its size over its image count."""
+    root = Path(params.root) if params.root else FASHION_MNIST_ROOT
+    for name, opener in (("train-images-idx3-ubyte.gz", gzip.open), ("train-images-idx3-ubyte", open)):
+        path = root / name
+        if path.is_file():
+            with opener(path, "rb") as fh:
+                count = int.from_bytes(fh.read(8)[4:8], "big")  # IDX header: magic, then the image count
+            return round(n * path.stat().st_size / max(count, 1)), f"{n} x mean bytes per image of {path}"
+    return None, f"no Fashion-MNIST IDX file under {root}"
+
+
+@SOURCES.register("fashion-mnist", source_bytes=_fashion_mnist_bytes)
+def fashion_mnist_source(params: "DataParams", split: str) -> "Source":
     """The IDX arrays are small (47 MB for all 60,000), so they are read whole; each item is padded,
     repeated to 3 channels and resized on its own (in a DataLoader worker)."""
     root = Path(params.root) if params.root else FASHION_MNIST_ROOT
@@ -116,13 +152,19 @@ def fashion_mnist_source(params: DataParams, split: str) -> "Source":
                   ArrayItems(images[keep], pad_to=32))
 
 
-def _limit(params: DataParams, split: str) -> int | None:
+def _limit(params: "DataParams", split: str) -> int | None:
     return params.train_limit if split == "train" else params.test_limit
 
 
 # ---------------------------------------------------------------------------------------------- cifar
 
-def cifar_source(params: DataParams, split: str) -> "Source":
+def _cifar_bytes(params: "DataParams", n: int) -> tuple[int | None, str]:
+    return n * 32 * 32 * 3, f"{n} x 3072 raw bytes per image (torchvision's CIFAR pickles)"
+
+
+@SOURCES.register("cifar100", source_bytes=_cifar_bytes)
+@SOURCES.register("cifar10", source_bytes=_cifar_bytes)
+def cifar_source(params: "DataParams", split: str) -> "Source":
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if params.source == "cifar10" else CIFAR100
@@ -185,7 +227,16 @@ def _split_dir(root: Path, split: str) -> Path:
                   f"{root}/train/<class>/* and {root}/val/<class>/* (ImageNet's layout)")
 
 
-def imagefolder_source(params: DataParams, split: str) -> "Source":
+def _imagefolder_bytes(params: "DataParams", n: int) -> tuple[int | None, str]:
+    files = [p for p in (Path(params.root) / "train").glob("*/*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if files:
+        mean = sum(p.stat().st_size for p in files) / len(files)
+        return round(n * mean), f"{n} x mean bytes of the {len(files)} image files under {params.root}/train"
+    return None, f"no image files under {params.root}/train"
+
+
+@SOURCES.register("imagefolder", needs_root=True, source_bytes=_imagefolder_bytes)
+def imagefolder_source(params: "DataParams", split: str) -> "Source":
     """Only the sorted file list is held; files are decoded one by one as the loader asks for them."""
     root = Path(params.root)
     if not root.is_dir():
@@ -224,7 +275,7 @@ def image_file(path: Path, size: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ synthetic
 
-def synthetic_split(params: DataParams, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def synthetic_split(params: "DataParams", split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Class c: a bright square of class colour at a class-specific place, jittered, on noise.
 
     Learnable but not trivial, with within-class variety (position, size, brightness) so that
@@ -247,6 +298,12 @@ def synthetic_split(params: DataParams, split: str) -> tuple[np.ndarray, np.ndar
         images[i, y0:y0 + side, x0:x0 + side] += palette[y] * rng.uniform(0.6, 1.0)
     images = np.clip(images, 0, 255).astype(np.uint8)
     return images, labels, [f"class_{k}" for k in range(c)]
+
+
+@SOURCES.register("synthetic")
+def synthetic_source(params: "DataParams", split: str) -> "Source":
+    images, labels, classes = synthetic_split(params, split)
+    return Source(classes, "synthetic", labels, params.image_size, ArrayItems(images))
 
 
 # ------------------------------------------------------------------------------------------- items
@@ -351,7 +408,7 @@ def _as_is(batch):
     return batch
 
 
-def write_split(params: DataParams, split: str, folder: Path, report: LoadReport | None = None,
+def write_split(params: "DataParams", split: str, folder: Path, report: LoadReport | None = None,
                 num_workers: int = 0) -> tuple[Source, int]:
     """Decode and encode one split into the store folder `folder` (dq.prepared), streaming shard by shard.
 
@@ -394,7 +451,7 @@ def write_split(params: DataParams, split: str, folder: Path, report: LoadReport
     return source, len(written)
 
 
-def check_classes(params: DataParams, split: str, labels: np.ndarray) -> None:
+def check_classes(params: "DataParams", split: str, labels: np.ndarray) -> None:
     present = np.unique(labels)
     if split == "train" and len(present) < 2:
         raise DQError(f"data.source: {params.source} gave {len(present)} class(es) in the training set; "
@@ -407,14 +464,17 @@ def split_source(params: DataParams, split: str) -> Source:
     """The `train` or `test` split of the configured source, before decoding."""
     if split not in ("train", "test"):
         raise ValueError(split)
-    if params.source == "fashion-mnist":
-        return fashion_mnist_source(params, split)
-    if params.source in ("cifar10", "cifar100"):
-        return cifar_source(params, split)
-    if params.source == "imagefolder":
-        return imagefolder_source(params, split)
-    images, labels, classes = synthetic_split(params, split)
-    return Source(classes, "synthetic", labels, params.image_size, ArrayItems(images))
+    return SOURCES.get(params.source).obj(params, split)
+
+
+def source_bytes(params: "DataParams", n: int) -> tuple[int | None, str]:
+    """(bytes of the source files of `n` training images, how they were counted), an estimate.
+
+    The prepared store keeps no file names, so this is `n` times the mean bytes per source image, as the
+    source's `source_bytes` trait counts it (Fashion-MNIST: its gzip IDX file over its image count; an image
+    folder: its train files over their number; CIFAR: 3072 raw bytes, torchvision's pickles are raw).
+    """
+    return SOURCES.get(params.source).source_bytes(params, n)
 
 
 def load_split(params: DataParams, split: str, report: LoadReport | None = None) -> Prepared:

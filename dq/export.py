@@ -52,7 +52,7 @@ from dq.io import atomic_path
 from dq.params import ExportParams
 from dq.prepared import Store
 from dq.rebuilt import RebuiltSet
-from dq.train_data import Rows, StoreRows
+from dq.row_sources import Rows, StoreRows
 
 FORMAT = "dq-export"
 VERSION = 1

@@ -25,6 +25,23 @@ def kept_count(num_patches: int, drop: float) -> int:
     return num_patches - round(drop * num_patches)
 
 
+def drop_problem(drop, num_patches: int | None = None) -> str | None:
+    """What `patches.drop` must be when it is not: a share in [0, 1) that, on a grid of `num_patches`, keeps
+    at least one patch. The one rule for params validation and the functions that take a drop share."""
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 1:
+        return "a number in [0, 1)"
+    if num_patches is not None and kept_count(num_patches, drop) < 1:
+        return (f"a share that keeps at least one of the {num_patches} patches of each image, or a smaller "
+                "patches.patch_size")
+    return None
+
+
+def check_drop(drop, num_patches: int | None = None) -> None:
+    problem = drop_problem(drop, num_patches)
+    if problem:
+        raise DQError(f"patches.drop = {drop} is not allowed; expected {problem}")
+
+
 def patchify(images: np.ndarray, patch_size: int) -> np.ndarray:
     """[N, H, W, C] → [N, L, p, p, C], patches in raster order (row by row of the grid)."""
     n, h, w, c = images.shape
@@ -46,6 +63,17 @@ def pixel_keep(keep: np.ndarray, patch_size: int, image_size: int | tuple[int, i
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     grid = np.asarray(keep, dtype=bool).reshape(-1, h // patch_size, w // patch_size)
     return grid.repeat(patch_size, axis=1).repeat(patch_size, axis=2)
+
+
+def zero_dropped(images: np.ndarray, keep: np.ndarray, patch_size: int, *, in_place: bool = False) -> np.ndarray:
+    """uint8 images [N, H, W, C] with the pixels of dropped patches (keep [N, L] False) set to 0, as every
+    reader of the compact store returns them: a multiply on the patch grid view, several times faster than a
+    boolean mask. `in_place` writes into `images` (C-contiguous) instead of a copy."""
+    out = images if in_place else np.array(images, dtype=np.uint8, copy=True, order="C")
+    n, h, w, c = out.shape
+    grid = out.reshape(n, h // patch_size, patch_size, w // patch_size, patch_size, c)
+    grid *= np.asarray(keep, bool).reshape(n, h // patch_size, 1, w // patch_size, 1, 1)
+    return out
 
 
 def extract_patches(images: np.ndarray, keep: np.ndarray, patch_size: int) -> np.ndarray:

@@ -77,7 +77,7 @@ def _replace(tmp: Path, path: Path) -> None:
 
 def remove_stale_temps(path: str | Path) -> list[Path]:
     """Remove `.<name>.tmp-<pid>[.old|.part]` beside `path` whose process no longer runs (a killed stage's temps;
-    `.part` is a writer's side file, such as dq.format.CompactWriter's spooled streams)."""
+    `.part` is a writer's side file, such as dq.compact.CompactWriter's spooled streams)."""
     path = Path(path)
     removed = []
     if not path.parent.is_dir():
@@ -143,6 +143,21 @@ def write_json(path: str | Path, obj) -> None:
     """Write JSON atomically, with sorted keys so equal inputs give equal bytes."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    """A JSON object from `path` (what `write_json` wrote); a DQError naming the file and the stage that writes it
+    otherwise."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DQError(f"{path}: not found; run the {what} stage first") from None
+    except (OSError, ValueError) as exc:
+        raise DQError(f"{path}: not readable JSON ({first_line(exc, 120)}); rerun the {what} stage") from None
+    if not isinstance(obj, dict):
+        raise DQError(f"{path}: expected a JSON object; rerun the {what} stage")
+    return obj
 
 
 def h5_file(path: str | Path, mode: str = "r"):

@@ -5,13 +5,13 @@ timm's ViT `Block` and `PatchEmbed`, so its `state_dict` has exactly the referen
 the official checkpoints (`{'model': state_dict}`) load strictly. The one change: the mask is given, a
 bool `keep` [N, L] (True = the encoder sees the patch), instead of drawn inside `forward_encoder`;
 training draws it with `random_keep` (the reference `random_masking`), the fill derives it from the
-stored patches (`dq.fill`).
+stored patches (`dq.mae_fill`).
 
 Pixel convention. Every model, small or reference, takes RGB in [0, 1] normalised with the ImageNet
 mean/std (`MaeConfig.mean/std`), as the reference checkpoints expect; for the small MAE this is just a
 fixed affine map, and one convention means one code path (`to_model_input`, `from_model_output`).
 
-Training lives in `dq.mae_training`, the fill and its evaluation in `dq.fill`.
+Training lives in `dq.mae_training`, the fill and its evaluation in `dq.mae_fill`.
 """
 from __future__ import annotations
 
@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from dq.checkpoint import read_torch
+from dq.checkpoint import read_torch, save_atomic
 from dq.errors import DQError
 from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from dq.io import atomic_path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,15 +305,8 @@ def checkpoint_dict(model: MaskedAutoencoderViT, arch: str) -> dict:
 
 
 def save_mae(path: str | Path, model: MaskedAutoencoderViT, arch: str) -> None:
-    """Write `data/mae/model.pt` atomically.
-
-    torch.save goes to the temporary path itself, not through a buffer as `dq.checkpoint.save_atomic`
-    does: the archive inside then carries the name `.model.pt`, and the file's bytes, pinned in
-    dvc.lock, stay what they have always been.
-    """
-    with atomic_path(path) as tmp:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(checkpoint_dict(model, arch), tmp)
+    """Write `data/mae/model.pt` atomically, its archive named after the file as it always was (save_atomic)."""
+    save_atomic(path, checkpoint_dict(model, arch), archive_from_path=True)
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -381,7 +373,7 @@ def from_model_output(x: torch.Tensor, config: MaeConfig) -> torch.Tensor:
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, C, size, size], bilinear without antialiasing (the footprint `dq.fill.map_keep` assumes)."""
+    """[N, C, H, W] -> [N, C, size, size], bilinear without antialiasing (the footprint `dq.mae_fill.map_keep` assumes)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)

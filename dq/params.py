@@ -3,6 +3,12 @@
 Each section of params.yaml is one frozen dataclass. `load_params` checks every key: unknown keys,
 wrong types and values outside the allowed range are errors whose single line names the key, the bad
 value and what is allowed, e.g. ``params.yaml: ratio = 0 is not allowed; expected a number in (0, 1]``.
+
+Names of the extension axes are checked against their registries (dq.registry), owned by the modules that
+implement them: `data.source` (dq.datasets.SOURCES), `select.method` (dq.select.METHODS), `patches.scorer`
+(dq.scorers.SCORERS), `data.codec` and `patches.codec` (dq.codec.CODECS). None of them imports torch, so
+loading params stays light. Rules with a public function of their own keep one shared check there (`ratio`:
+dq.select.ratio_problem; `patches.drop`: dq.grid.drop_problem), used here and by the function alike.
 """
 from __future__ import annotations
 
@@ -18,14 +24,13 @@ from typing import Any
 import yaml
 
 from dq.codec import codec_problem
+from dq.datasets import SOURCES
 from dq.errors import DQError
-from dq.grid import grid_of, kept_count
+from dq.grid import drop_problem, grid_of
+from dq.scorers import SCORERS
+from dq.select import METHODS, PRECISIONS, ratio_problem
 
-SOURCES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 FEATURE_KINDS = ("embedding", "gradient")
-METHODS = ("dq", "graphcut", "random")  # select.method; dq.select implements each
-PRECISIONS = ("float64", "float32")  # select.precision
-SCORERS = ("gradcam++-flat-first", "gradcam++", "pixel-std", "random")  # patches.scorer; dq.cam implements each
 TRAIN_INPUTS = ("compact", "selected", "full")
 EXPORT_FORMATS = ("imagefolder", "webdataset")  # export.format; dq.export writes each
 EXPORT_TESTS = ("copy", "skip")
@@ -74,7 +79,7 @@ class DataParams(_Section):
             name, expected = problem.split(": ", 1)
             _fail(where, f"{prefix}{name}", getattr(self, name), expected)
         self._need(self.shard_images >= 1, where, prefix, "shard_images", "a positive integer")
-        self._need(self.source in SOURCES, where, prefix, "source", f"one of {', '.join(SOURCES)}")
+        self._need(self.source in SOURCES, where, prefix, "source", SOURCES.expected())
         self._need(8 <= self.image_size <= 1024, where, prefix, "image_size", "an integer in [8, 1024]")
         for name in ("train_limit", "test_limit"):
             v = getattr(self, name)
@@ -83,7 +88,7 @@ class DataParams(_Section):
         self._need(self.synthetic_train >= self.synthetic_classes, where, prefix, "synthetic_train",
                    "an integer >= synthetic_classes")
         self._need(self.synthetic_test >= 1, where, prefix, "synthetic_test", "a positive integer")
-        if self.source == "imagefolder":
+        if self.source in SOURCES and SOURCES.get(self.source).needs_root:
             self._need(self.root is not None, where, prefix, "root", "the folder of class folders")
 
 
@@ -121,7 +126,7 @@ class SelectParams(_Section):
     precision: str = "float64"  # float64: bins equal a float64 reference exactly; float32: faster, near-ties may flip
 
     def check(self, where, prefix):
-        self._need(self.method in METHODS, where, prefix, "method", f"one of {', '.join(METHODS)}")
+        self._need(self.method in METHODS, where, prefix, "method", METHODS.expected())
         self._need(self.precision in PRECISIONS, where, prefix, "precision", f"one of {', '.join(PRECISIONS)}")
         self._need(self.num_bins >= 1, where, prefix, "num_bins", "a positive integer")
         self._need(math.isfinite(self.lam) and self.lam > 0, where, prefix, "lam", "a finite number > 0")
@@ -139,12 +144,12 @@ class PatchesParams(_Section):
     store_scores: bool = False  # keep the patch scores (float16) in the compact store; nothing reads them
 
     def check(self, where, prefix):
-        self._need(self.scorer in SCORERS, where, prefix, "scorer", f"one of {', '.join(SCORERS)}")
+        self._need(self.scorer in SCORERS, where, prefix, "scorer", SCORERS.expected())
         problem = codec_problem(self.codec, self.quality)
         if problem:
             name, expected = problem.split(": ", 1)
             self._need(False, where, prefix, name, expected)
-        self._need(0.0 <= self.drop < 1.0, where, prefix, "drop", "a number in [0, 1)")
+        self._need(drop_problem(self.drop) is None, where, prefix, "drop", drop_problem(self.drop) or "")
         self._need(self.patch_size >= 1, where, prefix, "patch_size", "a positive integer")
         self._need(self.batch_size >= 1, where, prefix, "batch_size", "a positive integer")
 
@@ -246,8 +251,8 @@ class Params:
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
 
     def check(self, where: str) -> None:
-        if not (0.0 < self.ratio <= 1.0):
-            _fail(where, "ratio", self.ratio, "a number in (0, 1]")
+        if ratio_problem(self.ratio):
+            _fail(where, "ratio", self.ratio, ratio_problem(self.ratio))
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if isinstance(section, _Section):
@@ -261,13 +266,21 @@ class Params:
             rows, cols = grid_of(size, p.patch_size)
         except DQError:
             _fail(where, "patches.patch_size", p.patch_size, f"a divisor of data.image_size ({size})")
-        if kept_count(rows * cols, p.drop) < 1:
-            _fail(where, "patches.drop", p.drop, f"a share that keeps at least one of the {rows * cols} patches "
-                  "of each image, or a smaller patches.patch_size")
+        if drop_problem(p.drop, rows * cols):
+            _fail(where, "patches.drop", p.drop, drop_problem(p.drop, rows * cols))
 
-    def section_dict(self, *names: str) -> dict:
-        """The named sections (or top-level keys) as plain data, for provenance in output files."""
-        return {n: _as_plain(getattr(self, n)) for n in names}
+    def provenance(self, *keys: str) -> dict:
+        """The params named by `keys` ("ratio", a section "select", a dotted key "data.source") as nested plain
+        data: what an output file records of the params that made it. Each stage names its keys once
+        (`RECORDED_PARAMS`), and tests/test_dvc_yaml.py checks them against the stage's params in dvc.yaml."""
+        out: dict = {}
+        for key in keys:
+            head, _, rest = key.partition(".")
+            if rest:
+                out.setdefault(head, {})[rest] = _as_plain(getattr(getattr(self, head), rest))
+            else:
+                out[head] = _as_plain(getattr(self, head))
+        return out
 
 
 def _as_plain(value):

@@ -453,7 +453,7 @@ def verify_store(path: str | Path) -> StoreIndex:
 
 def read_prepared(path: str | Path, *, images: bool = True) -> Prepared:
     """A whole version-2 split in memory (images decoded; `images=False`: labels only). No stage reads
-    images this way: they stream (`image_loader`, `dq.train_data`); tests and benchmarks do."""
+    images this way: they stream (`image_loader`, `dq.row_sources`); tests and benchmarks do."""
     store = open_store(path)
     labels = store.labels()
     imgs = store.read() if images else np.empty((0,) + store.image_shape, np.uint8)

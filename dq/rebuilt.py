@@ -24,7 +24,7 @@ must be one that every rank sees (as it already is for the prepared and compact 
 
 A compact store and an MAE fit when an MAE patch, seen on the stored image, is no larger than a stored
 patch (`check_fit`): otherwise a dropped patch hides every MAE patch that overlaps it and the MAE has
-nothing to fill from. An MAE on another grid works (dq.fill maps the masks), e.g. CIFAR's 4-px patches
+nothing to fill from. An MAE on another grid works (dq.mae_fill maps the masks), e.g. CIFAR's 4-px patches
 at 32 px and the reference MAE's 16-px patches at 224 px.
 """
 from __future__ import annotations
@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dq import distributed, fill
-from dq import format as compact_format
+from dq import distributed, mae_fill
+from dq import compact as compact_format
 from dq.errors import DQError
 from dq.io import atomic_path, check_free_space
 from dq.prepared import file_sha256
-from dq.train_data import CompactRows, Rows, batches, runs
+from dq.row_sources import CompactRows, Rows, batches, runs
 
 IMAGES_NAME = "images.npy"
 KEY_NAME = "key.json"
@@ -178,7 +178,7 @@ def _fill(compact_path: Path, mae_path: Path, folder: Path, key: str, keep: np.n
 
     model = load_mae(mae_path).to(device).eval()
     check_fit(compact_path, patch_size, shape[1], mae_path, model.config)
-    plan = fill.fill_batches(keep, patch_size, shape[1], model, batch_size)
+    plan = mae_fill.fill_batches(keep, patch_size, shape[1], model, batch_size)
     mine = plan[distributed.split(len(plan), distributed.rank(), distributed.world_size())]
     source = CompactRows(compact_path, keep, shape[1:])
     row_bytes = int(np.prod(shape[1:]))
@@ -199,7 +199,7 @@ def _fill(compact_path: Path, mae_path: Path, folder: Path, key: str, keep: np.n
         bar = tqdm(mine, desc="mae fill", unit="batch", leave=False,
                    disable=not (progress and distributed.is_main()))
         for rows, images in zip(bar, batches(source, mine, num_workers)):
-            filled = fill.fill_batch(model, images.numpy(), keep[rows], patch_size, device)
+            filled = mae_fill.fill_batch(model, images.numpy(), keep[rows], patch_size, device)
             for start, stop in runs(rows):
                 os.pwrite(fd, np.ascontiguousarray(filled[start:stop]).tobytes(),
                           offset + int(rows[start]) * row_bytes)
@@ -250,7 +250,7 @@ class RebuiltSet:
     indices: np.ndarray  # int64 [N]: rows of the prepared training set
     bins: np.ndarray  # int32 [N]
     keep: np.ndarray  # bool [N, L]
-    header: object  # dq.format.Header
+    header: object  # dq.compact.Header
     compact_path: Path
     mae_path: Path
 

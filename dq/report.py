@@ -8,36 +8,32 @@ evaluation, and writes into one folder:
     confusion.png    the final epoch's confusion matrix on the test set
     curves.png       loss and accuracy per epoch
     bins.png, patches.png, reconstruction.png   the earlier stages' image grids, copied when present
+    frontier.png     the run's own point on the frontier study's top-1 against bytes (when comparable)
     index.md         a short page linking all of it
+
+The frontier. bench/frontier.py's study leaves a small summary (docs/results/frontier.json, dq.frontier)
+with every family's mean top-1 and bytes on the built-in default data. When this run is on the same data
+(classes, whole training set's raw bytes, test set) with the same classifier, `summary.json["frontier"]`
+gives its bytes and top-1 beside the whole set's lossless bytes and the full-set top-1 of the study, the
+share of the whole set it stores, and the best trivial family's top-1 at the run's own bytes
+(interpolated in log-bytes between the family's points); `same_budget` says whether the run trained under
+the study's step budget (only then are the top-1s like for like). Nothing is hard-coded: without a study
+file, or on other data, the report says so.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from dq.errors import DQError, first_line
+from dq import frontier
+from dq.errors import DQError
 from dq.figures import pyplot, save_png
-from dq.io import atomic_path, write_json
+from dq.io import atomic_path, read_json, write_json
 
 COPIED_FIGURES = ("bins.png", "patches.png", "reconstruction.png")
 FILLS = ("mae", "mean_fill", "nearest_fill")
-
-
-def read_json(path: str | Path, what: str) -> dict:
-    """A JSON object from `path`; a DQError naming the file and the stage that writes it otherwise."""
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DQError(f"{path}: not found; run the {what} stage first") from None
-    except (OSError, ValueError) as exc:
-        raise DQError(f"{path}: not readable JSON ({first_line(exc, 120)}); rerun the {what} stage") from None
-    if not isinstance(obj, dict):
-        raise DQError(f"{path}: expected a JSON object; rerun the {what} stage")
-    return obj
 
 
 def _need(obj: dict, key: str, where: str):
@@ -74,6 +70,30 @@ def summary(train: dict, compact: dict, mae: dict, params: dict) -> dict:
                            for fill in FILLS if isinstance(mae.get(fill), dict)},
         "params": dict(params),
     }
+
+
+def frontier_point(s: dict, evaluation: dict, train: dict, study: dict | None) -> dict:
+    """This run against the frontier study (see the module docstring); `comparable` False says why not."""
+    if study is None:
+        return {"comparable": False, "why": "no frontier study summary (run python -m bench.frontier report)"}
+    match = {"classes": list(evaluation.get("classes", [])), "full_raw_bytes": s["full_raw_bytes"],
+             "test_images": int(np.asarray(evaluation.get("confusion", [[0]])).sum()), "model": s["model"]}
+    differ = sorted(k for k in match if study["match"].get(k) != match[k])
+    if differ:
+        return {"comparable": False, "why": f"the study ran on other data or another classifier ({', '.join(differ)})"}
+    cells = frontier.summary_cells(study)
+    whole = study.get("whole_set") or {}
+    best, best_top1 = None, None
+    for family in frontier.TRIVIAL:
+        top1 = frontier.interpolate(frontier.curve(cells, family), s["compact_bytes"])
+        if top1 is not None and (best_top1 is None or top1 > best_top1):
+            best, best_top1 = family, top1
+    steps = study["budget"].get("steps")
+    return {"comparable": True, "same_budget": train.get("budget") == "steps" and train.get("steps") == steps,
+            "study_budget": f"{steps} steps", "run_bytes": s["compact_bytes"], "run_top1": s["top1"],
+            "whole_set_bytes": whole.get("bytes"), "full_set_top1": whole.get("top1"),
+            "share_of_whole_set": s["compact_bytes"] / whole["bytes"] if whole.get("bytes") else None,
+            "best_trivial_at_run_bytes": None if best is None else {"family": best, "top1": best_top1}}
 
 
 # --- figures ------------------------------------------------------------------------------------------
@@ -139,6 +159,18 @@ def index_markdown(s: dict, figures: list[str]) -> str:
         if "psnr" in m and "ssim" in m:
             lines.append(f"| dropped patches, {fill.replace('_', ' ')}: PSNR / SSIM | "
                          f"{m['psnr']:.2f} dB / {m['ssim']:.4f} |")
+    point = s.get("frontier") or {}
+    if point.get("comparable"):
+        trivial = point["best_trivial_at_run_bytes"]
+        lines += [f"| stored bytes / the whole set's, lossless (study) | {point['share_of_whole_set']:.3f} "
+                  f"({point['whole_set_bytes']:,} bytes) |",
+                  f"| full-set top-1 (study, {point['study_budget']}) | {point['full_set_top1']:.4f} |",
+                  "| best trivial family at these bytes (study) | "
+                  + (f"{trivial['family']}: {trivial['top1']:.4f} |" if trivial else "none reaches them |")]
+        if not point["same_budget"]:
+            lines.append(f"| note | this run's budget is not the study's ({point['study_budget']}): compare with care |")
+    else:
+        lines.append(f"| frontier study | {point.get('why', 'not known')} |")
     lines += ["", "Details: [summary.json](summary.json).", ""]
     for name in figures:
         lines += [f"![{name[:-4]}]({name})", ""]
@@ -147,14 +179,17 @@ def index_markdown(s: dict, figures: list[str]) -> str:
 
 def build_report(out: str | Path, *, train_metrics: str | Path, compact_metrics: str | Path,
                  mae_metrics: str | Path, evaluation: str | Path, figures: dict[str, str | Path],
-                 params: dict) -> dict:
+                 params: dict, study: str | Path | None = None) -> dict:
     """Write the report folder `out` whole (atomically); returns the summary.
 
-    `figures` maps a name in COPIED_FIGURES to the earlier stage's PNG; missing ones are skipped.
+    `figures` maps a name in COPIED_FIGURES to the earlier stage's PNG; missing ones are skipped. `study` is
+    the frontier study's summary file (dq.frontier), when there is one.
     """
-    s = summary(read_json(train_metrics, "train"), read_json(compact_metrics, "compress"),
-                read_json(mae_metrics, "mae"), params)
+    train = read_json(train_metrics, "train")
+    s = summary(train, read_json(compact_metrics, "compress"), read_json(mae_metrics, "mae"), params)
     ev = read_json(evaluation, "train")
+    study_data = frontier.read_summary(study) if study is not None else None
+    s["frontier"] = frontier_point(s, ev, train, study_data)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         written = ["confusion.png", "curves.png"]
@@ -166,6 +201,12 @@ def build_report(out: str | Path, *, train_metrics: str | Path, compact_metrics:
             if figures.get(name) and src.is_file():
                 shutil.copyfile(src, tmp / name)
                 written.append(name)
+        if s["frontier"]["comparable"]:
+            frontier.figure(tmp / "frontier.png", frontier.summary_cells(study_data),
+                            {name: entry["description"] for name, entry in study_data["families"].items()},
+                            title=f"this run on the frontier study ({s['frontier']['study_budget']})",
+                            run=(s["compact_bytes"], s["top1"], "this run"))
+            written.append("frontier.png")
         write_json(tmp / "summary.json", s)
         (tmp / "index.md").write_text(index_markdown(s, written))
     return s

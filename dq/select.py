@@ -25,6 +25,16 @@ the dense kernels computed in float64 too: the bins then equal a float64 brute-f
 at CIFAR-10 scale as on small inputs. `float32` computes large dense blocks with float32 BLAS, about 1.4x
 faster there, but a near-tie can flip, and every later pick of that class moves with it. The lazy
 engine computes every gain as a float64 dot product.
+
+Selection methods (`select.method`) are entries of the registry `METHODS` (dq.registry): a function
+`(features, labels, ratio, seed, *, num_bins, lam, per_class, precision, progress) -> (bins int32 [N],
+sorted int64 indices)` that declares whether it makes bins (`makes_bins`; without, bins are -1) and whether it
+reads the features (`needs_features`). `select_indices` looks the method up; adding one is one function:
+
+    @METHODS.register("first", makes_bins=False, needs_features=False)
+    def first(features, labels, ratio, seed, **select_params):
+        n = len(labels)
+        return np.full(n, -1, np.int32), np.arange(round(ratio * n), dtype=np.int64)
 """
 from __future__ import annotations
 
@@ -36,7 +46,22 @@ from typing import Sequence
 import numpy as np
 
 from dq.errors import DQError
-from dq.params import METHODS, PRECISIONS
+from dq.registry import Registry
+
+PRECISIONS = ("float64", "float32")  # select.precision
+METHODS = Registry("selection method", "select.method", makes_bins=False, needs_features=True)
+
+
+def ratio_problem(ratio) -> str | None:
+    """What `ratio` (the share of samples kept) must be when it is not: one rule for params and the functions."""
+    ok = isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and 0 < ratio <= 1
+    return None if ok else "a number in (0, 1]"
+
+
+def check_ratio(ratio) -> None:
+    problem = ratio_problem(ratio)
+    if problem:
+        raise DQError(f"ratio = {ratio!r} is not allowed; expected {problem}")
 
 # Gains closer than this (relative to the gain's scale) are ties and go to the lowest index; it absorbs
 # float64 rounding so that duplicate rows tie however BLAS orders its sums.
@@ -626,6 +651,7 @@ def sample_bins(bins, labels, ratio: float, seed: int) -> np.ndarray:
 
 def graphcut_indices(features, labels, ratio: float, *, lam: float = 1.0, precision: str = "float64") -> np.ndarray:
     """One-shot GraphCut per class; class budgets apportioned from round(ratio * N) as in sample_bins."""
+    check_ratio(ratio)
     n = check_features(features)
     labels = _check_labels(labels, n)
     _, inverse = np.unique(labels, return_inverse=True)
@@ -639,25 +665,36 @@ def graphcut_indices(features, labels, ratio: float, *, lam: float = 1.0, precis
 
 def select_indices(method: str, features, labels, ratio: float, seed: int, num_bins: int = 10,
                    lam: float = 1.0, per_class: bool = True, precision: str = "float64", progress: bool = False):
-    """(bins int32 [N], sorted int64 indices) for select.method dq | graphcut | random.
+    """(bins int32 [N], sorted int64 indices) of the registered method `method` (select.method).
 
     The keyword arguments after `seed` are the keys of params.yaml's `select` section but `method`.
     Methods without bins return bins of -1.
     """
-    labels = np.asarray(labels)
-    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1):
-        raise DQError(f"ratio = {ratio!r} is not allowed; expected a number in (0, 1]")
-    if method == "dq":
-        bins = dq_bins(features, labels, num_bins, lam=lam, per_class=per_class, precision=precision,
-                       progress=progress)
-        return bins, sample_bins(bins, labels, ratio, seed)
-    n = check_features(features) if method == "graphcut" else len(labels)
-    no_bins = np.full(n, -1, np.int32)
-    if method == "graphcut":
-        return no_bins, graphcut_indices(features, labels, ratio, lam=lam, precision=precision)
-    if method == "random":
-        return no_bins, sample_bins(no_bins, labels, ratio, seed)
-    raise DQError(f"select.method = {method!r} is not allowed; expected one of {', '.join(METHODS)}")
+    entry = METHODS.get(method)
+    check_ratio(ratio)
+    return entry.obj(features, np.asarray(labels), ratio, seed, num_bins=num_bins, lam=lam, per_class=per_class,
+                     precision=precision, progress=progress)
+
+
+@METHODS.register("dq", makes_bins=True)
+def _dq(features, labels, ratio, seed, *, num_bins, lam, per_class, precision, progress):
+    """DQ: GraphCut bins per class, then the same share of every bin."""
+    bins = dq_bins(features, labels, num_bins, lam=lam, per_class=per_class, precision=precision, progress=progress)
+    return bins, sample_bins(bins, labels, ratio, seed)
+
+
+@METHODS.register("graphcut")
+def _graphcut(features, labels, ratio, seed, *, lam, precision, **_):
+    """One-shot GraphCut at each class's quota: no bins."""
+    return np.full(check_features(features), -1, np.int32), graphcut_indices(features, labels, ratio, lam=lam,
+                                                                              precision=precision)
+
+
+@METHODS.register("random", needs_features=False)
+def _random(features, labels, ratio, seed, **_):
+    """Class-balanced random sampling: one bin per class."""
+    no_bins = np.full(len(labels), -1, np.int32)
+    return no_bins, sample_bins(no_bins, labels, ratio, seed)
 
 
 # -------------------------------------------------------------------------------------- diversity

@@ -37,6 +37,7 @@ from pathlib import Path
 from dq.errors import DQError, run_cli
 from dq.figures import pyplot, save_png
 from dq.io import atomic_path
+from dq.select import METHODS
 
 METRICS_SUFFIX = "train_metrics.json"
 UNFINISHED = ("queued", "running", "failed")
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("queue", help="queue the grid with dvc exp run --queue")
     q.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
-    q.add_argument("--methods", nargs="+", default=["dq", "graphcut", "random"])
+    q.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     q.add_argument("--full", action="store_true", help="also one train.input=full run per seed")
     q.add_argument("--dry-run", action="store_true", help="print the commands only")

@@ -12,7 +12,7 @@ prepared test set:
 - `full`: the whole prepared training set, the upper bound.
 
 Streaming. No split's images are ever held whole: the training set and the test set are row sources
-(`dq.train_data`), and every step reads only its batch's rows (sorted for the read, then put back in the
+(`dq.row_sources`), and every step reads only its batch's rows (sorted for the read, then put back in the
 batch's order) through a DataLoader of `runtime.num_workers` workers, each opening its own file handles.
 What is held whole is per image: labels, the compact rows' indices and keep masks. The channel
 statistics are exact integer sums over batches (the result does not depend on the order or the number
@@ -20,10 +20,8 @@ of processes). The resume fingerprint hashes a data set's identity where it has 
 index with its shards' SHA-256, the fill cache's key, a subset's rows), so no image is decoded for it;
 in-memory arrays are hashed batch by batch.
 
-Small images. timm's ResNets begin with a stride-2 stem and a max-pool, which leave a 32×32 image 8×8
-before the first stage. For a ResNet (any `timm.models.resnet.ResNet`) on images of at most 64 pixels,
-`create_classifier` swaps in the CIFAR stem: one 3×3 convolution with stride 1 and no max-pool. Other
-architectures are built as timm defines them.
+The model (a timm classifier, ResNets with a CIFAR stem on small images) and its file `train/model.pt`
+are dq.classifier's; the names are re-exported here.
 
 Training budget (`Schedule`). By default an epoch is one pass over the chosen training set, so
 `train.epochs` fixes the number of times each image is seen, whatever the set's size: the same budget per
@@ -72,25 +70,23 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.resnet import ResNet
 from tqdm import tqdm
 
 from dq import distributed
-from dq import format as compact_format
-from dq import train_data
+from dq import compact as compact_format
+from dq import row_sources
 from dq.rebuilt import rebuilt_set
-from dq.checkpoint import read_torch, resume_state, save_atomic
-from dq.errors import DQError, first_line
+from dq.checkpoint import resume_state, save_atomic
+from dq.classifier import (Classifier, create_classifier, read_classifier, replace_stem_with_cifar,  # noqa: F401
+                           save_classifier, uses_cifar_stem)
+from dq.errors import DQError
 from dq.prepared import Prepared, Store
 from dq.params import TrainParams
 from dq.runtime import autocast
-from dq.train_data import Rows, as_rows
+from dq.row_sources import Rows, as_rows
 
-CIFAR_STEM_MAX_SIZE = 64
 EVAL_BATCH_SIZE = 500  # also the batch of the channel statistics and of the fingerprint's array reads
 CPU_BATCH_PIXELS = EVAL_BATCH_SIZE * 32 * 32  # on the CPU, pixels per forward pass when scoring
 MIN_IMAGES_PER_RANK = 2  # BatchNorm cannot train on a single sample
@@ -100,7 +96,7 @@ MIN_IMAGES_PER_RANK = 2  # BatchNorm cannot train on a single sample
 class TrainingSet:
     """The images a classifier is trained on, and what storing them costs.
 
-    `images` is a row source (`dq.train_data`): it reads the rows a batch asks for, never the whole set.
+    `images` is a row source (`dq.row_sources`): it reads the rows a batch asks for, never the whole set.
     `kept_pixels` counts pixel positions (H×W, not ×C) that come from storage; `stored_bytes` is what
     the set occupies on disk (the compact file) or as raw uint8 arrays (`selected`, `full`).
     """
@@ -165,8 +161,8 @@ PreparedSplit = Prepared | Store  # a split in memory (tests, benchmarks) or an 
 def split_images(split: PreparedSplit) -> LabelledImages:
     """A prepared split as a labelled row source (a store is read by row; its labels are read whole)."""
     if isinstance(split, Store):
-        return LabelledImages(train_data.StoreRows(split), split.labels(), split.classes)
-    return LabelledImages(train_data.ArrayRows(split.images), np.asarray(split.labels, np.int64),
+        return LabelledImages(row_sources.StoreRows(split), split.labels(), split.classes)
+    return LabelledImages(row_sources.ArrayRows(split.images), np.asarray(split.labels, np.int64),
                           list(split.classes))
 
 
@@ -230,39 +226,6 @@ def training_set(kind: str, prepared: PreparedSplit, compact_path: str | Path, m
                                 num_workers=num_workers, prepared_labels=labels)
 
 
-# --- model --------------------------------------------------------------------------------------------
-
-
-def create_classifier(name: str, num_classes: int, image_size: int):
-    """A randomly initialised timm classifier; ResNets on images <= 64 px get the CIFAR stem."""
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    except (RuntimeError, ValueError) as exc:
-        raise DQError(f"train.model = {name!r}: timm cannot build it ({first_line(exc, 160)})") from None
-    if uses_cifar_stem(model, image_size):
-        replace_stem_with_cifar(model)
-    return model
-
-
-def uses_cifar_stem(model, image_size: int) -> bool:
-    return isinstance(model, ResNet) and image_size <= CIFAR_STEM_MAX_SIZE
-
-
-def replace_stem_with_cifar(model) -> None:
-    """conv1 → 3×3 stride-1 conv into the stem's output width; max-pool → identity."""
-    in_chans = _first_conv(model.conv1).in_channels
-    conv = nn.Conv2d(in_chans, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # as timm inits convs
-    model.conv1 = conv
-    model.maxpool = nn.Identity()
-
-
-def _first_conv(module):
-    if isinstance(module, nn.Conv2d):
-        return module
-    return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
-
-
 # --- tensors ------------------------------------------------------------------------------------------
 
 
@@ -281,7 +244,7 @@ def channel_stats(images, *, batch_size: int | None = None, num_workers: int = 0
     channels = source.image_shape[-1]
     rows = distributed.shard(len(source), batch_size, distributed.rank(), distributed.world_size())
     hist = np.zeros((channels, 256), np.int64)
-    for batch in train_data.batches(source, train_data.consecutive(rows.start, rows.stop, batch_size), num_workers):
+    for batch in row_sources.batches(source, row_sources.consecutive(rows.start, rows.stop, batch_size), num_workers):
         x = batch.numpy()
         for c in range(channels):
             hist[c] += np.bincount(x[..., c].reshape(-1), minlength=256)
@@ -399,7 +362,7 @@ def train_batches(model, optimizer, scheduler, images, labels, mean, std, config
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    for (idx, draws), part, rows, raw in zip(batches, parts, reads, train_data.batches(source, reads, num_workers)):
+    for (idx, draws), part, rows, raw in zip(batches, parts, reads, row_sources.batches(source, reads, num_workers)):
         x = to_input(apply_augment(raw, draws, config.crop_padding, part), norm, device)
         y = labels[rows].to(device, non_blocking=True)
         with autocast(device):
@@ -444,11 +407,11 @@ def evaluate(model, images, labels: np.ndarray, mean, std, num_classes: int, dev
     batch_size = batch_size or forward_batch(EVAL_BATCH_SIZE, source.image_shape, device)
     norm = normalisation(mean, std, device)
     rows = distributed.shard(len(labels), batch_size, distributed.rank(), distributed.world_size())
-    reads = train_data.consecutive(rows.start, rows.stop, batch_size)
+    reads = row_sources.consecutive(rows.start, rows.stop, batch_size)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     with torch.inference_mode(), autocast(device):
-        for batch_rows, batch in zip(reads, train_data.batches(source, reads, num_workers)):
+        for batch_rows, batch in zip(reads, row_sources.batches(source, reads, num_workers)):
             x = to_input(batch, norm, device)
             y = torch.from_numpy(labels[batch_rows]).to(device, non_blocking=True)
             logits = model(x)
@@ -547,7 +510,7 @@ def run_fingerprint(train_set: TrainingSet, test, config: TrainParams, seed: int
         if identity is not None:
             h.update(identity)
         else:
-            for batch in train_data.batches(source, train_data.consecutive(0, len(source), EVAL_BATCH_SIZE),
+            for batch in row_sources.batches(source, row_sources.consecutive(0, len(source), EVAL_BATCH_SIZE),
                                             num_workers):
                 h.update(batch.numpy().tobytes())
         labels = np.ascontiguousarray(labels)
@@ -670,48 +633,6 @@ def _resume(path, fingerprint, model, optimizer, scheduler) -> list[dict]:
 
 
 # --- outputs ------------------------------------------------------------------------------------------
-
-
-def save_classifier(path: str | Path, result: TrainResult, config: TrainParams, classes: list[str],
-                    image_size: int) -> None:
-    """model.pt: the state dict plus what is needed to rebuild and normalise (byte-identical reruns)."""
-    state = {"model": result.model.state_dict(), "arch": config.model, "num_classes": len(classes),
-             "classes": list(classes), "image_size": int(image_size), "mean": result.mean, "std": result.std,
-             "cifar_stem": bool(result.meta.get("cifar_stem", False))}
-    save_atomic(path, state)
-
-
-@dataclass
-class Classifier:
-    """A trained classifier read back from its model.pt: the model (eval mode) and how to feed it."""
-
-    model: nn.Module
-    classes: list[str]
-    image_size: int
-    mean: list[float]
-    std: list[float]
-
-
-CLASSIFIER_KEYS = ("model", "arch", "num_classes", "classes", "image_size", "mean", "std", "cifar_stem")
-
-
-def read_classifier(path: str | Path) -> Classifier:
-    """Read and validate a classifier written by `save_classifier`, rebuilt in eval mode on the CPU."""
-    path = Path(path)
-    state = read_torch(path, "classifier file", fix="; run the train stage")
-    missing = [k for k in CLASSIFIER_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise DQError(f"{path}: missing '{missing[0]}'; is this a model.pt written by the train stage?")
-    model = create_classifier(state["arch"], int(state["num_classes"]), int(state["image_size"]))
-    if uses_cifar_stem(model, int(state["image_size"])) != bool(state["cifar_stem"]):
-        raise DQError(f"{path}: its stem does not match {state['arch']} at {state['image_size']} px; "
-                      "rerun the train stage")
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise DQError(f"{path}: weights do not fit {state['arch']} ({first_line(exc, 160)})") from None
-    return Classifier(model.eval(), list(state["classes"]), int(state["image_size"]), list(state["mean"]),
-                      list(state["std"]))
 
 
 def train_metrics(result: TrainResult, train_set: TrainingSet, config: TrainParams,

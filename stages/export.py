@@ -20,6 +20,10 @@ from dq.runtime import device_for
 from stages.common import parse_args
 
 
+RECORDED_PARAMS = ("export",)  # in dataset.json, beside the params that made the compact store
+NOT_RECORDED = ("runtime.device", "runtime.num_workers")  # the fill's device is in its cache key
+
+
 def main(argv: list[str] | None = None) -> None:
     args, params = parse_args("Export the rebuilt compact set and the test split.", argv)
     paths, ep = DataPaths(args.data), params.export
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                     "mae": {"path": "mae/model.pt", "bytes": paths.mae_model.stat().st_size,
                             "md5": md5_of(paths.mae_model)},
                     "fill_key": rebuilt.images.key},
-        "params": {"export": params.section_dict("export")["export"], "compact": rebuilt.header.params},
+        "params": {**params.provenance(*RECORDED_PARAMS), "compact": rebuilt.header.params},
         "figures": {"compact_bytes": compact_bytes, "train_images": int(len(rebuilt.labels)),
                     "original_images": len(prepared), "share_of_images": len(rebuilt.labels) / max(len(prepared), 1),
                     "original_raw_bytes": full_raw, "share_of_raw_bytes": compact_bytes / max(full_raw, 1),

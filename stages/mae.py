@@ -10,7 +10,7 @@ Outputs (paths under --data, see dq.paths):
                             stage runs, and this file must survive a killed run.
 The evaluation masks are drawn from `seed` at `patches.drop` / `patches.patch_size`, so this stage does
 not depend on selection or compression, and `dvc exp run -S ratio=...` does not retrain the MAE.
-Training is dq.mae_training, the evaluation dq.fill.
+Training is dq.mae_training, the evaluation dq.mae_fill.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 import time
 
 from dq.errors import run_cli
-from dq.fill import fill_metrics
+from dq.mae_fill import fill_metrics
 from dq.io import write_json
 from dq.mae import save_mae
 from dq.mae_training import trained_mae

@@ -3,15 +3,20 @@ image grids, collected into data/report/ (summary.json, confusion.png, curves.pn
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from dq.errors import run_cli
 from dq.paths import DataPaths
 from dq.report import build_report
 from stages.common import parse_args
 
+STUDY = Path("docs/results/frontier.json")  # bench/frontier.py's summary (dq.frontier), a dep in dvc.yaml
+
 
 def main(argv: list[str] | None = None) -> None:
-    args, params = parse_args("Collect the run's results into data/report/.", argv)
+    args, params = parse_args("Collect the run's results into data/report/.", argv,
+                              extra=lambda p: p.add_argument("--study", type=Path, default=STUDY,
+                                                             help="the frontier study's summary (default: %(default)s)"))
     paths = DataPaths(args.data)
     s = build_report(
         paths.report,
@@ -23,9 +28,13 @@ def main(argv: list[str] | None = None) -> None:
                  "reconstruction.png": paths.mae_figure},
         params={"ratio": params.ratio, "seed": params.seed, "method": params.select.method,
                 "drop": params.patches.drop},
+        study=args.study,
     )
+    point = s["frontier"]
+    where = (f"; {point['share_of_whole_set']:.3f} of the whole set's lossless bytes (study)" if point["comparable"]
+             else f"; frontier: {point['why']}")
     print(f"report: top-1 {s['top1']:.4f}, compact {s['compact_bytes']:,} bytes "
-          f"({s['compression_ratio']:.1f}x smaller than the full raw set)", file=sys.stderr)
+          f"({s['compression_ratio']:.1f}x smaller than the full raw set){where}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """DVC stage `select`: DQ bins and the kept samples → data/selection/, with its metrics and figure.
 
 Reads data/features/train.h5 and the labels of data/prepared/train.h5; writes data/selection/ (owned by
-dq.selection), data/selection_metrics.json and data/selection_plots/bins.png.
+dq.selection_folder), data/selection_metrics.json and data/selection_plots/bins.png.
 """
 from __future__ import annotations
 
-from dq import selection
+from dq import selection_folder
 from dq.errors import run_cli
 from dq.features import read_features
 from dq.io import write_json
@@ -15,19 +15,23 @@ from dq.select import select_indices
 from stages.common import parse_args
 
 
+RECORDED_PARAMS = ("ratio", "seed", "select")  # in selection/summary.json; all of dvc.yaml's
+NOT_RECORDED: tuple[str, ...] = ()
+
+
 def main(argv: list[str] | None = None) -> None:
     args, params = parse_args("DQ selection: bins and the kept samples.", argv)
     paths = DataPaths(args.data)
     prepared = read_prepared(paths.prepared_split("train"), images=False)
     stored = read_features(paths.features, len(prepared.labels))
-    features, labels, sel = selection.selection_features(stored), prepared.labels, params.select
+    features, labels, sel = selection_folder.selection_features(stored), prepared.labels, params.select
     bins, indices = select_indices(sel.method, features, labels, params.ratio, params.seed, num_bins=sel.num_bins,
                                    lam=sel.lam, per_class=sel.per_class, precision=sel.precision, progress=True)
-    summary = selection.summary(sel.method, params.section_dict("ratio", "seed", "select"), features, labels,
+    summary = selection_folder.summary(sel.method, params.provenance(*RECORDED_PARAMS), features, labels,
                                 bins, indices, prepared.classes)
-    selection.write_selection(paths.selection, bins, indices, summary)
-    write_json(paths.selection_metrics, selection.metrics(features, labels, indices))
-    selection.plot_bins(paths.selection_figure, stored.embedding, labels, bins, indices, prepared.classes)
+    selection_folder.write_selection(paths.selection, bins, indices, summary)
+    write_json(paths.selection_metrics, selection_folder.metrics(features, labels, indices))
+    selection_folder.plot_bins(paths.selection_figure, stored.embedding, labels, bins, indices, prepared.classes)
     print(f"select: kept {len(indices)} of {len(labels)} samples with method {sel.method}")
 
 

@@ -20,14 +20,20 @@ import math
 import sys
 
 from dq import distributed
+from dq.classifier import save_classifier
 from dq.errors import DQError, run_cli
 from dq.io import write_json
 from dq.live import live_logger
 from dq.paths import DataPaths
 from dq.prepared import open_store
 from dq.runtime import device_for, seed_everything
-from dq.train import (evaluation_record, save_classifier, split_images, train_classifier, train_metrics,
-                      training_set)
+from dq.train import (
+    evaluation_record,
+    split_images,
+    train_classifier,
+    train_metrics,
+    training_set,
+)
 from stages.common import parse_args
 
 LIVE_METRICS = {"train/loss": "train_loss", "train/acc": "train_acc", "test/loss": "test_loss",

@@ -18,7 +18,8 @@ import yaml
 from dq.params import deep_merge
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("dq", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore")
+COPIED = ("dq", "stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore",
+          "docs/results/frontier.json")
 
 TINY = {
     "ratio": 0.25,

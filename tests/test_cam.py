@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dq import cam
+from dq import cam, grid, scorers
 from dq.backbones import classifier_with_probe, create_backbone
 from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dq.errors import DQError
@@ -18,13 +18,13 @@ from dq.errors import DQError
 
 def test_keep_mask_keeps_the_top_k():
     scores = np.array([[0.1, 0.9, 0.5, 0.8], [0.7, 0.1, 0.2, 0.3]], np.float32)
-    keep = cam.keep_mask(scores, drop=0.5)
+    keep = scorers.keep_mask(scores, drop=0.5)
     assert keep.tolist() == [[False, True, False, True], [True, False, False, True]]
 
 
 def test_keep_mask_ties_go_to_the_lower_grid_index():
     scores = np.array([[0.5, 0.2, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0], [np.nan, 0.0, 0.0, 0.3]], np.float32)
-    keep = cam.keep_mask(scores, drop=0.5)
+    keep = scorers.keep_mask(scores, drop=0.5)
     assert keep.tolist() == [[True, False, True, False], [True, True, False, False],
                              [False, True, False, True]]  # NaN ranks lowest
 
@@ -33,7 +33,7 @@ def test_keep_mask_ties_go_to_the_lower_grid_index():
                                                      (0.125, 4, 4)])  # round(0.5) = 0: half to even
 def test_keep_mask_count_is_l_minus_rounded_drop(drop, num_patches, kept):
     scores = np.random.default_rng(0).random((5, num_patches), dtype=np.float32)
-    keep = cam.keep_mask(scores, drop)
+    keep = scorers.keep_mask(scores, drop)
     assert (keep.sum(axis=1) == kept).all()
     threshold = np.sort(scores, axis=1)[:, num_patches - kept]
     assert (scores[keep].reshape(5, kept) >= threshold[:, None]).all()
@@ -41,17 +41,17 @@ def test_keep_mask_count_is_l_minus_rounded_drop(drop, num_patches, kept):
 
 def test_keep_mask_refuses_to_drop_everything():
     with pytest.raises(DQError, match="patches.drop"):
-        cam.keep_mask(np.zeros((2, 4), np.float32), drop=0.9)
+        scorers.keep_mask(np.zeros((2, 4), np.float32), drop=0.9)
 
 
 def test_patch_scores_are_patch_means_in_raster_order():
     maps = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
-    scores = cam.patch_scores(maps, 2)
+    scores = scorers.patch_scores(maps, 2)
     expected = [[np.mean(maps[n, r:r + 2, c:c + 2]) for r in (0, 2) for c in (0, 2)] for n in range(2)]
     assert scores.dtype == np.float32 and scores.shape == (2, 4)
     np.testing.assert_allclose(scores, expected)
     with pytest.raises(DQError, match="patch_size"):
-        cam.patch_scores(maps, 3)
+        scorers.patch_scores(maps, 3)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,10 +119,10 @@ def test_gradcam_matches_a_hand_computed_map_and_keeps_the_true_labels_quadrant(
     expected = hand_gradcam_pp(images, labels, size)
     assert maps.shape == (6, size, size) and maps.dtype == np.float32
     np.testing.assert_allclose(maps, expected, atol=1e-5)
-    np.testing.assert_allclose(cam.patch_scores(maps, p), cam.patch_scores(expected.astype(np.float32), p),
+    np.testing.assert_allclose(scorers.patch_scores(maps, p), scorers.patch_scores(expected.astype(np.float32), p),
                                atol=1e-5)
 
-    keep = cam.keep_mask(cam.patch_scores(maps, p), drop=0.75).reshape(6, 4, 4)
+    keep = scorers.keep_mask(scorers.patch_scores(maps, p), drop=0.75).reshape(6, 4, 4)
     top_left, bottom_right = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
     top_left[:2, :2] = True
     bottom_right[2:, 2:] = True
@@ -219,9 +219,9 @@ def test_pixel_std_scores_are_each_patch_std_over_pixels_and_channels():
     images[0, :4, 4:] = 255  # flat bright patch: std 0
     images[0, 4:, :4, 0] = 255  # one channel of three on: std of {255, 0, 0}
     images[0, 4:, 4:] = np.indices((4, 4)).sum(0)[..., None] % 2 * 255  # checkerboard: std 127.5
-    scores = cam.pixel_std_scores(images, 4)
+    scores = scorers.pixel_std_scores(images, 4)
     np.testing.assert_allclose(scores, [[0.0, 0.0, np.std([255, 0, 0]), 127.5]], rtol=1e-6)
-    maps, pooled = cam.create_scorer("pixel-std", 4).scores(images, np.zeros(1, np.int64))
+    maps, pooled = scorers.create_scorer("pixel-std", 4).scores(images, np.zeros(1, np.int64))
     assert maps.shape == (1, 8, 8) and maps.max() <= 1.0
     np.testing.assert_allclose(pooled, scores / 127.5, rtol=1e-6)
 
@@ -232,13 +232,13 @@ def test_flat_patches_are_one_colour_not_one_value():
     images[0, 4:, :4] = 7
     images[0, 4:, 4:] = 7
     images[0, 7, 7, 2] = 8  # one value of one pixel differs
-    assert cam.flat_patches(images, 4).tolist() == [[True, True, True, False]]
+    assert scorers.flat_patches(images, 4).tolist() == [[True, True, True, False]]
 
 
 def test_pixel_std_keeps_texture_and_drops_flat_background():
     images, labels = _textured_quadrant_images(4)
-    _, scores = cam.create_scorer("pixel-std", 4).scores(images, labels)
-    keep = cam.keep_mask(scores, drop=0.75).reshape(4, 4, 4)
+    _, scores = scorers.create_scorer("pixel-std", 4).scores(images, labels)
+    keep = scorers.keep_mask(scores, drop=0.75).reshape(4, 4, 4)
     for k, y in zip(keep, labels):
         quadrant = (slice(None, 2), slice(None, 2)) if y == 0 else (slice(2, None), slice(2, None))
         assert k[quadrant].all() and k.sum() == 4
@@ -246,20 +246,20 @@ def test_pixel_std_keeps_texture_and_drops_flat_background():
 
 def test_random_scorer_is_seeded_and_not_the_grid_order():
     images, labels = _textured_quadrant_images(6)
-    first = cam.create_scorer("random", 4, seed=3).scores(images, labels)[1]
-    np.testing.assert_array_equal(first, cam.create_scorer("random", 4, seed=3).scores(images, labels)[1])
-    assert not np.array_equal(first, cam.create_scorer("random", 4, seed=4).scores(images, labels)[1])
-    np.testing.assert_allclose(first, cam.random_scores(6, 16, 3), rtol=1e-6)
-    keep = cam.keep_mask(first, 0.5)
+    first = scorers.create_scorer("random", 4, seed=3).scores(images, labels)[1]
+    np.testing.assert_array_equal(first, scorers.create_scorer("random", 4, seed=3).scores(images, labels)[1])
+    assert not np.array_equal(first, scorers.create_scorer("random", 4, seed=4).scores(images, labels)[1])
+    np.testing.assert_allclose(first, scorers.random_scores(6, 16, 3), rtol=1e-6)
+    keep = scorers.keep_mask(first, 0.5)
     assert len({tuple(row) for row in keep}) > 1  # not the same patches in every image
 
 
 def test_unknown_or_incomplete_scorer_is_a_one_line_error():
-    with pytest.raises(DQError, match=r"^patches.scorer = 'saliency' is not a scorer; expected one of "
-                                      r"gradcam\+\+-flat-first, gradcam\+\+, pixel-std, random$"):
-        cam.create_scorer("saliency", 4)
+    with pytest.raises(DQError, match=r"^patches.scorer = 'saliency' is not a registered patch scorer; expected one "
+                                      r"of pixel-std, random, gradcam\+\+, gradcam\+\+-flat-first$"):
+        scorers.create_scorer("saliency", 4)
     with pytest.raises(DQError, match="patches.scorer = 'gradcam\\+\\+' needs"):
-        cam.create_scorer("gradcam++", 4)
+        scorers.create_scorer("gradcam++", 4)
 
 
 def test_flat_first_drops_flat_patches_then_follows_gradcam():
@@ -270,26 +270,26 @@ def test_flat_first_drops_flat_patches_then_follows_gradcam():
     images[:, 8:12, 12:] = 0  # and one more patch, in the bottom-right quadrant
     labels = np.array([0, 1, 0, 1])
     model = QuadrantNet(size)
-    plain = cam.create_scorer("gradcam++", p, model=model, layer=model.features, input_size=size, batch_size=2,
+    plain = scorers.create_scorer("gradcam++", p, model=model, layer=model.features, input_size=size, batch_size=2,
                               progress=False)
-    first = cam.create_scorer("gradcam++-flat-first", p, model=model, layer=model.features, input_size=size,
+    first = scorers.create_scorer("gradcam++-flat-first", p, model=model, layer=model.features, input_size=size,
                               batch_size=2, progress=False)
     cam_scores = plain.scores(images, labels)[1]
     maps, scores = first.scores(images, labels)
     assert 0.0 <= maps.min() and maps.max() <= 1.0
     flat = np.zeros(16, bool)
     flat[[0, 1, 2, 3, 11]] = True
-    keep = cam.keep_mask(scores, drop=5 / 16)
+    keep = scorers.keep_mask(scores, drop=5 / 16)
     assert (keep == ~flat).all()  # exactly the five flat patches go
     for row_first, row_cam in zip(scores, cam_scores):  # among the rest, GradCAM++'s order
         content = np.flatnonzero(~flat)
         np.testing.assert_array_equal(np.argsort(-row_first[content], kind="stable"),
                                       np.argsort(-row_cam[content], kind="stable"))
     # with a bigger drop, the next patches to go are GradCAM++'s lowest among the content
-    plain_keep = cam.keep_mask(np.where(flat, -1.0, cam_scores), drop=0.75)
-    np.testing.assert_array_equal(cam.keep_mask(scores, drop=0.75), plain_keep)
+    plain_keep = scorers.keep_mask(np.where(flat, -1.0, cam_scores), drop=0.75)
+    np.testing.assert_array_equal(scorers.keep_mask(scores, drop=0.75), plain_keep)
     # the five flat patches all lie on the outer ring: the higher grid index goes first
-    np.testing.assert_array_equal(cam.keep_mask(scores, drop=2 / 16)[:, [3, 11]], False)
+    np.testing.assert_array_equal(scorers.keep_mask(scores, drop=2 / 16)[:, [3, 11]], False)
 
 
 def test_flat_first_drops_flat_patches_from_the_outer_ring_inwards():
@@ -297,21 +297,21 @@ def test_flat_first_drops_flat_patches_from_the_outer_ring_inwards():
     images = np.full((2, size, size, 3), 90, np.uint8)  # every patch flat
     images[1, 12:20, 12:20] = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)  # the 2x2 centre has content
     model = QuadrantNet(size)
-    scorer = cam.create_scorer("gradcam++-flat-first", p, model=model, layer=model.features, input_size=size,
+    scorer = scorers.create_scorer("gradcam++-flat-first", p, model=model, layer=model.features, input_size=size,
                                batch_size=2, progress=False)
     scores = scorer.scores(images, np.array([0, 1]))[1]
-    rings = np.repeat(cam.grid_rings(8, 8).reshape(1, -1), 2, axis=0)
-    keep = cam.keep_mask(scores, drop=28 / 64)
+    rings = np.repeat(scorers.grid_rings(8, 8).reshape(1, -1), 2, axis=0)
+    keep = scorers.keep_mask(scores, drop=28 / 64)
     np.testing.assert_array_equal(keep, rings > 0)  # exactly the outer ring of 28 patches
-    keep = cam.keep_mask(scores, drop=2 / 64)
+    keep = scorers.keep_mask(scores, drop=2 / 64)
     assert np.flatnonzero(~keep[0]).tolist() == [62, 63]  # within a ring, the higher grid index goes first
-    innermost = cam.keep_mask(scores, drop=60 / 64)
+    innermost = scorers.keep_mask(scores, drop=60 / 64)
     assert np.flatnonzero(innermost[0]).tolist() == [27, 28, 35, 36]  # the last ring left: the centre
 
 
 def test_grid_rings_count_from_the_border_inwards():
-    np.testing.assert_array_equal(cam.grid_rings(4, 4), [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
-    assert cam.grid_rings(8, 8)[3, 4] == 1.0 and cam.grid_rings(8, 8)[1, 1] == pytest.approx(1 / 3)
+    np.testing.assert_array_equal(scorers.grid_rings(4, 4), [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
+    assert scorers.grid_rings(8, 8)[3, 4] == 1.0 and scorers.grid_rings(8, 8)[1, 1] == pytest.approx(1 / 3)
 
 
 class QuadrantBrightness(nn.Module):
@@ -336,10 +336,10 @@ def test_probe_metrics_score_kept_random_and_pixel_std_masks():
     metrics = cam.probe_metrics(model, images, labels, wrong, 4, 16, 3, seed=0)
     assert metrics["probe_top1_full"] == 1.0 and metrics["probe_top1_kept"] == 0.0
     assert metrics["probe_top1_std_keep"] == 1.0  # pixel-std keeps exactly the textured quadrant
-    random_keep = cam.keep_mask(cam.random_scores(8, 16, 0), 0.75)
-    expected = cam.probe_top1(model, cam.zero_dropped(images, random_keep, 4), labels, 16, 8)
+    random_keep = scorers.keep_mask(scorers.random_scores(8, 16, 0), 0.75)
+    expected = cam.probe_top1(model, grid.zero_dropped(images, random_keep, 4), labels, 16, 8)
     assert metrics["probe_top1_random_keep"] == round(expected, 4)
-    zeroed = cam.zero_dropped(images, wrong, 4)
+    zeroed = grid.zero_dropped(images, wrong, 4)
     assert (zeroed[0, :8, :8] == 0).all() and (zeroed[0, 8:, 8:] == 100).all()
 
 
@@ -373,8 +373,8 @@ def test_compress_stage_writes_probe_metrics_for_every_scorer(tmp_path):
 
 
 def test_random_rows_are_rows_of_the_whole_seeded_draw_in_any_order():
-    whole = cam.random_scores(50, 7, seed=3)  # 7 patches: rows start on odd values of the stream
-    rows = cam.RandomRows(7, seed=3)
+    whole = scorers.random_scores(50, 7, seed=3)  # 7 patches: rows start on odd values of the stream
+    rows = scorers.RandomRows(7, seed=3)
     rows.SKIP_BLOCK = 10  # skipping ahead takes several draws
     for positions in ([0, 1, 2], [3], [20, 21, 22, 23], [5, 6], [49], [0], [48, 46]):
         np.testing.assert_array_equal(rows.rows(positions), whole[positions])
@@ -384,13 +384,13 @@ def test_random_rows_are_rows_of_the_whole_seeded_draw_in_any_order():
 def test_scorers_give_each_image_its_scores_whatever_the_batches():
     images, labels = _textured_quadrant_images(11)
     for name in ("random", "pixel-std"):
-        whole = cam.create_scorer(name, 4, seed=5).scores(images, labels)[1]
-        scorer = cam.create_scorer(name, 4, seed=5)
+        whole = scorers.create_scorer(name, 4, seed=5).scores(images, labels)[1]
+        scorer = scorers.create_scorer(name, 4, seed=5)
         parts = [scorer.scores(images[s:s + 4], labels[s:s + 4], np.arange(s, min(s + 4, 11)))[1]
                  for s in range(0, 11, 4)]
         np.testing.assert_array_equal(np.concatenate(parts), whole)
-    np.testing.assert_array_equal(cam.create_scorer("random", 4, seed=5).scores(images, labels)[1],
-                                  cam.random_scores(11, 16, 5))
+    np.testing.assert_array_equal(scorers.create_scorer("random", 4, seed=5).scores(images, labels)[1],
+                                  scorers.random_scores(11, 16, 5))
 
 
 def test_probe_counts_over_batches_equal_the_whole_array_metrics():
@@ -399,22 +399,22 @@ def test_probe_counts_over_batches_equal_the_whole_array_metrics():
     images, labels = _textured_quadrant_images(13, seed=4)
     model = QuadrantBrightness()
     scores = np.random.default_rng(9).random((13, 16), dtype=np.float32)
-    keep = cam.keep_mask(scores, 0.5)
+    keep = scorers.keep_mask(scores, 0.5)
     expected = {  # main's whole-array formulas, written out
         "probe_top1_full": cam.probe_top1(model, images, labels, 16, 13),
-        "probe_top1_kept": cam.probe_top1(model, cam.zero_dropped(images, keep, 4), labels, 16, 13),
+        "probe_top1_kept": cam.probe_top1(model, grid.zero_dropped(images, keep, 4), labels, 16, 13),
         "probe_top1_random_keep": cam.probe_top1(
-            model, cam.zero_dropped(images, cam.keep_mask(cam.random_scores(13, 16, 2), 0.5), 4), labels, 16, 13),
+            model, grid.zero_dropped(images, scorers.keep_mask(scorers.random_scores(13, 16, 2), 0.5), 4), labels, 16, 13),
         "probe_top1_std_keep": cam.probe_top1(
-            model, cam.zero_dropped(images, cam.keep_mask(cam.pixel_std_scores(images, 4), 0.5), 4), labels, 16, 13)}
+            model, grid.zero_dropped(images, scorers.keep_mask(scorers.pixel_std_scores(images, 4), 0.5), 4), labels, 16, 13)}
     expected = {k: round(v, 4) for k, v in expected.items()}
     assert cam.probe_metrics(model, images, labels, keep, 4, 16, 5, seed=2) == expected
-    counts = cam.ProbeCounts(model, 4, 16, 0.5, seed=2)
+    counts = cam.ProbeCounts(model, 4, 16, seed=2)
     for rows in (np.arange(0, 5), np.arange(5, 6), np.arange(6, 13)):
         counts.add(images[rows], labels[rows], keep[rows], rows)
     assert counts.metrics() == expected and counts.counts[0] == 13
     # two shards' counts add up (what torchrun's all-reduce does)
-    first, second = cam.ProbeCounts(model, 4, 16, 0.5, seed=2), cam.ProbeCounts(model, 4, 16, 0.5, seed=2)
+    first, second = cam.ProbeCounts(model, 4, 16, seed=2), cam.ProbeCounts(model, 4, 16, seed=2)
     first.add(images[:8], labels[:8], keep[:8], np.arange(8))
     second.add(images[8:], labels[8:], keep[8:], np.arange(8, 13))
     assert first.metrics(first.counts + second.counts) == expected
@@ -422,7 +422,7 @@ def test_probe_counts_over_batches_equal_the_whole_array_metrics():
 
 def test_score_batches_hands_each_batch_on_and_keeps_only_scores_and_masks():
     images, labels = _textured_quadrant_images(10)
-    scorer = cam.create_scorer("pixel-std", 4)
+    scorer = scorers.create_scorer("pixel-std", 4)
     batches = [(images[s:s + 3], labels[s:s + 3], np.arange(s, min(s + 3, 10))) for s in range(0, 10, 3)]
     seen = []
     figure = cam.FigureSamples(cam.figure_rows(labels, count=3))
@@ -430,7 +430,7 @@ def test_score_batches_hands_each_batch_on_and_keeps_only_scores_and_masks():
                                      on_batch=lambda im, y, pos, sc, kp: seen.append((len(im), pos.tolist())))
     whole_maps, whole = scorer.scores(images, labels)
     np.testing.assert_array_equal(scores, whole)
-    np.testing.assert_array_equal(keep, cam.keep_mask(whole, 0.75))
+    np.testing.assert_array_equal(keep, scorers.keep_mask(whole, 0.75))
     assert seen == [(3, [0, 1, 2]), (3, [3, 4, 5]), (3, [6, 7, 8]), (1, [9])]
     positions, shown, maps, shown_keep = figure.arrays(images.shape[1:], 16)
     assert positions.tolist() == cam.figure_rows(labels, count=3).tolist() == [0, 1, 2]
@@ -442,7 +442,7 @@ def test_score_batches_hands_each_batch_on_and_keeps_only_scores_and_masks():
 
 
 def test_drop_0_keeps_every_patch_without_scoring_and_probes_the_full_images_once():
-    class Refuses(cam.PatchScorer):
+    class Refuses(scorers.PatchScorer):
         def maps(self, images, labels, positions=None):
             raise AssertionError("a drop of 0 needs no scores")
 
@@ -455,7 +455,7 @@ def test_drop_0_keeps_every_patch_without_scoring_and_probes_the_full_images_onc
             calls.append(len(images))
             return 3
 
-    probe = Counting(QuadrantNet(16), 4, 16, 0.0)
+    probe = Counting(QuadrantNet(16), 4, 16)
     scores, keep = cam.score_batches(Refuses(4), [(images, labels, np.arange(5))], 0.0, 16, probe=probe)
     assert keep.all() and not scores.any()
     assert calls == [5] and probe.counts.tolist() == [5, 3, 3, 3, 3]

@@ -133,7 +133,7 @@ def test_encode_dropped_keeps_the_shortest_candidate_and_drops_pay_on_photos(nam
     image = photo()
     keep = patch_mask(image.shape, 16, 0.25, seed=1)
     stream = codec.encode_dropped(image, keep, name, 90)
-    candidates = [codec.encode(codec.FILLS[fill](image, keep), name, 90) for fill in codec.FILL_CANDIDATES[name]]
+    candidates = [codec.encode(codec.FILLS[fill](image, keep), name, 90) for fill in codec.CODECS.get(name).fills]
     assert stream == min(candidates, key=len)  # the first of the shortest
     # the dropped blocks cost (nearly) nothing: bytes close to the kept share of the whole image's
     assert len(stream) < (keep.mean() + 0.06) * len(codec.encode(image, name, 90))

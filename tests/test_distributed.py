@@ -115,17 +115,17 @@ def test_only_rank_0_writes(two_ranks):
 # Run by torchrun: fills the compact set in batches of 8 and logs each rank's batch sizes, then runs the stage.
 FILL_LOG = textwrap.dedent('''
     import os, runpy, sys
-    from dq import fill, rebuilt
+    from dq import mae_fill, rebuilt
     rebuilt.FILL_BATCH_SIZE = 8
     log = open(os.path.join(os.environ["AUDIT_DIR"], "fill" + os.environ["RANK"] + ".txt"), "w")
-    real = fill.fill_batch
+    real = mae_fill.fill_batch
 
     def logged(model, images, *args, **kwargs):
         log.write(f"{len(images)}\\n")
         log.flush()
         return real(model, images, *args, **kwargs)
 
-    fill.fill_batch = logged
+    mae_fill.fill_batch = logged
     sys.argv = ["stages.train"] + sys.argv[1:]
     runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
 ''')

@@ -137,3 +137,27 @@ def test_every_artifact_path_is_declared_in_dvc_yaml():
     for split in ("train", "test"):
         assert paths.prepared_split(split).as_posix().startswith("data/prepared/")
     assert dataclasses.is_dataclass(DataPaths)
+
+
+RECORDING_STAGES = ("select", "compress", "export")  # the stages whose outputs record their params
+
+
+@pytest.mark.parametrize("name", RECORDING_STAGES)
+def test_recorded_params_are_the_stage_s_params_in_dvc_yaml(name):
+    """Each stage that writes its params into an output names them once (RECORDED_PARAMS, built by
+    dq.params.Params.provenance) and says why the others are left out (NOT_RECORDED): together exactly the
+    params dvc.yaml declares for it, so a record can neither miss a param that changes the output nor name
+    one the stage does not read."""
+    import importlib
+
+    module = importlib.import_module(f"stages.{name}")
+    declared = set(dvc_stages()[name]["params"])
+    recorded, left_out = set(module.RECORDED_PARAMS), set(module.NOT_RECORDED)
+    assert not recorded & left_out
+    assert recorded | left_out == declared, (sorted(recorded | left_out), sorted(declared))
+    from dq.params import Params
+
+    record = Params().provenance(*module.RECORDED_PARAMS)
+    for key in module.RECORDED_PARAMS:
+        head, _, rest = key.partition(".")
+        assert head in record and (not rest or rest in record[head]), key

@@ -3,7 +3,6 @@ with the pixels the train stage trains on, bit for bit."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess

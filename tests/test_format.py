@@ -16,7 +16,9 @@ import torch
 import yaml
 
 from dq import codec as codecs
-from dq import format as fmt
+from dq import compact as fmt
+from dq.compact import schema as compact_schema
+from dq.compact import writer as compact_writer
 from dq import grid
 from dq.cam import keep_mask
 from dq.errors import DQError
@@ -158,7 +160,7 @@ def test_streaming_writer_gives_the_whole_array_file_whatever_the_batches(tmp_pa
     expected, stats = whole.read_bytes(), fmt.read_stats(h5py.File(whole, "r"))
     decoded = fmt.read_compact(whole)
     for block in (fmt.SPOOL_BLOCK_BYTES, 1000):  # 1000: each block one chunk (raw) or 1000 bytes (streams)
-        monkeypatch.setattr(fmt, "SPOOL_BLOCK_BYTES", block)
+        monkeypatch.setattr(compact_writer, "SPOOL_BLOCK_BYTES", block)
         for batch in (1, 7, 70):
             path = tmp_path / f"streamed-{block}-{batch}.h5"
             assert _stream(path, src, codec, batch, 70) == stats
@@ -394,7 +396,7 @@ def test_a_version_1_reader_refuses_a_version_2_file(tmp_path, monkeypatch):
     make_compact(path, codec="png")
     with h5py.File(path, "r") as f:
         assert int(f.attrs["schema_version"]) == 2
-    monkeypatch.setattr(fmt, "SCHEMA_VERSION", 1)  # the version 1 reader's check, unchanged since
+    monkeypatch.setattr(compact_schema, "SCHEMA_VERSION", 1)  # the version 1 reader's check, unchanged since
     with pytest.raises(DQError, match=r"schema_version 2 is newer than this reader \(version 1\); update dq"):
         fmt.validate(path)
 
@@ -547,10 +549,11 @@ def test_describe_lists_attributes_counts_and_bytes(compact, capsys):
     assert "valid dq-compact version 2 (raw): 40 images" in capsys.readouterr().out
 
 
-def test_cli_reports_damage_as_one_error_line(compact):
+@pytest.mark.parametrize("module", ["dq.compact", "dq.format"])  # the package, and its first home's name
+def test_cli_reports_damage_as_one_error_line(compact, module):
     path, _ = compact
     _flip_bytes_in_a_chunk(path, "scores")
-    result = subprocess.run([sys.executable, "-m", "dq.format", "validate", str(path)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", module, "validate", str(path)], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()

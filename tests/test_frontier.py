@@ -35,7 +35,8 @@ def test_interpolation_is_linear_in_log_bytes_and_never_extrapolates():
     points = [(1000, 0.5), (4000, 0.7)]
     assert frontier.interpolate(points, 2000) == pytest.approx(0.6)  # halfway in log-bytes
     assert frontier.interpolate(points, 1000) == 0.5 and frontier.interpolate(points, 4000) == 0.7
-    assert frontier.interpolate(points, 999) is None and frontier.interpolate(points, 4001) is None
+    assert frontier.interpolate(points, 985) is None and frontier.interpolate(points, 4050) is None
+    assert frontier.interpolate(points, 995) == 0.5 and frontier.interpolate(points, 4030) == 0.7  # within 1%: equal
     assert frontier.interpolate([(10, 0.3)], 10) == 0.3
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from dq import fill, mae, mae_training
+from dq import mae_fill, mae, mae_training
 from dq.errors import DQError
 from dq.grid import pixel_keep
 from dq.prepared import Prepared, write_prepared
@@ -188,7 +188,7 @@ def test_map_keep_16px_mae_on_224_vs_4px_stored_on_32():
         keep = np.ones((1, 64), dtype=bool)
         for r, c in stored_dropped:
             keep[0, r * 8 + c] = False
-        kept = fill.map_keep(keep, 32, 4, 224, 16)
+        kept = mae_fill.map_keep(keep, 32, 4, 224, 16)
         assert kept.shape == (1, 196)
         return {divmod(int(i), 14) for i in np.flatnonzero(~kept[0])}
 
@@ -203,10 +203,10 @@ def test_map_keep_16px_mae_on_224_vs_4px_stored_on_32():
 def test_map_keep_is_identity_on_equal_grids_and_never_reads_dropped_pixels():
     rng = np.random.default_rng(0)
     keep = rng.random((4, 64)) < 0.7
-    assert np.array_equal(fill.map_keep(keep, 32, 4, 32, 4), keep)
+    assert np.array_equal(mae_fill.map_keep(keep, 32, 4, 32, 4), keep)
     # whatever the dropped pixels hold, the resized pixels of a kept MAE patch are the same
     for size, patch in ((224, 16), (56, 8), (64, 8), (24, 4)):
-        kept_m = fill.map_keep(keep, 32, 4, size, patch)
+        kept_m = mae_fill.map_keep(keep, 32, 4, size, patch)
         dropped_px = ~pixel_keep(keep, 4, 32)
         a = torch.from_numpy(np.where(dropped_px, rng.random((4, 32, 32)), 0.5))[:, None]
         b = torch.from_numpy(np.where(dropped_px, rng.random((4, 32, 32)) * 1e6, 0.5))[:, None]
@@ -223,24 +223,24 @@ def test_reconstruct_keeps_kept_pixels_exactly(size, patch, norm_pix):
     torch.manual_seed(0)
     model = mae.create_mae("mae_vit_micro_patch4", img_size=size, patch_size=patch, norm_pix_loss=norm_pix)
     images = _images(7)
-    keep = fill.eval_keep(7, 64, 0.25, seed=3)
+    keep = mae_fill.eval_keep(7, 64, 0.25, seed=3)
     keep[0] = True  # a row with nothing to fill
     kept_px = pixel_keep(keep, 4, 32)
     masked = np.where(kept_px[..., None], images, 0).astype(np.uint8)
-    out = fill.reconstruct(model, masked, keep, 4, batch_size=3, progress=False)
+    out = mae_fill.reconstruct(model, masked, keep, 4, batch_size=3, progress=False)
     assert out.dtype == np.uint8 and out.shape == images.shape
     assert np.array_equal(out[kept_px], images[kept_px])
     assert np.array_equal(out[0], images[0])
     assert (out[~kept_px] != 0).any()  # dropped pixels were filled by the model
     # the dropped pixels' content never reaches the result, and batching does not matter
     scrambled = np.where(kept_px[..., None], images, 255 - images).astype(np.uint8)
-    assert np.array_equal(fill.reconstruct(model, scrambled, keep, 4, batch_size=5, progress=False), out)
+    assert np.array_equal(mae_fill.reconstruct(model, scrambled, keep, 4, batch_size=5, progress=False), out)
 
 
 def test_reconstruct_rejects_a_mask_of_the_wrong_grid():
     model = mae.create_mae("mae_vit_micro_patch4")
     with pytest.raises(ValueError, match="keep must be bool"):
-        fill.reconstruct(model, _images(2), np.ones((2, 16), bool), 4, progress=False)
+        mae_fill.reconstruct(model, _images(2), np.ones((2, 16), bool), 4, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- fills, metrics
@@ -250,9 +250,9 @@ def test_simple_fills():
     images[0, :, 4:] = 200
     keep = np.array([[True, False, True, True]])  # 2x2 grid of 4 px patches: top-right dropped
     masked = np.where(pixel_keep(keep, 4, 8)[..., None], images, 0).astype(np.uint8)
-    mean = fill.mean_fill(masked, keep, 4)
+    mean = mae_fill.mean_fill(masked, keep, 4)
     assert (mean[0, :4, 4:] == round((16 * 10 + 16 * 10 + 16 * 200) / 48)).all()
-    near = fill.nearest_fill(masked, keep, 4)
+    near = mae_fill.nearest_fill(masked, keep, 4)
     for r in range(4):
         for c in range(4, 8):
             left, below = c - 3, 4 - r  # distances to the kept columns 0-3 (10) and rows 4-7 (200)
@@ -275,17 +275,17 @@ def test_ssim_and_psnr_count_only_the_dropped_pixels(size):
                                         sigma=1.5, use_sample_covariance=False, full=True,
                                         win_size=min(11, size - 1))
         expected.append(full.mean(axis=-1)[dropped[i]].mean())
-    assert fill.ssim_dropped(b, a, dropped) == pytest.approx(np.mean(expected), abs=1e-12)
+    assert mae_fill.ssim_dropped(b, a, dropped) == pytest.approx(np.mean(expected), abs=1e-12)
     same = np.where(dropped[..., None], a, b)  # equal on the dropped pixels only
-    assert fill.ssim_dropped(same, a, dropped) > fill.ssim_dropped(b, a, dropped)
+    assert mae_fill.ssim_dropped(same, a, dropped) > mae_fill.ssim_dropped(b, a, dropped)
 
     noisy = a.copy()
     noisy[:, 4:] = 0  # errors outside the dropped pixels do not count
     noisy[1, -3:, 2:] = a[1, -3:, 2:]
-    assert fill.psnr_dropped(noisy, a, dropped) == pytest.approx(100.0)
+    assert mae_fill.psnr_dropped(noisy, a, dropped) == pytest.approx(100.0)
     noisy[:, :4, :4] = np.clip(a[:, :4, :4].astype(int) + 10, 0, 255)
     mse = [((noisy[i][dropped[i]].astype(float) - a[i][dropped[i]]) ** 2).mean() for i in range(2)]
-    assert fill.psnr_dropped(noisy, a, dropped) == pytest.approx(np.mean([10 * np.log10(255**2 / m) for m in mse]))
+    assert mae_fill.psnr_dropped(noisy, a, dropped) == pytest.approx(np.mean([10 * np.log10(255**2 / m) for m in mse]))
 
 
 # ---------------------------------------------------------------------------------------------- stage

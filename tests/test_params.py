@@ -45,7 +45,7 @@ BAD_VALUES = [
     ("select.precision", "float16", "one of float64, float32"),
     ("patches.drop", 1.0, "[0, 1)"), ("patches.drop", -0.1, "[0, 1)"), ("patches.patch_size", 0, "positive"),
     ("patches.patch_size", 5, "divisor of data.image_size"), ("patches.cam_layer", 3, "a string"),
-    ("patches.batch_size", 0, "positive"), ("patches.scorer", "saliency", "one of gradcam++-flat-first, gradcam++, pixel-std, random"),
+    ("patches.batch_size", 0, "positive"), ("patches.scorer", "saliency", "one of pixel-std, random, gradcam++, gradcam++-flat-first"),
     ("patches.batch_size", 0, "positive"),
     ("patches.codec", "avif", "one of raw, png, webp-lossless, webp, jpeg"), ("patches.codec", 3, "a string"),
     ("patches.quality", 0, "[1, 100]"), ("patches.quality", 101, "[1, 100]"), ("patches.quality", 9.5, "an integer"),

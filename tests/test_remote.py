@@ -431,7 +431,7 @@ def test_remote_errors_are_one_line_naming_the_remote_and_the_fix(team, s3, monk
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
-    config.write_text(f"['remote \"store\"']\n    url = s3://no-such-bucket/dq-store\n")
+    config.write_text("['remote \"store\"']\n    url = s3://no-such-bucket/dq-store\n")
     pulled = dvc(d, "pull", check=False)
     assert pulled.returncode != 0 and "bucket does not exist" in pulled.stderr, pulled.stderr
     one_line("bucket 'no-such-bucket' does not exist")

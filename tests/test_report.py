@@ -216,3 +216,34 @@ def test_queue_status_counts_parses_dvc_queue_status():
             "Worker status: 0 active, 1 idle\n")
     assert sweep.queue_status_counts(text) == {"Failed": 1, "Success": 1, "Running": 1}
     assert np.isclose(sum(sweep.queue_status_counts(text).values()), 3)
+
+
+def test_the_report_places_its_run_on_the_frontier_study_of_the_same_data(tmp_path):
+    """A study on the same classes, whole-set bytes, test set and classifier gives the run's point beside the
+    whole set's and the best trivial family's at the run's bytes; a study on other data is said not to fit."""
+    from dq import frontier
+
+    data = tmp_path / "data"
+    fabricate(data)
+    params = write_params(tmp_path / "params.yaml")
+    match = {"classes": ["a", "b", "c"], "full_raw_bytes": 600 * 3072, "test_images": 30, "model": "resnet10t"}
+    records = [{"family": family, "ratio": ratio, "seed": 0, "bytes": nbytes, "top1": top1, "quality": 90}
+               for family, ratio, nbytes, top1 in (("random-webp-lossless", 0.05, 20_000, 0.5),
+                                                   ("random-webp-lossless", 0.1, 80_000, 0.7),
+                                                   ("random-webp-lossless", 1.0, 800_000, 0.9),
+                                                   ("random-jpeg90", 0.1, 40_000, 0.55))]
+    frontier.write_study(tmp_path / "study", records, {}, match, {"steps": 800})
+    report_stage.main(["--params", str(params), "--data", str(data), "--study", str(tmp_path / "study" / "frontier.json")])
+    point = json.loads((data / "report" / "summary.json").read_text())["frontier"]
+    assert point["comparable"] and not point["same_budget"]  # the fabricated run trained by epochs
+    assert (point["whole_set_bytes"], point["full_set_top1"]) == (800_000, 0.9)
+    assert point["share_of_whole_set"] == 40_000 / 800_000
+    assert point["best_trivial_at_run_bytes"] == {"family": "random-webp-lossless", "top1": pytest.approx(0.6)}
+    assert (data / "report" / "frontier.png").stat().st_size > 1000
+    assert "best trivial family at these bytes (study) | random-webp-lossless: 0.6000" in \
+        (data / "report" / "index.md").read_text()
+    frontier.write_study(tmp_path / "other", records, {}, {**match, "classes": ["x", "y", "z"]}, {"steps": 800})
+    report_stage.main(["--params", str(params), "--data", str(data), "--study", str(tmp_path / "other" / "frontier.json")])
+    point = json.loads((data / "report" / "summary.json").read_text())["frontier"]
+    assert point == {"comparable": False, "why": "the study ran on other data or another classifier (classes)"}
+    assert not (data / "report" / "frontier.png").exists()

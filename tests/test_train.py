@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from dq import fill, rebuilt
+from dq import mae_fill, rebuilt
 from dq import mae as dq_mae
 from dq import train as dq_train
 from dq.errors import DQError
@@ -275,13 +275,13 @@ def make_pipeline_inputs(root: Path, data: tuple[Prepared, Prepared], shard_imag
 def count_fill_batches(monkeypatch) -> list[int]:
     """Each MAE forward pass of the compact fill appends its batch size."""
     calls = []
-    real = fill.fill_batch
+    real = mae_fill.fill_batch
 
     def counting(model, images, *args, **kwargs):
         calls.append(len(images))
         return real(model, images, *args, **kwargs)
 
-    monkeypatch.setattr(fill, "fill_batch", counting)
+    monkeypatch.setattr(mae_fill, "fill_batch", counting)
     return calls
 
 
@@ -361,7 +361,7 @@ def test_channel_stats_are_exact_whatever_the_batches():
     images = blobs(37, seed=4).images
     mean, std = dq_train.channel_stats(images)
     assert dq_train.channel_stats(images, batch_size=5) == (mean, std)
-    assert dq_train.channel_stats(dq_train.train_data.ArrayRows(images[::-1]), batch_size=3) == (mean, std)
+    assert dq_train.channel_stats(dq_train.row_sources.ArrayRows(images[::-1]), batch_size=3) == (mean, std)
     x = images.reshape(-1, 3).astype(np.float64) / 255.0
     assert np.allclose(mean, x.mean(axis=0), rtol=1e-12) and np.allclose(std, x.std(axis=0), rtol=1e-12)
 
@@ -370,7 +370,7 @@ def test_no_train_read_is_larger_than_a_batch(tmp_path, monkeypatch):
     """N = 300 training and 100 test images in shards of 40: for every train.input, the largest single
     read of images (prepared stores, compact file, fill cache) is one batch (16 rows), the compact fill
     included, and nothing builds a whole split in memory."""
-    from dq import train_data
+    from dq import row_sources
     from dq.format import CompactFile
     from dq.prepared import Store
 
@@ -397,7 +397,7 @@ def test_no_train_read_is_larger_than_a_batch(tmp_path, monkeypatch):
         raise AssertionError("the train stage held a whole split")
 
     monkeypatch.setattr(Store, "read", whole)
-    monkeypatch.setattr(train_data.ArrayRows, "__init__", whole)
+    monkeypatch.setattr(row_sources.ArrayRows, "__init__", whole)
     monkeypatch.setattr(dq_train.compact_format, "read_compact", whole)
     for kind, readers in (("full", {"prepared"}), ("selected", {"prepared"}),
                           ("compact", {"prepared", "compact", "fill cache"})):
@@ -428,7 +428,7 @@ def test_the_fill_cache_is_reused_and_refilled_when_its_inputs_change(data, tmp_
     # the filled images are the in-memory fill's, bit for bit
     model = dq_mae.load_mae(mae_path)
     stored = np.where(np.repeat(np.repeat(keep.reshape(-1, 4, 4), 4, 1), 4, 2)[..., None], data[0].images[::2], 0)
-    assert np.array_equal(fill.reconstruct(model, stored.astype(np.uint8), keep, 4, progress=False), first)
+    assert np.array_equal(mae_fill.reconstruct(model, stored.astype(np.uint8), keep, 4, progress=False), first)
     calls.clear()
 
     # another MAE: filled again, with other pixels
@@ -468,7 +468,7 @@ def test_the_fill_cache_is_reused_and_refilled_when_its_inputs_change(data, tmp_
     def failing(*args, **kwargs):
         raise DQError("fill failed")
 
-    monkeypatch.setattr(fill, "fill_batch", failing)
+    monkeypatch.setattr(mae_fill, "fill_batch", failing)
     with pytest.raises(DQError, match="fill failed"):
         filled()
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == saved
@@ -526,7 +526,7 @@ def test_the_resume_fingerprint_of_stored_images_decodes_nothing_and_follows_the
     rows or the key changes the fingerprint, and equal content gives an equal one."""
     from types import SimpleNamespace
 
-    from dq import train_data
+    from dq import row_sources
     from dq.prepared import Store, open_store
 
     rng = np.random.default_rng(0)
@@ -539,12 +539,12 @@ def test_the_resume_fingerprint_of_stored_images_decodes_nothing_and_follows_the
     monkeypatch.setattr(Store, "decode_row", lambda *a: pytest.fail("the fingerprint decoded an image"))
 
     def fingerprint(train_rows, test_name="a"):
-        test = SimpleNamespace(images=train_data.StoreRows(open_store(tmp_path / test_name)), labels=labels)
+        test = SimpleNamespace(images=row_sources.StoreRows(open_store(tmp_path / test_name)), labels=labels)
         return dq_train.run_fingerprint(SimpleNamespace(images=train_rows, labels=np.zeros(len(train_rows), np.int64)),
                                         test, TINY, 0)
 
     def store(name):
-        return train_data.StoreRows(open_store(tmp_path / name))
+        return row_sources.StoreRows(open_store(tmp_path / name))
 
     assert fingerprint(store("a")) == fingerprint(store("same")) != fingerprint(store("b"))
     assert fingerprint(store("a"), "same") != fingerprint(store("a"), "b")

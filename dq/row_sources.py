@@ -5,7 +5,7 @@ rows in the order asked for; each read touches only those rows, so no caller nee
 
 - `ArrayRows`: an array in memory (tests, benchmarks, `dq.train` called on a `Prepared`).
 - `StoreRows`: rows of a prepared store (`dq.prepared.Store`); each read decodes just its rows' streams.
-- `CompactRows`: images of the compact store, dropped patches zero (`dq.format.CompactFile.read_images`).
+- `CompactRows`: images of the compact store, dropped patches zero (`dq.compact.CompactFile.read_images`).
 - `FilledRows` (dq.rebuilt): the compact set filled by the MAE, read from the fill cache.
 - `SubsetRows`: the rows `rows` of another source (`selected`: the compact file's indices).
 
@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dq import format as compact_format
+from dq import compact as compact_format
 from dq.errors import DQError
 from dq.prepared import Store
 

@@ -178,8 +178,9 @@ def reconstruct(model: MaskedAutoencoderViT, images: np.ndarray, keep: np.ndarra
     n, h, w, c = images.shape if images.ndim == 4 else (0, 0, 0, 0)
     if images.ndim != 4 or h != w or c != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 [N, S, S, 3], got {images.dtype} {list(images.shape)}")
-    if h % patch_size or keep.shape != (n, (h // patch_size) ** 2):
-        raise ValueError(f"keep must be bool [N, {(h // patch_size) ** 2}] for {patch_size}-px patches on "
+    rows, cols = grid_of(h, patch_size)
+    if keep.shape != (n, rows * cols):
+        raise ValueError(f"keep must be bool [N, {rows * cols}] for {patch_size}-px patches on "
                          f"{h}-px images, got {list(keep.shape)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()

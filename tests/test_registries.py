@@ -1,0 +1,115 @@
+"""The four extension axes: a scorer, a selection method, a codec and a data source registered from this file
+alone go through params validation and the real stage entry points (prepare, features, select, compress)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import yaml
+
+from dq import codec as codecs
+from dq.codec import CODECS, Codec
+from dq.datasets import SOURCES, ArrayItems, Source
+from dq.errors import DQError
+from dq.params import params_from_dict
+from dq.scorers import SCORERS, PatchScorer
+from dq.select import METHODS
+from tests.pipeline_repo import tiny_params
+
+CLASSES = ["dark", "light"]
+
+
+def toy_images(params, split: str) -> Source:
+    """Stripes: dark images are class 0, light ones class 1."""
+    n = params.synthetic_train if split == "train" else params.synthetic_test
+    s = params.image_size
+    labels = np.arange(n, dtype=np.int64) % 2
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    images = (rng.integers(0, 100, (n, s, s, 3)) + 120 * labels[:, None, None, None]).astype(np.uint8)
+    images[:, ::4] = 255
+    return Source(CLASSES, "toy-stripes", labels, s, ArrayItems(images))
+
+
+def first_rows(features, labels, ratio, seed, **select_params):
+    """Keeps the first round(ratio * N) rows: a method without bins or features."""
+    n = len(labels)
+    return np.full(n, -1, np.int32), np.arange(round(ratio * n), dtype=np.int64)
+
+
+class BrightFirst(PatchScorer):
+    """Keeps the brightest patches."""
+
+    name = "toy-bright"
+
+    def maps(self, images, labels, positions=None):
+        return images.mean(axis=3).astype(np.float32) / 255.0
+
+
+def bmp_encode(image, quality):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="BMP")
+    return buf.getvalue()
+
+
+def bmp_decode(buf, shape):
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(bytes(buf))).convert("RGB")).reshape(shape).copy()
+
+
+@pytest.fixture()
+def toys():
+    SOURCES.register("toy-stripes", source_bytes=lambda params, n: (n * 100, f"{n} x 100 toy bytes"))(toy_images)
+    METHODS.register("toy-first", needs_features=False)(first_rows)
+    SCORERS.register("toy-bright")(BrightFirst)
+    CODECS.register("toy-bmp")(Codec(encode=bmp_encode, decode=bmp_decode))
+    yield
+    for registry, name in ((SOURCES, "toy-stripes"), (METHODS, "toy-first"), (SCORERS, "toy-bright"),
+                           (CODECS, "toy-bmp")):
+        registry.unregister(name)
+
+
+def test_params_name_every_registered_entry_and_refuse_others(toys):
+    raw = tiny_params({"data": {"source": "toy-stripes"}, "select": {"method": "toy-first"},
+                       "patches": {"scorer": "toy-bright", "codec": "toy-bmp"}})
+    params = params_from_dict(raw)
+    assert (params.data.source, params.select.method, params.patches.scorer) == ("toy-stripes", "toy-first", "toy-bright")
+    with pytest.raises(DQError, match=r"select.method = 'toy-last' is not allowed; expected one of dq, graphcut, "
+                                      r"random, toy-first$"):
+        params_from_dict({**raw, "select": {"method": "toy-last"}})
+    with pytest.raises(DQError, match=r"data.source = 'x' is not allowed; expected one of .*synthetic, toy-stripes$"):
+        params_from_dict({**raw, "data": {**raw["data"], "source": "x"}})
+    with pytest.raises(DQError, match=r"patches.codec = 'gif' is not allowed; expected one of .*jpeg, toy-bmp$"):
+        params_from_dict({**raw, "patches": {**raw["patches"], "codec": "gif"}})
+
+
+def test_a_toy_of_every_axis_runs_through_the_stage_entry_points(toys, tmp_path):
+    from dq.compact import read_compact, validate
+    from dq.prepared import read_prepared
+    from stages import compress, features, prepare, select
+
+    raw = tiny_params({"data": {"source": "toy-stripes", "synthetic_train": 40, "synthetic_test": 8},
+                       "select": {"method": "toy-first"}, "ratio": 0.25,
+                       "patches": {"scorer": "toy-bright", "codec": "toy-bmp", "drop": 0.25}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    argv = ["--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path / "data")]
+    for stage in (prepare, features, select, compress):
+        stage.main(argv)
+    prepared = read_prepared(tmp_path / "data" / "prepared" / "train")
+    assert prepared.classes == CLASSES and prepared.source == "toy-stripes"
+    header = validate(tmp_path / "data" / "compact" / "dataset.h5")
+    assert (header.codec, header.num_images) == ("toy-bmp", 10)
+    stored = read_compact(tmp_path / "data" / "compact" / "dataset.h5")
+    np.testing.assert_array_equal(stored.indices, np.arange(10))  # the toy method's first rows
+    pixels = stored.images()
+    brightness = prepared.images[:10].mean(axis=3).reshape(10, 4, 4, 4, 4).mean(axis=(2, 4)).reshape(10, -1)
+    for row in range(10):  # the toy scorer kept the brightest patches, the toy codec gave them back exactly
+        kept = stored.keep[row]
+        assert brightness[row][kept].min() >= brightness[row][~kept].max()
+        mask = kept.reshape(4, 4).repeat(4, 0).repeat(4, 1)
+        np.testing.assert_array_equal(pixels[row][mask], prepared.images[row][mask])
+    assert header.params["data"]["source"] == "toy-stripes"
+    assert codecs.decode_batch([bmp_encode(prepared.images[0], 90)], "toy-bmp", (16, 16, 3)).shape == (1, 16, 16, 3)
