@@ -162,9 +162,11 @@ def index_markdown(s: dict, figures: list[str]) -> str:
     point = s.get("frontier") or {}
     if point.get("comparable"):
         trivial = point["best_trivial_at_run_bytes"]
-        lines += [f"| stored bytes / the whole set's, lossless (study) | {point['share_of_whole_set']:.3f} "
-                  f"({point['whole_set_bytes']:,} bytes) |",
-                  f"| full-set top-1 (study, {point['study_budget']}) | {point['full_set_top1']:.4f} |",
+        whole = point["whole_set_bytes"] is not None
+        lines += [f"| stored bytes / the whole set's, lossless (study) | "
+                  + (f"{point['share_of_whole_set']:.3f} ({point['whole_set_bytes']:,} bytes) |" if whole else "not in the study yet |"),
+                  f"| full-set top-1 (study, {point['study_budget']}) | "
+                  + (f"{point['full_set_top1']:.4f} |" if whole else "not in the study yet |"),
                   "| best trivial family at these bytes (study) | "
                   + (f"{trivial['family']}: {trivial['top1']:.4f} |" if trivial else "none reaches them |")]
         if not point["same_budget"]:

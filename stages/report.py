@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> None:
         study=args.study,
     )
     point = s["frontier"]
-    where = (f"; {point['share_of_whole_set']:.3f} of the whole set's lossless bytes (study)" if point["comparable"]
-             else f"; frontier: {point['why']}")
+    where = (f"; frontier: {point['why']}" if not point["comparable"] else
+             f"; {point['share_of_whole_set']:.3f} of the whole set's lossless bytes (study)"
+             if point["share_of_whole_set"] is not None else "; frontier: the study has no whole-set run yet")
     print(f"report: top-1 {s['top1']:.4f}, compact {s['compact_bytes']:,} bytes "
           f"({s['compression_ratio']:.1f}x smaller than the full raw set){where}", file=sys.stderr)
 

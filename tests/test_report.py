@@ -247,3 +247,9 @@ def test_the_report_places_its_run_on_the_frontier_study_of_the_same_data(tmp_pa
     point = json.loads((data / "report" / "summary.json").read_text())["frontier"]
     assert point == {"comparable": False, "why": "the study ran on other data or another classifier (classes)"}
     assert not (data / "report" / "frontier.png").exists()
+    partial = [r for r in records if r["ratio"] < 1.0]  # a study still running: no whole-set run yet
+    frontier.write_study(tmp_path / "partial", partial, {}, match, {"steps": 800})
+    report_stage.main(["--params", str(params), "--data", str(data), "--study", str(tmp_path / "partial" / "frontier.json")])
+    point = json.loads((data / "report" / "summary.json").read_text())["frontier"]
+    assert point["comparable"] and point["whole_set_bytes"] is None and point["share_of_whole_set"] is None
+    assert "not in the study yet" in (data / "report" / "index.md").read_text()
