@@ -116,3 +116,12 @@ def test_the_study_grid_is_every_family_at_its_ratios_with_paired_seeds():
     assert runs["whole-jpeg25-r1-s0"]["patches"] == {"drop": 0.0, "codec": "jpeg", "quality": 25}
     assert study_grid.family_of("random-drop25-r0.05-s2") == ("random-drop25", 0.05, 2)
     assert study_grid.family_of("dq-drop25-epochs-r0.2-s0") == ("dq-drop25-epochs", 0.2, 0)
+
+
+def test_a_study_cut_short_has_every_seed_of_the_deciding_families_first():
+    from bench import frontier as study_grid
+
+    names = [name for name, _ in study_grid.runs([0, 1, 2])]
+    last_deciding = max(names.index(f"{f}-r{r:g}-s2") for f in ("dq-drop25", "random-webp-lossless") for r in study_grid.RATIOS)
+    assert last_deciding < names.index("dq-drop25-epochs-r0.05-s0") < names.index("dq-drop50-r0.05-s0")
+    assert names.index("dq-drop50-r0.2-s2") < names.index("random-jpeg50-r1-s0")
