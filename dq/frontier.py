@@ -75,7 +75,8 @@ def cells(records: list[dict]) -> list[Cell]:
     for r in records:
         families = [r["family"]]
         if r["ratio"] == 1.0 and "jpeg" in r["family"] and "drop" not in r["family"]:
-            families.append(WHOLE_JPEG)
+            # a family that is only the whole set at one quality (whole-jpeg25) is a point of whole-jpeg
+            families = [WHOLE_JPEG] if r["family"].startswith(WHOLE_JPEG) else families + [WHOLE_JPEG]
         for family in families:
             key = (family, r["ratio"], r["quality"] if family == WHOLE_JPEG else 0)
             cell = out.setdefault(key, Cell(family, r["ratio"], r["quality"]))
@@ -146,11 +147,11 @@ class Comparison:
 
 def family_at(all_cells: list[Cell], family: str, budget: float | dict[int, float]) -> dict[int, float]:
     """Per seed, the family's top-1 at `budget` bytes (one budget for all seeds, or one per seed); seeds whose
-    curve does not reach the budget are left out."""
+    curve does not reach the budget, or that have no budget of their own (a study still running), are left out."""
     seeds = sorted({s for c in all_cells if c.family == family for s in c.seeds})
     out = {}
     for s in seeds:
-        b = budget[s] if isinstance(budget, dict) else budget
+        b = budget.get(s) if isinstance(budget, dict) else budget
         if b is None:
             continue
         value = interpolate(curve(all_cells, family, s), b)
@@ -255,7 +256,8 @@ def markdown(all_cells: list[Cell], descriptions: dict[str, str], epoch_family: 
                 continue
             lines.append(f"| {share:.0%} | {budget:,.0f} | {comparison.a} | {statistics.fmean(comparison.a_top1.values()):.4f} | "
                          f"{comparison.b} | {statistics.fmean(comparison.b_top1.values()):.4f} | {_interval_text(comparison)} |")
-    lines += ["", "Families: " + "; ".join(f"`{k}`: {v}" for k, v in descriptions.items()) + "."]
+    present = {c.family for c in all_cells}
+    lines += ["", "Families: " + "; ".join(f"`{k}`: {v}" for k, v in descriptions.items() if k in present) + "."]
     return "\n".join(lines) + "\n"
 
 
