@@ -215,6 +215,31 @@ def budget_comparisons(all_cells: list[Cell]) -> list[tuple[float, float, Compar
     return out
 
 
+# What each step of dq buys, at the same ratio: (a, b, what a - b measures). Bytes are within a few tenths
+# of a percent of each other in every pair, so these are also comparisons at equal bytes.
+ABLATIONS = (
+    ("dq-drop25", "dq-webp-lossless", "dropping 25% of patches, dq subset"),
+    ("random-drop25", "random-webp-lossless", "dropping 25% of patches, random subset"),
+    ("dq-drop50", "dq-drop25", "dropping 50% instead of 25%, dq subset"),
+    ("dq-webp-lossless", "random-webp-lossless", "dq selection instead of random, whole images"),
+    ("dq-drop25", "random-drop25", "dq selection instead of random, 25% dropped"),
+)
+
+
+def ablations(all_cells: list[Cell]) -> list[tuple[str, float, Comparison, float]]:
+    """(what, ratio, a against b paired by seed, bytes of a / bytes of b) for every ABLATIONS pair and ratio
+    that both families have."""
+    out = []
+    for a, b, what in ABLATIONS:
+        for ca in (c for c in all_cells if c.family == a and c.ratio < 1.0):
+            cb = next((c for c in all_cells if c.family == b and c.ratio == ca.ratio), None)
+            if cb is None:
+                continue
+            out.append((what, ca.ratio, Comparison(a, b, ca.bytes, {s: t for s, (_, t) in ca.seeds.items()},
+                                                   {s: t for s, (_, t) in cb.seeds.items()}), ca.bytes / cb.bytes))
+    return out
+
+
 # --- outputs ---------------------------------------------------------------------------------------------
 
 def _interval_text(c: Comparison | None) -> str:
@@ -256,6 +281,13 @@ def markdown(all_cells: list[Cell], descriptions: dict[str, str], epoch_family: 
                 continue
             lines.append(f"| {share:.0%} | {budget:,.0f} | {comparison.a} | {statistics.fmean(comparison.a_top1.values()):.4f} | "
                          f"{comparison.b} | {statistics.fmean(comparison.b_top1.values()):.4f} | {_interval_text(comparison)} |")
+    rows = ablations(all_cells)
+    if rows:
+        lines += ["", "What each step buys, at the same ratio (paired by seed; points, 95% t-interval):", "",
+                  "| a − b | measures | ratio | bytes a / b | a − b, points |", "|---|---|---:|---:|---|"]
+        for what, ratio, comparison, byte_ratio in rows:
+            lines.append(f"| {comparison.a} − {comparison.b} | {what} | {ratio:g} | {byte_ratio:.3f} | "
+                         f"{_interval_text(comparison)} |")
     present = {c.family for c in all_cells}
     lines += ["", "Families: " + "; ".join(f"`{k}`: {v}" for k, v in descriptions.items() if k in present) + "."]
     return "\n".join(lines) + "\n"

@@ -136,3 +136,14 @@ def test_a_study_cut_short_has_every_seed_of_the_deciding_families_first():
     assert names.index("dq-drop25-epochs-r0.2-s1") < names.index("dq-drop25-r0.05-s2")  # seed by seed
     assert last_deciding < names.index("dq-drop25-epochs-r0.05-s2") < names.index("dq-drop50-r0.05-s0")
     assert names.index("dq-drop50-r0.2-s2") < names.index("random-jpeg50-r1-s0")
+
+
+def test_ablations_pair_two_families_seed_by_seed_at_the_same_ratio():
+    records = study() + [record("dq-webp-lossless", r, s, b, t) for s in (0, 1)
+                         for r, b, t in ((0.05, 1010, 0.64), (0.1, 2020, 0.70))]
+    rows = {(c.a, c.b, ratio): (c, byte_ratio) for _, ratio, c, byte_ratio in frontier.ablations(frontier.cells(records))}
+    assert set(rows) == {(a, b, r) for a, b in (("dq-drop25", "dq-webp-lossless"), ("dq-webp-lossless", "random-webp-lossless"))
+                         for r in (0.05, 0.1)}
+    comparison, byte_ratio = rows[("dq-drop25", "dq-webp-lossless", 0.05)]
+    assert comparison.diffs == pytest.approx([0.62 - 0.64, 0.611 - 0.64]) and byte_ratio == pytest.approx(1000 / 1010)
+    assert "dropping 25% of patches, dq subset" in frontier.markdown(frontier.cells(records), {})
