@@ -34,7 +34,6 @@ share of the original training set it keeps (images and bytes), and the train st
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -48,7 +47,7 @@ import torch
 
 from dq import codec as codecs
 from dq.errors import DQError
-from dq.io import atomic_path
+from dq.io import atomic_path, file_digest
 from dq.params import ExportParams
 from dq.prepared import Store
 from dq.rebuilt import RebuiltSet
@@ -74,11 +73,7 @@ def row_name(row: int) -> str:
 
 def md5_of(path: Path) -> str:
     """A file's MD5, as DVC records it in dvc.lock (and in a directory output's listing)."""
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 @dataclass
@@ -128,8 +123,8 @@ def png_streams(split: Split, num_workers: int) -> Iterator[tuple[int, bytes]]:
 
 def train_split(rebuilt: RebuiltSet) -> Split:
     """The rebuilt compact set, with each image's bin and filled patches for the webdataset metadata."""
-    l = rebuilt.keep.shape[1]
-    extra = [{"row": int(r), "bin": int(b), "num_patches": l, "filled_patches": np.flatnonzero(~k).tolist()}
+    num_patches = rebuilt.keep.shape[1]
+    extra = [{"row": int(r), "bin": int(b), "num_patches": num_patches, "filled_patches": np.flatnonzero(~k).tolist()}
              for r, b, k in zip(rebuilt.indices, rebuilt.bins, rebuilt.keep)]
     return Split("train", rebuilt.images, rebuilt.labels, rebuilt.indices, extra)
 

@@ -14,7 +14,6 @@ which no stage calls for images).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 
 from dq.codec import CODECS, CodecError, codec_problem, decode, encode, is_lossless
 from dq.errors import DQError, first_line
-from dq.io import H5_OPEN_ERRORS, READ_GAP, atomic_path, check_free_space, h5_file, read_runs
+from dq.io import H5_OPEN_ERRORS, READ_GAP, atomic_path, check_free_space, file_digest, h5_file, read_runs
 
 FORMAT = "dq-prepared"
 SHARD_FORMAT = "dq-prepared-shard"
@@ -168,7 +167,7 @@ class StoreWriter:
         f.close()
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
-        self.shards.append(ShardInfo(path.name, first, n, path.stat().st_size, file_sha256(path)))
+        self.shards.append(ShardInfo(path.name, first, n, path.stat().st_size, file_digest(path)))
         self._file, self._offsets, self._labels = None, [0], []
 
     def close(self, classes: list[str], source: str) -> StoreIndex:
@@ -190,14 +189,6 @@ def shard_attrs(codec: str, quality: int, image_shape, first: int, count: int) -
     """The root attributes of a shard: enough to refuse a shard from another store or version."""
     return {"format": SHARD_FORMAT, "schema_version": SCHEMA_VERSION, "codec": codec, "quality": int(quality),
             "image_shape": np.asarray(image_shape, np.int64), "first": int(first), "count": int(count)}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_prepared(path: str | Path, split: Prepared, *, codec: str = DEFAULT_CODEC, quality: int = DEFAULT_QUALITY,
@@ -446,7 +437,7 @@ def verify_store(path: str | Path) -> StoreIndex:
     """Open the store and check every shard's SHA-256 against the index (reads every byte once)."""
     store = open_store(path)
     for info in store.index.shards:
-        if file_sha256(store.folder / info.file) != info.sha256:
+        if file_digest(store.folder / info.file) != info.sha256:
             raise DQError(f"{store.folder / info.file}: SHA-256 differs from the index; the shard is damaged, {RERUN}")
     return store.index
 

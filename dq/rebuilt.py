@@ -42,8 +42,7 @@ import torch
 from dq import distributed, mae_fill
 from dq import compact as compact_format
 from dq.errors import DQError
-from dq.io import atomic_path, check_free_space
-from dq.prepared import file_sha256
+from dq.io import atomic_path, check_free_space, file_digest
 from dq.row_sources import CompactRows, Rows, batches, runs
 
 IMAGES_NAME = "images.npy"
@@ -104,7 +103,7 @@ def fill_key(compact_path: Path, mae_path: Path, device, batch_size: int) -> str
     h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "batch_size": int(batch_size),
                                    "device": device_kind(device)}, sort_keys=True).encode())
     for path in (compact_path, mae_path):
-        h.update(file_sha256(Path(path)).encode())
+        h.update(file_digest(path).encode())
     return h.hexdigest()
 
 

@@ -163,7 +163,7 @@ def index_markdown(s: dict, figures: list[str]) -> str:
     if point.get("comparable"):
         trivial = point["best_trivial_at_run_bytes"]
         whole = point["whole_set_bytes"] is not None
-        lines += [f"| stored bytes / the whole set's, lossless (study) | "
+        lines += ["| stored bytes / the whole set's, lossless (study) | "
                   + (f"{point['share_of_whole_set']:.3f} ({point['whole_set_bytes']:,} bytes) |" if whole else "not in the study yet |"),
                   f"| full-set top-1 (study, {point['study_budget']}) | "
                   + (f"{point['full_set_top1']:.4f} |" if whole else "not in the study yet |"),
