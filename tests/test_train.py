@@ -41,13 +41,7 @@ def blobs(n: int, seed: int, size: int = SIZE) -> Prepared:
     return Prepared(images, labels.astype(np.int64), [f"c{k}" for k in range(4)], "synthetic")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared, busy 2-core machine spin far more than they compute."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
