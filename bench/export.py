@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.format import photo_crops  # noqa: E402
-from bench.scale import WRAPPER, folder_bytes  # noqa: E402
+from bench.scale import folder_bytes, run_stage  # noqa: E402
 from dq import scorers  # noqa: E402
 from dq import codec as codecs  # noqa: E402
 from dq.compact import CompactWriter, Header  # noqa: E402
@@ -86,17 +85,6 @@ def params_file(folder: Path, fmt: str, workers: int) -> Path:
     return path
 
 
-def run_export(params: Path, data: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB of the largest process of the tree) of one export stage run."""
-    cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-m", "stages.export", "--params", str(params),
-           "--data", str(data)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    seconds, rss_kb, rc = proc.stdout.split()
-    if rc != "0":
-        raise SystemExit(f"export failed: {proc.stderr}")
-    return float(seconds), int(rss_kb) / 1024
-
-
 def read_rate(fmt: str, export: Path, workers: int) -> float:
     """Images/s reading the train split back as float tensors through a DataLoader (batch 64)."""
     from torchvision import transforms
@@ -141,7 +129,7 @@ def main() -> None:
         row = {"fill_s": time.perf_counter() - t, "jpeg_copy": jpeg_copy,
                "compact": (data / "compact" / "dataset.h5").stat().st_size}
         for fmt in ("imagefolder", "webdataset"):
-            seconds, rss = run_export(params_file(folder, fmt, workers=1), data)
+            seconds, rss = run_stage("export", params_file(folder, fmt, workers=1), data, OMP_NUM_THREADS="1")
             export = data / "export"
             train_bytes = (folder_bytes(export / "train") if fmt == "imagefolder"
                            else sum(p.stat().st_size for p in export.glob("train-*.tar")))

@@ -106,11 +106,13 @@ WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
            "sys.stderr.write(rc.stderr.decode()[-2000:] if rc.returncode else '')")
 
 
-def run_stage(stage: str, params: Path, data: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB of the largest process) of one stage run in a fresh process tree."""
+def run_stage(stage: str, params: Path, data: Path, **env: str) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB of the largest process) of one stage run in a fresh process tree, with
+    `env` added to its environment."""
     cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-m", f"stages.{stage}", "--params", str(params),
            "--data", str(data)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
     seconds, rss_kb, rc = proc.stdout.split()
     if rc != "0":
         raise SystemExit(f"{stage} failed: {proc.stderr}")
