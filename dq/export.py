@@ -47,7 +47,7 @@ import torch
 
 from dq import codec as codecs
 from dq.errors import DQError
-from dq.io import atomic_path, file_digest
+from dq.io import atomic_path, file_digest, read_json
 from dq.params import ExportParams
 from dq.prepared import Store
 from dq.rebuilt import RebuiltSet
@@ -198,12 +198,7 @@ def write_export(folder: str | Path, rebuilt: RebuiltSet, test: Store | None, pa
 def read_export_info(folder: str | Path) -> dict:
     """dataset.json of an export, checked to be one."""
     path = Path(folder) / JSON_NAME
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DQError(f"{folder}: not a dq export (no {JSON_NAME}); run the export stage") from None
-    except (OSError, ValueError) as exc:
-        raise DQError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
+    record = read_json(path, "export")
+    if record.get("format") != FORMAT or record.get("version") != VERSION:
         raise DQError(f"{path}: not a {FORMAT} version {VERSION} description")
     return record
