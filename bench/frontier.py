@@ -88,8 +88,9 @@ EPOCH_BUDGET = "dq-drop25-epochs"  # the default family under train.steps: null
 def runs(seeds: list[int]) -> list[tuple[str, dict]]:
     """(run name, overrides) of the whole study, in the order a study cut short loses least: seed by seed,
     the sub-whole points of the families that decide "dq or a trivial compressor" (so every family has
-    points early) and the epoch-budget repeat of the default family (cheap); then the remaining families
-    and the whole-set points."""
+    points early) and the epoch-budget repeat of the default family (cheap); then the whole-set points (the
+    lower-quality whole set is a trivial compressor, and its lossless bytes set the budgets); then the
+    remaining families."""
     def fixed_steps(family: str, ratio: float, seed: int) -> tuple[str, dict]:
         return (f"{family}-r{ratio:g}-s{seed}", deep_merge(FAMILIES[family][0], {
             "ratio": ratio, "seed": seed,
@@ -106,8 +107,8 @@ def runs(seeds: list[int]) -> list[tuple[str, dict]]:
     for s in seeds:
         out += [fixed_steps(f, r, s) for r in RATIOS for f in deciding if r in FAMILIES[f][1]]
         out += [epoch_budget(r, s) for r in RATIOS]
-    out += [fixed_steps(f, r, s) for s in seeds for r in RATIOS for f in LATER_FAMILIES if r in FAMILIES[f][1]]
     out += [fixed_steps(f, WHOLE, s) for s in seeds for f in FAMILIES if WHOLE in FAMILIES[f][1]]
+    out += [fixed_steps(f, r, s) for s in seeds for r in RATIOS for f in LATER_FAMILIES if r in FAMILIES[f][1]]
     return out
 
 
