@@ -1,4 +1,4 @@
-"""The features stage's CPU kernels, pinned so that the shared artifacts are the same bytes on every x86-64 CPU.
+"""The CPU kernels of the stages whose outputs teams share, pinned so that their bytes do not depend on the machine.
 
 PyTorch picks its CPU kernels by what the processor offers: ATen's vectorised loops for AVX-512 or AVX2,
 oneDNN's convolutions up to AMX, MKL's BLAS per instruction set. Each choice sums in another order.
@@ -19,8 +19,9 @@ other source of difference: the probe is fit on one thread (dq.backbones.fit_pro
 the CPU's own kernels: pinning MKL slows a transformer's matrix products by 1.5 to 2x, which the MAE and the
 classifier would pay for outputs that need not match across machines (tests/test_reproducible.py checks
 features and compress under other limits and thread counts; docs/DESIGN.md "Reproducibility across
-machines"). Every x86-64 CPU with AVX2 (Intel since 2013, AMD since 2015) runs the pinned kernels; other
-CPUs (aarch64) keep their own, and are not byte-identical to x86.
+machines"). Across CPU vendors the features file still differs in its last bits (measured: an AMD EPYC against
+an Intel AMX machine; most likely oneDNN sizing its convolution blocks by the cache), while select and compress give
+the same bytes; other CPUs (aarch64) keep their own kernels.
 
 `DQ_CPU_KERNELS=native` turns the pinning off: the CPU's fastest kernels, at the price of outputs that
 match only machines of the same kind (docs/GPU.md says what this costs in speed).
