@@ -1,7 +1,7 @@
 """What a compact set is worth: test top-1 against stored bytes, dq beside the trivial compressors.
 
-    python -m bench.frontier run [--data data] [--out bench/out/frontier] [--seeds 0 1 2] [--jobs 2]
-    python -m bench.frontier report [--out bench/out/frontier] [--docs docs/results]
+    python -m bench.frontier run [--data data] [--out bench/out/frontier] [--seeds 0 1 2 3 4] [--jobs 2]
+    python -m bench.frontier report [--records docs/results/frontier] [--docs docs/results]
 
 Every point of the study is one run of the same stage entry points `dvc exp run` uses (select, compress,
 train: bench.results.run_one), in a folder of its own whose prepared/, features/ and mae/ are links to
@@ -22,24 +22,24 @@ where it applies (at 1.0 the selection keeps every image, so the method does not
     dq-drop50              ... 50% dropped
     random-drop25          random selection, 25% dropped: separates selection from dropping
 
-All train under one fixed budget of optimizer steps (`train.steps`, STEPS: 800 steps of 32 images, 4.3
-passes over the whole 6,000-image default set, 2.8 times the 281 steps that the epoch budget gives a
-ratio-0.1 run; what fits the study into about 4 hours of a 2-core machine), scored on the test set at
-steps 400 and 800; the default family is also
-run under the epoch budget (`train.steps: null`, 15 passes over each run's own set) so that both
-protocols are on record. Seeds are paired: seed s draws the same selection, the same classifier
-initialisation and the same order in every family. One MAE (the workspace's, trained with seed 0)
-fills every run's dropped patches.
+All train with params.yaml's `train` section: the default trainer (smallnet) under its fixed budget of
+optimizer steps (`train.steps`, chosen where the whole set reaches its plateau: docs/RESULTS.md "The
+trainer"), scored once, at the final step, on the whole 10,000-image test split. Seeds are paired: seed s
+draws the same selection, the same classifier initialisation and the same order in every family. One MAE
+(the workspace's, trained with seed 0) fills every run's dropped patches.
 
 Each run folder holds its params.yaml, metrics and a `time.txt`; finished runs are skipped and a run
 killed in training continues from its checkpoint (`train.resume: true`), so the study can be stopped
 and started again. `--jobs 2` runs two at a time, each on one thread (`runtime.threads: 1`), which on a
-2-core machine does more runs an hour than one run on two threads.
+2-core machine does more runs an hour than one run on two threads. Every finished run also leaves its
+small record (family, ratio, seed, bytes, top-1, minutes, what it must match) as
+`<records>/<run>.json` (`--records`, docs/results/frontier by default, committed), so that `report`
+redraws the study on any machine without rerunning it, and a study run in parts adds up.
 
-`report` reads every finished run and writes, through dq.frontier: frontier.png (top-1 against bytes on a
+`report` reads every record and writes, through dq.frontier: frontier.png (top-1 against bytes on a
 log axis, one line per family, mean and seed range, the Pareto front marked), frontier.md (the table, the
-paired differences at equal bytes, the budgets) and frontier.json (the summary the report stage reads to
-place a run's own point).
+paired differences at equal bytes with 95% intervals, the budgets) and frontier.json (the summary the
+report stage reads to place a run's own point).
 """
 from __future__ import annotations
 
@@ -58,9 +58,6 @@ import yaml  # noqa: E402
 
 from dq.params import deep_merge  # noqa: E402
 
-STEPS = 800
-EVAL_EVERY = 400
-BATCH_SIZE = 32  # params.yaml's train.batch_size, which the study keeps
 RATIOS = (0.05, 0.1, 0.2)
 WHOLE = 1.0
 
@@ -81,34 +78,28 @@ FAMILIES = {
     "random-drop25": (_family("random", 0.25, "webp-lossless"), RATIOS, "random subset, 25% patches dropped"),
 }
 DEFAULT_FAMILY = "dq-drop25"
-LATER_FAMILIES = ("dq-drop50",)  # on the grid, but not what a user's choice hinges on
-EPOCH_BUDGET = "dq-drop25-epochs"  # the default family under train.steps: null
+# The order a study cut short loses least: every seed of one tier before the next tier. First the pair that
+# decides "dq or a random subset" with whole images, and the whole set that sets the budgets; then the dq
+# default and the JPEG subsets; then the whole set at lower qualities; last the dropping ablations.
+TIERS = (
+    (("dq-webp-lossless", RATIOS), ("random-webp-lossless", RATIOS + (WHOLE,))),
+    (("dq-drop25", RATIOS), ("random-jpeg90", RATIOS), ("random-jpeg50", RATIOS)),
+    (("random-jpeg90", (WHOLE,)), ("random-jpeg50", (WHOLE,)), ("whole-jpeg25", (WHOLE,))),
+    (("random-drop25", RATIOS), ("dq-drop50", RATIOS)),
+)
 
 
 def runs(seeds: list[int]) -> list[tuple[str, dict]]:
-    """(run name, overrides) of the whole study, in the order a study cut short loses least: seed by seed,
-    the sub-whole points of the families that decide "dq or a trivial compressor" (so every family has
-    points early) and the epoch-budget repeat of the default family (cheap); then the whole-set points (the
-    lower-quality whole set is a trivial compressor, and its lossless bytes set the budgets); then the
-    remaining families."""
-    def fixed_steps(family: str, ratio: float, seed: int) -> tuple[str, dict]:
+    """(run name, overrides) of the whole study, tier by tier (TIERS), seed by seed inside a tier. Every run
+    takes params.yaml's train section as it is (its fixed step budget), scored at the final step only."""
+    def run(family: str, ratio: float, seed: int) -> tuple[str, dict]:
         return (f"{family}-r{ratio:g}-s{seed}", deep_merge(FAMILIES[family][0], {
-            "ratio": ratio, "seed": seed,
-            "train": {"input": "compact", "steps": STEPS, "eval_every": EVAL_EVERY, "resume": True},
+            "ratio": ratio, "seed": seed, "train": {"input": "compact", "eval_every": None, "resume": True},
             "runtime": {"threads": 1}}))
 
-    def epoch_budget(ratio: float, seed: int) -> tuple[str, dict]:
-        return (f"{EPOCH_BUDGET}-r{ratio:g}-s{seed}", deep_merge(FAMILIES[DEFAULT_FAMILY][0], {
-            "ratio": ratio, "seed": seed, "train": {"input": "compact", "steps": None, "resume": True},
-            "runtime": {"threads": 1}}))
-
-    deciding = [f for f in FAMILIES if f not in LATER_FAMILIES]
     out = []
-    for s in seeds:
-        out += [fixed_steps(f, r, s) for r in RATIOS for f in deciding if r in FAMILIES[f][1]]
-        out += [epoch_budget(r, s) for r in RATIOS]
-    out += [fixed_steps(f, WHOLE, s) for s in seeds for f in FAMILIES if WHOLE in FAMILIES[f][1]]
-    out += [fixed_steps(f, r, s) for s in seeds for r in RATIOS for f in LATER_FAMILIES if r in FAMILIES[f][1]]
+    for tier in TIERS:
+        out += [run(family, r, s) for s in seeds for family, ratios in tier for r in ratios]
     return out
 
 
@@ -119,22 +110,25 @@ def family_of(name: str) -> tuple[str, float, int]:
     return family, float(ratio), int(seed)
 
 
-def run_one_timed(workspace: Path, folder: Path, params: dict) -> None:
+def run_one_timed(workspace: Path, folder: Path, params: dict, records: Path) -> None:
     from bench.results import run_one
 
     start = time.perf_counter()
     run_one(workspace, folder, params)
     seconds = time.perf_counter() - start
     (folder / "time.txt").write_text(f"{seconds:.1f}\n")
+    records.mkdir(parents=True, exist_ok=True)
+    (records / f"{folder.name}.json").write_text(json.dumps(record_of(folder), indent=1) + "\n")
     print(f"frontier: {folder.name} done in {seconds / 60:.1f} min", flush=True)
 
 
-def run_all(workspace: Path, out: Path, params: Path, seeds: list[int], jobs: int, job: int | None) -> None:
-    """Every unfinished run; with `jobs` > 1, `jobs` worker processes take every jobs-th run each."""
+def run_all(workspace: Path, out: Path, params: Path, seeds: list[int], jobs: int, job: int | None,
+            records: Path) -> None:
+    """Every run without a record; with `jobs` > 1, `jobs` worker processes take every jobs-th run each."""
     if jobs > 1 and job is None:
         workers = [subprocess.Popen([sys.executable, "-m", "bench.frontier", "run", "--data", str(workspace),
                                      "--out", str(out), "--params", str(params), "--jobs", str(jobs),
-                                     "--job", str(k), "--seeds", *map(str, seeds)],
+                                     "--records", str(records), "--job", str(k), "--seeds", *map(str, seeds)],
                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
                    for k in range(jobs)]
         codes = [w.wait() for w in workers]
@@ -147,30 +141,30 @@ def run_all(workspace: Path, out: Path, params: Path, seeds: list[int], jobs: in
         if job is not None and i % jobs != job:
             continue
         folder = out / name
-        if (folder / "train_metrics.json").exists():
+        if (records / f"{name}.json").exists():
             continue
         print(f"frontier: {name} ({i + 1} of {len(todo)})", flush=True)
-        run_one_timed(workspace, folder, deep_merge(base, overrides))
+        run_one_timed(workspace, folder, deep_merge(base, overrides), records)
 
 
-def finished(out: Path) -> list[dict]:
-    """One record per finished run: family, ratio, seed, bytes, top-1, steps, epochs, minutes."""
-    records = []
-    for folder in sorted(out.glob("*-s*")):
-        metrics_path = folder / "train_metrics.json"
-        if not metrics_path.exists():
-            continue
-        family, ratio, seed = family_of(folder.name)
-        metrics = json.loads(metrics_path.read_text())
-        params = yaml.safe_load((folder / "params.yaml").read_text())
-        timing = folder / "time.txt"
-        evaluation = json.loads((folder / "train" / "evaluation.json").read_text())
-        records.append({"family": family, "ratio": ratio, "seed": seed, "bytes": metrics["compact_bytes"],
-                        "top1": metrics["top1"], "steps": metrics.get("steps"), "epochs": metrics.get("epochs"),
-                        "quality": params["patches"]["quality"], "train_images": metrics["train_images"],
-                        "minutes": float(timing.read_text()) / 60 if timing.exists() else None,
-                        "match": match_of(metrics, evaluation)})
-    return records
+def record_of(folder: Path) -> dict:
+    """A finished run's record: family, ratio, seed, bytes, top-1, steps, epochs, quality, minutes, match."""
+    family, ratio, seed = family_of(folder.name)
+    metrics = json.loads((folder / "train_metrics.json").read_text())
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    timing = folder / "time.txt"
+    evaluation = json.loads((folder / "train" / "evaluation.json").read_text())
+    return {"family": family, "ratio": ratio, "seed": seed, "bytes": metrics["compact_bytes"],
+            "top1": metrics["top1"], "steps": metrics.get("steps"), "epochs": metrics.get("epochs"),
+            "quality": params["patches"]["quality"], "train_images": metrics["train_images"],
+            "minutes": round(float(timing.read_text()) / 60, 2) if timing.exists() else None,
+            "train": {k: params["train"][k] for k in ("model", "steps", "batch_size", "lr")},
+            "match": match_of(metrics, evaluation)}
+
+
+def finished(records: Path) -> list[dict]:
+    """Every record under `records` (one JSON per finished run)."""
+    return [json.loads(p.read_text()) for p in sorted(records.glob("*-s*.json"))]
 
 
 def match_of(metrics: dict, evaluation: dict) -> dict:
@@ -187,23 +181,27 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=Path("bench/out/frontier"))
     parser.add_argument("--docs", type=Path, default=Path("docs/results"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--records", type=Path, default=Path("docs/results/frontier"),
+                        help="one small JSON per finished run (committed): what report reads")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.command == "run":
-        run_all(args.data, args.out, args.params, args.seeds, args.jobs, args.job)
+        run_all(args.data, args.out, args.params, args.seeds, args.jobs, args.job, args.records)
     else:
         from dq import frontier
 
-        records = finished(args.out)
+        records = finished(args.records)
         matches = {json.dumps(r["match"], sort_keys=True) for r in records}
         if len(matches) > 1:
             raise SystemExit(f"frontier: the runs under {args.out} come from {len(matches)} different data sets")
         descriptions = {name: text for name, (_, _, text) in FAMILIES.items()}
-        descriptions |= {frontier.WHOLE_JPEG: "whole set, JPEG q90 / q50 / q25",
-                         EPOCH_BUDGET: "dq default under the epoch budget (15 passes)"}
-        budget = {"steps": STEPS, "eval_every": EVAL_EVERY, "batch_size": BATCH_SIZE}
+        descriptions |= {frontier.WHOLE_JPEG: "whole set, JPEG q90 / q50 / q25"}
+        trains = {json.dumps(r["train"], sort_keys=True) for r in records}
+        if len(trains) > 1:
+            raise SystemExit(f"frontier: the records under {args.records} come from {len(trains)} train settings")
+        budget = records[0]["train"] if records else {}
         for path in frontier.write_study(args.docs, records, descriptions, records[0]["match"] if records else {},
                                          budget):
             print(f"frontier: wrote {path}")

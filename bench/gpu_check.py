@@ -159,7 +159,7 @@ def check_train(sizes: Sizes, device: torch.device) -> None:
     mean, std = dq_train.channel_stats(x[:1000].numpy())
     torch.manual_seed(0)
     model = dq_train.create_classifier(config.model, 10, 32).to(device).to(memory_format=torch.channels_last)
-    optimizer, scheduler = dq_train.sgd_with_cosine_schedule(
+    optimizer, scheduler = dq_train.optimizer_and_schedule(
         model, config, dq_train.steps_per_epoch(sizes.train_n, config.batch_size))
 
     def epoch(rows):

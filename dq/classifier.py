@@ -1,5 +1,10 @@
 """The classifier the train stage trains, and its file `train/model.pt` (this module owns the artifact).
 
+`train.model` names a classifier of dq's own registry `CLASSIFIERS` (`smallnet`, dq/smallnet.py: the
+fast default for images of at most 64 px) or any timm model. A registered classifier is a factory
+`(num_classes, image_size) -> nn.Module`; one that defines `init_from_data(images)` is handed a sample of
+normalised training images before its first step (smallnet sets its frozen whitening layer from them).
+
 Small images. timm's ResNets begin with a stride-2 stem and a max-pool, which leave a 32×32 image 8×8
 before the first stage. For a ResNet (any `timm.models.resnet.ResNet`) on images of at most 64 pixels,
 `create_classifier` swaps in the CIFAR stem: one 3×3 convolution with stride 1 and no max-pool. Other
@@ -18,12 +23,29 @@ from timm.models.resnet import ResNet
 from dq.checkpoint import read_torch, save_atomic
 from dq.errors import DQError, first_line
 from dq.params import TrainParams
+from dq.registry import Registry
 
 CIFAR_STEM_MAX_SIZE = 64
 
+CLASSIFIERS = Registry("classifier", "train.model", max_image_size=None)
+
+
+@CLASSIFIERS.register("smallnet", max_image_size=64)
+def _smallnet(num_classes: int, image_size: int):
+    from dq.smallnet import create_smallnet
+
+    return create_smallnet(num_classes)
+
 
 def create_classifier(name: str, num_classes: int, image_size: int):
-    """A randomly initialised timm classifier; ResNets on images <= 64 px get the CIFAR stem."""
+    """A randomly initialised classifier: a registered one (`CLASSIFIERS`), else timm's; ResNets on images
+    <= 64 px get the CIFAR stem."""
+    if name in CLASSIFIERS:
+        entry = CLASSIFIERS.get(name)
+        if entry.max_image_size is not None and image_size > entry.max_image_size:
+            raise DQError(f"train.model = {name!r} is built for images of at most {entry.max_image_size} px, "
+                          f"got {image_size} px; use a timm model such as resnet18")
+        return entry.obj(num_classes, image_size)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     except (RuntimeError, ValueError) as exc:

@@ -32,6 +32,8 @@ from dq.select import METHODS, PRECISIONS, ratio_problem
 
 FEATURE_KINDS = ("embedding", "gradient")
 TRAIN_INPUTS = ("compact", "selected", "full")
+TRAIN_SCHEDULES = ("onecycle", "cosine")  # dq.train.learning_rate_factor
+TRAIN_TTA = ("flip", "none")
 EXPORT_FORMATS = ("imagefolder", "webdataset")  # export.format; dq.export writes each
 EXPORT_TESTS = ("copy", "skip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,7 +66,7 @@ class DataParams(_Section):
     download: bool = False  # cifar10/cifar100 only: let torchvision download into root
     image_size: int = 32  # side of the square uint8 images every later stage sees
     train_limit: int | None = 6000  # class-balanced subset of the training set; None: all
-    test_limit: int | None = 2000
+    test_limit: int | None = None
     skip_bad: bool = False  # imagefolder: skip unreadable images (counted) instead of stopping
     synthetic_classes: int = 4  # synthetic only
     synthetic_train: int = 200  # synthetic only: training images in all
@@ -181,21 +183,32 @@ class MaeParams(_Section):
 
 @dataclass(frozen=True)
 class TrainParams(_Section):
-    model: str = "resnet10t"  # a timm model name; ResNets get a CIFAR stem on images <= 64 px
+    model: str = "smallnet"  # dq.classifier.CLASSIFIERS or a timm model name; timm ResNets get a CIFAR stem on images <= 64 px
     input: str = "compact"  # compact | selected | full
     epochs: int = 15  # passes over the training set (the budget unless `steps` is set)
-    steps: int | None = None  # exactly this many optimizer steps whatever the set's size; epochs is then unused
-    eval_every: int | None = None  # steps between test evaluations and checkpoints; None: an epoch, or steps / 10
-    batch_size: int = 32
-    lr: float = 0.05
+    steps: int | None = 700  # exactly this many optimizer steps whatever the set's size; epochs is then unused
+    eval_every: int | None = None  # steps between test evaluations and checkpoints; None: an epoch, or the final step
+    batch_size: int = 128
+    lr: float = 0.2
     momentum: float = 0.9
-    weight_decay: float = 5.0e-4
-    crop_padding: int = 4
+    nesterov: bool = True
+    weight_decay: float = 5.0e-4  # on weights only, never on biases or normalisation parameters
+    schedule: str = "onecycle"  # onecycle: linear up over `warmup`, then linear down to 0 | cosine: from lr down to 0
+    warmup: float = 0.2  # onecycle: the share of the steps spent warming up
+    label_smoothing: float = 0.2
+    ema: float = 0.0  # decay per step of an exponential average of the weights, scored and saved; 0: off
+    tta: str = "flip"  # flip: score the average of the image's and its mirror's logits | none
+    crop_padding: int = 2
     hflip: bool = True
     resume: bool = False
 
     def check(self, where, prefix):
         self._need(self.input in TRAIN_INPUTS, where, prefix, "input", f"one of {', '.join(TRAIN_INPUTS)}")
+        self._need(self.schedule in TRAIN_SCHEDULES, where, prefix, "schedule", f"one of {', '.join(TRAIN_SCHEDULES)}")
+        self._need(self.tta in TRAIN_TTA, where, prefix, "tta", f"one of {', '.join(TRAIN_TTA)}")
+        self._need(0 <= self.warmup < 1, where, prefix, "warmup", "a number in [0, 1)")
+        self._need(0 <= self.label_smoothing < 1, where, prefix, "label_smoothing", "a number in [0, 1)")
+        self._need(0 <= self.ema < 1, where, prefix, "ema", "a number in [0, 1) (0: off)")
         for name in ("epochs", "batch_size"):
             self._need(getattr(self, name) >= 1, where, prefix, name, "a positive integer")
         for name in ("steps", "eval_every"):
@@ -207,8 +220,11 @@ class TrainParams(_Section):
         self._need(self.crop_padding >= 0, where, prefix, "crop_padding", "an integer >= 0")
         import timm
 
-        if not timm.is_model(self.model):
-            _fail(where, f"{prefix}model", self.model, "a timm model name (see timm.list_models())")
+        from dq.classifier import CLASSIFIERS
+
+        if self.model not in CLASSIFIERS and not timm.is_model(self.model):
+            _fail(where, f"{prefix}model", self.model,
+                  f"{', '.join(CLASSIFIERS)} or a timm model name (see timm.list_models())")
 
 
 @dataclass(frozen=True)

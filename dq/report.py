@@ -121,13 +121,14 @@ def confusion_figure(path: str | Path, confusion: np.ndarray, classes: list[str]
 
 
 def curves_figure(path: str | Path, history: list[dict]) -> None:
-    """Loss and accuracy per epoch, training (augmented batches) and test."""
+    """Loss and accuracy per epoch, training (augmented batches) and test (the rounds that were scored)."""
     plt = pyplot()
-    epochs = [r["epoch"] for r in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(8, 3))
     for split in ("train", "test"):
-        loss_ax.plot(epochs, [r[f"{split}_loss"] for r in history], marker=".", label=split)
-        acc_ax.plot(epochs, [r[f"{split}_acc"] for r in history], marker=".", label=split)
+        scored = [r for r in history if f"{split}_acc" in r]
+        epochs = [r["epoch"] for r in scored]
+        loss_ax.plot(epochs, [r[f"{split}_loss"] for r in scored], marker=".", label=split)
+        acc_ax.plot(epochs, [r[f"{split}_acc"] for r in scored], marker=".", label=split)
     loss_ax.set(xlabel="epoch", ylabel="loss")
     acc_ax.set(xlabel="epoch", ylabel="top-1")
     acc_ax.legend()

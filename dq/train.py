@@ -1,7 +1,7 @@
 """Classifier training and evaluation: the last step that tells whether a compact dataset is any good.
 
-A timm classifier is trained on one of three training sets (`train.input`) and scored on the whole
-prepared test set:
+A classifier (`train.model`: dq's smallnet by default, or any timm model) is trained on one of three
+training sets (`train.input`) and scored on the whole prepared test set:
 
 - `compact`: the compact HDF5 store, its dropped patches filled in by the MAE (`dq.rebuilt`). The fill
   happens ONCE, before the first epoch, in batches streamed from the compact store, and its output is
@@ -32,6 +32,15 @@ follow one another, each with its own shuffled order, until the steps are done, 
 schedule spans them. The run is scored and checkpointed after every round: an epoch, or
 `train.eval_every` steps (a tenth of `train.steps` by default). `train_metrics.json` records the
 steps taken and the passes over the set they made.
+
+Recipe (`train.*`). SGD with momentum (Nesterov's by default), weight decay on weights only (never on
+biases or normalisation parameters), a schedule stepped per batch (`onecycle`: linear warm-up over
+`train.warmup` of the steps, then linear decay to zero, as airbench and Smith's one-cycle policy;
+`cosine`), label smoothing, an optional exponential average of the weights (`train.ema`, `WeightAverage`:
+what is scored and saved), and flip test-time augmentation (`train.tta`). The default classifier is
+dq.smallnet's (`train.model: smallnet`), which sets its frozen first layer from a sample of the training
+images (`data_sample`) before the first step. configs/paper.yaml keeps the paper's protocol (ResNet-18,
+200 epochs, plain SGD, cosine).
 
 The reported accuracy is the FINAL round's top-1 on the test set. The best epoch's test accuracy is
 kept only as `best_epoch_test_acc_do_not_use_for_selection`: choosing an epoch by test accuracy is model
@@ -261,6 +270,18 @@ def channel_stats(images, *, batch_size: int | None = None, num_workers: int = 0
     return mean, std
 
 
+DATA_SAMPLE_IMAGES = 2048  # what a classifier's `init_from_data` sees: enough for a 12×12 patch covariance
+
+
+def data_sample(images, mean, std, seed: int, device) -> torch.Tensor:
+    """Normalised float [n, C, H, W] on `device`: up to DATA_SAMPLE_IMAGES rows of `images` drawn by `seed`
+    (every rank draws the same), for a classifier that sets layers from data (dq.smallnet's whitening)."""
+    source = as_rows(images)
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+    rows = np.sort(order[:DATA_SAMPLE_IMAGES].numpy())
+    return to_input(torch.from_numpy(source.read(rows)), normalisation(mean, std, device), torch.device(device))
+
+
 def augment_draws(b: int, generator, padding: int, hflip: bool):
     """The random numbers `augment` draws for a batch of b images, in its order: (dy, dx, flip), None where
     the augmentation is off. Every rank draws them for the whole batch, and applies its part."""
@@ -342,8 +363,9 @@ def train_classifier_epoch(model, optimizer, scheduler, images, labels, mean, st
 
 
 def train_batches(model, optimizer, scheduler, images, labels, mean, std, config: TrainParams, batches,
-                  device, num_workers: int = 0) -> tuple[float, float]:
+                  device, num_workers: int = 0, average: "WeightAverage | None" = None) -> tuple[float, float]:
     """One optimizer step per (rows, draws) of `batches`; returns (mean loss, accuracy) on the augmented batches.
+    `average`, when given, is updated after every step.
 
     `images` is a row source (or a uint8 array or tensor [N, H, W, C]); labels int64 [N]. Each step reads
     only its batch's rows (this rank's part of them), through `num_workers` DataLoader workers. Under
@@ -367,11 +389,13 @@ def train_batches(model, optimizer, scheduler, images, labels, mean, std, config
         y = labels[rows].to(device, non_blocking=True)
         with autocast(device):
             logits = model(x)
-            loss, batch_loss_sum = _batch_loss(logits, y, len(idx), world)
+            loss, batch_loss_sum = _batch_loss(logits, y, len(idx), world, config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update()
         loss_sum += batch_loss_sum
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
@@ -379,24 +403,27 @@ def train_batches(model, optimizer, scheduler, images, labels, mean, std, config
     return totals[0] / max(seen, 1), int(totals[1]) / max(seen, 1)
 
 
-def _batch_loss(logits, y, batch_images: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the loss to backpropagate, the batch part's summed cross-entropy in float64, detached).
+def _batch_loss(logits, y, batch_images: int, world: int,
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to backpropagate, the batch part's summed cross-entropy in float64, detached); the
+    cross-entropy is against labels smoothed by `label_smoothing` (Szegedy et al. 2016).
 
     With several ranks each part's summed loss is divided by the whole batch's size and multiplied by
     the world size, because DistributedDataParallel averages gradients over ranks: the result is the
     gradient of the whole batch's mean loss, even when the parts differ in size by one image.
     """
     if world == 1:
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         return loss, loss.detach().double() * len(y)
-    summed = F.cross_entropy(logits, y, reduction="sum")
+    summed = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
     return summed * (world / batch_images), summed.detach().double()
 
 
 def evaluate(model, images, labels: np.ndarray, mean, std, num_classes: int, device,
-             batch_size: int | None = None, num_workers: int = 0) -> Evaluation:
+             batch_size: int | None = None, num_workers: int = 0, tta: str = "none") -> Evaluation:
     """Loss, top-1 and confusion matrix of `model` on uint8 images [N, H, W, C] (a row source or an array),
-    read batch by batch through `num_workers` DataLoader workers.
+    read batch by batch through `num_workers` DataLoader workers. With `tta="flip"` an image's logits are
+    the mean of its own and its mirror image's.
 
     `model` is the plain module, never the DistributedDataParallel wrapper. Under torchrun each rank
     scores a shard of whole batches and the sums are added up, so every rank returns the same numbers.
@@ -414,7 +441,7 @@ def evaluate(model, images, labels: np.ndarray, mean, std, num_classes: int, dev
         for batch_rows, batch in zip(reads, row_sources.batches(source, reads, num_workers)):
             x = to_input(batch, norm, device)
             y = torch.from_numpy(labels[batch_rows]).to(device, non_blocking=True)
-            logits = model(x)
+            logits = model(x) if tta == "none" else (model(x) + model(x.flip(3))) / 2
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
     distributed.all_reduce_sum(confusion)
@@ -422,6 +449,27 @@ def evaluate(model, images, labels: np.ndarray, mean, std, num_classes: int, dev
     confusion = confusion.view(num_classes, num_classes).cpu().numpy()
     n = max(len(labels), 1)
     return Evaluation(loss=float(loss_sum) / n, top1=float(np.trace(confusion)) / n, confusion=confusion)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging; airbench's EMA), updated after
+    every optimizer step: w_avg <- decay * w_avg + (1 - decay) * w. Buffers (BatchNorm's running
+    statistics) are copied, not averaged. The average is what is scored and saved."""
+
+    def __init__(self, model, decay: float):
+        import copy
+
+        self.decay = decay
+        self.source = model
+        self.model = copy.deepcopy(model)
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for avg, new in zip(self.model.parameters(), self.source.parameters()):
+            avg.lerp_(new, 1.0 - self.decay)
+        for avg, new in zip(self.model.buffers(), self.source.buffers()):
+            avg.copy_(new)
 
 
 def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
@@ -435,16 +483,24 @@ DEFAULT_STEP_ROUNDS = 10  # with train.steps and no train.eval_every: rounds of 
 
 @dataclass(frozen=True)
 class Schedule:
-    """The optimizer steps of a run, in rounds: each round ends with a test evaluation and a checkpoint.
+    """The optimizer steps of a run, in rounds: each round ends with a log line and a checkpoint, and the
+    rounds that `scored` says end with a test evaluation too.
 
-    `train.steps: null` (the default): `train.epochs` epochs, one round per epoch. `train.steps: S`: exactly S
-    steps whatever the training set's size, in rounds of `train.eval_every` steps (default a tenth of S);
-    epochs follow one another as usual (each its own shuffled order), a round may end inside one.
+    `train.steps: null`: `train.epochs` epochs, one round per epoch, each scored. `train.steps: S`: exactly S
+    steps whatever the training set's size, in rounds of `train.eval_every` steps, each scored; with no
+    `train.eval_every`, rounds of a tenth of S of which only the last is scored (scoring 10,000 test images
+    costs a fast trainer as much as a tenth of its run). Epochs follow one another as usual (each its own
+    shuffled order), a round may end inside one.
     """
 
     steps_per_epoch: int
     total: int
     round_steps: int
+    score_every_round: bool = True
+
+    def scored(self, r: int) -> bool:
+        """Whether round r (0-based) ends with a test evaluation: every round, or the last one only."""
+        return self.score_every_round or r == self.rounds - 1
 
     @property
     def rounds(self) -> int:
@@ -468,7 +524,8 @@ def training_schedule(n: int, config: TrainParams, world: int = 1) -> Schedule:
                       f"{MIN_IMAGES_PER_RANK} images per process on {world} processes; raise ratio")
     total = config.epochs * per_epoch if config.steps is None else config.steps
     every = config.eval_every or (per_epoch if config.steps is None else -(-total // DEFAULT_STEP_ROUNDS))
-    return Schedule(per_epoch, total, min(every, total))
+    return Schedule(per_epoch, total, min(every, total),
+                    score_every_round=config.steps is None or config.eval_every is not None)
 
 
 def scheduled_batches(schedule: Schedule, n: int, config: TrainParams, seed: int, first: int, last: int,
@@ -484,12 +541,33 @@ def scheduled_batches(schedule: Schedule, n: int, config: TrainParams, seed: int
     return out
 
 
-def sgd_with_cosine_schedule(model, config: TrainParams, total_steps: int):
-    """SGD (no Nesterov) and a cosine schedule stepped once per batch."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay, nesterov=False)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+def optimizer_and_schedule(model, config: TrainParams, total_steps: int):
+    """SGD (Nesterov when `train.nesterov`) with weight decay on the weights only, not on biases or
+    normalisation parameters (1-D tensors), and the learning-rate schedule stepped once per batch."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trained if p.ndim > 1], "weight_decay": config.weight_decay},
+              {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov)
+    total = max(total_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, total, config.schedule, config.warmup))
     return optimizer, scheduler
+
+
+def learning_rate_factor(step: int, total: int, schedule: str, warmup: float) -> float:
+    """The share of `train.lr` used at optimizer step `step` (0-based) of `total`.
+
+    cosine: 0.5 (1 + cos(pi step / total)), from 1 down to 0 (SGDR without restarts, Loshchilov & Hutter 2017).
+    onecycle: linear from 1/w up to 1 over the first w = round(warmup * total) steps, then linear down to 0 at
+    `total` (the triangular schedule of airbench and of Smith's one-cycle policy).
+    """
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / total))
+    up = round(warmup * total)
+    if step < up:
+        return (step + 1) / up
+    return max(0.0, (total - step) / max(total - up, 1))
 
 
 def run_fingerprint(train_set: TrainingSet, test, config: TrainParams, seed: int, *,
@@ -553,14 +631,18 @@ def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed:
     torch.manual_seed(seed)
     net = create_classifier(config.model, num_classes, image_size)
     net = net.to(device).to(memory_format=torch.channels_last)
-    optimizer, scheduler = sgd_with_cosine_schedule(net, config, schedule.total)
+    if hasattr(net, "init_from_data"):
+        net.init_from_data(data_sample(train_images, mean, std, seed, device))
+    optimizer, scheduler = optimizer_and_schedule(net, config, schedule.total)
+    average = WeightAverage(net, config.ema) if config.ema > 0 else None
+    scored_net = average.model if average is not None else net
     fingerprint = None  # only rank 0 reads or writes the checkpoint, so only it hashes the data
     if checkpoint is not None and distributed.is_main():
         fingerprint = run_fingerprint(train_set, test, config, seed, num_workers=num_workers)
 
     history: list[dict] = []
     if config.resume and checkpoint is not None:
-        history = _resume(checkpoint, fingerprint, net, optimizer, scheduler)
+        history = _resume(checkpoint, fingerprint, net, optimizer, scheduler, average)
     model = _data_parallel(net, device)  # after the resume: DDP starts every rank from rank 0's weights
     for record in history:
         if on_epoch:
@@ -575,20 +657,24 @@ def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed:
         batches = scheduled_batches(schedule, n, config, seed, first, last, world)
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_batches(model, optimizer, scheduler, train_images, labels, mean, std, config,
-                                              batches, device, num_workers=num_workers)
-        distributed.broadcast_buffers(net)
-        final = evaluate(net, test_images, test.labels, mean, std, num_classes, device, num_workers=num_workers)
+                                              batches, device, num_workers=num_workers, average=average)
         record = {"epoch": schedule.epochs_seen(last), "step": last, "lr": lr, "train_loss": train_loss,
-                  "train_acc": train_acc, "test_loss": final.loss, "test_acc": final.top1}
+                  "train_acc": train_acc}
+        if schedule.scored(r):
+            distributed.broadcast_buffers(scored_net)
+            final = evaluate(scored_net, test_images, test.labels, mean, std, num_classes, device,
+                             num_workers=num_workers, tta=config.tta)
+            record |= {"test_loss": final.loss, "test_acc": final.top1}
         history.append(record)
         _check_finite(history)
         if checkpoint is not None and distributed.is_main():
-            _save_checkpoint(checkpoint, fingerprint, net, optimizer, scheduler, history)
+            _save_checkpoint(checkpoint, fingerprint, net, optimizer, scheduler, history, average)
         if on_epoch:
             on_epoch(record)
     if final is None:  # every round came from the checkpoint: score the restored model once more
-        final = evaluate(net, test_images, test.labels, mean, std, num_classes, device, num_workers=num_workers)
-    return TrainResult(net.cpu(), history, final, mean, std,
+        final = evaluate(scored_net, test_images, test.labels, mean, std, num_classes, device,
+                         num_workers=num_workers, tta=config.tta)
+    return TrainResult(scored_net.cpu(), history, final, mean, std,
                        meta={"cifar_stem": uses_cifar_stem(net, image_size), "steps": schedule.total,
                              "epochs": schedule.epochs_seen(schedule.total)})
 
@@ -602,13 +688,14 @@ def _data_parallel(model, device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _save_checkpoint(path, fingerprint, model, optimizer, scheduler, history) -> None:
+def _save_checkpoint(path, fingerprint, model, optimizer, scheduler, history, average=None) -> None:
     save_atomic(path, {"fingerprint": fingerprint, "model": model.state_dict(),
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "torch_rng": torch.get_rng_state(), "history": history})
+                       "torch_rng": torch.get_rng_state(), "history": history,
+                       "average": average.model.state_dict() if average is not None else None})
 
 
-def _resume(path, fingerprint, model, optimizer, scheduler) -> list[dict]:
+def _resume(path, fingerprint, model, optimizer, scheduler, average=None) -> list[dict]:
     """Load a matching checkpoint into model/optimizer/scheduler; return its history ([] if none).
 
     Rank 0 reads the file and sends it to the other ranks, which need not see the same disk; a refusal
@@ -626,6 +713,8 @@ def _resume(path, fingerprint, model, optimizer, scheduler) -> list[dict]:
     if state is None:
         return []
     model.load_state_dict(state["model"])
+    if average is not None:
+        average.model.load_state_dict(state["average"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -645,7 +734,8 @@ def train_metrics(result: TrainResult, train_set: TrainingSet, config: TrainPara
         "test_loss": result.final.loss,
         "train_loss": last["train_loss"],
         "train_acc": last["train_acc"],
-        "best_epoch_test_acc_do_not_use_for_selection": max(r["test_acc"] for r in result.history),
+        "best_epoch_test_acc_do_not_use_for_selection": max(r["test_acc"] for r in result.history
+                                                            if "test_acc" in r),
         "per_class_acc": {name: float(a) for name, a in zip(train_set.classes, per_class)},
         "train_images": int(len(train_set.labels)),
         "kept_pixels": int(train_set.kept_pixels),

@@ -83,11 +83,14 @@ def _train(paths: DataPaths, params, device) -> None:
 
 
 def _log_epoch(live, record: dict) -> None:
+    """A round's record; the test keys only where the round was scored (dq.train.Schedule)."""
     for name, key in LIVE_METRICS.items():
-        live.log_metric(name, record[key])
+        if key in record:
+            live.log_metric(name, record[key])
     live.next_step()
-    print(f"train: step {record['step']} (epoch {record['epoch']}): loss {record['train_loss']:.4f} train acc {record['train_acc']:.4f} "
-          f"test acc {record['test_acc']:.4f}", file=sys.stderr)
+    test = f" test acc {record['test_acc']:.4f}" if "test_acc" in record else ""
+    print(f"train: step {record['step']} (epoch {record['epoch']}): loss {record['train_loss']:.4f} "
+          f"train acc {record['train_acc']:.4f}{test}", file=sys.stderr)
 
 
 if __name__ == "__main__":

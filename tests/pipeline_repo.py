@@ -31,7 +31,7 @@ TINY = {
     "patches": {"patch_size": 4, "drop": 0.25, "batch_size": 32},
     "mae": {"arch": "mae_vit_micro_patch4", "input_size": 16, "epochs": 2, "batch_size": 32,
             "warmup_epochs": 1, "eval_images": 16},
-    "train": {"model": "resnet10t", "epochs": 2, "batch_size": 32},
+    "train": {"model": "resnet10t", "epochs": 2, "steps": None, "batch_size": 32},
     "runtime": {"threads": 1},
 }
 

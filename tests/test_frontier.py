@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from dq import frontier
 from dq.errors import DQError
@@ -117,25 +118,48 @@ def test_the_study_grid_is_every_family_at_its_ratios_with_paired_seeds():
     from bench import frontier as study_grid
 
     runs = dict(study_grid.runs([0, 1, 2]))
-    per_seed = sum(len(ratios) for _, ratios, _ in study_grid.FAMILIES.values()) + len(study_grid.RATIOS)
+    per_seed = sum(len(ratios) for _, ratios, _ in study_grid.FAMILIES.values())
     assert len(runs) == 3 * per_seed
+    assert {study_grid.family_of(name)[:2] for name in runs} == \
+        {(f, r) for f, (_, ratios, _) in study_grid.FAMILIES.items() for r in ratios}
     default = runs["dq-drop25-r0.1-s1"]
     assert (default["select"]["method"], default["patches"]["drop"], default["seed"]) == ("dq", 0.25, 1)
-    assert default["train"]["steps"] == study_grid.STEPS and default["train"]["resume"]
-    assert runs["dq-drop25-epochs-r0.05-s2"]["train"]["steps"] is None
+    assert "steps" not in default["train"] and default["train"]["resume"]  # params.yaml's own budget
+    assert default["train"]["eval_every"] is None  # scored at the final step only
     assert runs["whole-jpeg25-r1-s0"]["patches"] == {"drop": 0.0, "codec": "jpeg", "quality": 25}
     assert study_grid.family_of("random-drop25-r0.05-s2") == ("random-drop25", 0.05, 2)
-    assert study_grid.family_of("dq-drop25-epochs-r0.2-s0") == ("dq-drop25-epochs", 0.2, 0)
 
 
 def test_a_study_cut_short_has_every_seed_of_the_deciding_families_first():
     from bench import frontier as study_grid
 
-    names = [name for name, _ in study_grid.runs([0, 1, 2])]
-    last_deciding = max(names.index(f"{f}-r{r:g}-s2") for f in ("dq-drop25", "random-webp-lossless") for r in study_grid.RATIOS)
-    assert names.index("dq-drop25-epochs-r0.2-s1") < names.index("dq-drop25-r0.05-s2")  # seed by seed
-    assert last_deciding < names.index("dq-drop25-epochs-r0.05-s2") < names.index("random-jpeg50-r1-s0")
-    assert names.index("whole-jpeg25-r1-s2") < names.index("dq-drop50-r0.05-s0")  # the whole set is a competitor
+    names = [name for name, _ in study_grid.runs([0, 1, 2, 3, 4])]
+    deciding = [f"{f}-r{r:g}-s{s}" for f in ("dq-webp-lossless", "random-webp-lossless")
+                for r in study_grid.RATIOS for s in range(5)] + [f"random-webp-lossless-r1-s{s}" for s in range(5)]
+    assert max(map(names.index, deciding)) == len(deciding) - 1  # every seed of the first tier comes first
+    assert names.index("dq-webp-lossless-r0.2-s0") < names.index("dq-webp-lossless-r0.05-s1")  # seed by seed
+    assert names.index("random-jpeg50-r0.2-s4") < names.index("whole-jpeg25-r1-s0") < names.index("dq-drop50-r0.05-s0")
+
+
+def test_a_run_leaves_a_record_that_report_reads_back(tmp_path):
+    from bench import frontier as study_grid
+
+    folder = tmp_path / "runs" / "dq-drop25-r0.1-s3"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train_metrics.json").write_text(json.dumps({
+        "compact_bytes": 1234, "top1": 0.8, "steps": 700, "epochs": 149.1, "train_images": 600,
+        "full_raw_bytes": 99, "model": "smallnet"}))
+    (folder / "params.yaml").write_text(yaml.safe_dump({"patches": {"quality": 90}, "train": {
+        "model": "smallnet", "steps": 700, "batch_size": 128, "lr": 0.2, "tta": "flip"}}))
+    (folder / "train" / "evaluation.json").write_text(json.dumps({"classes": ["a", "b"], "confusion": [[3, 1], [0, 4]]}))
+    (folder / "time.txt").write_text("90.0\n")
+    record = study_grid.record_of(folder)
+    assert (record["family"], record["ratio"], record["seed"], record["bytes"], record["minutes"]) == \
+        ("dq-drop25", 0.1, 3, 1234, 1.5)
+    assert record["match"] == {"classes": ["a", "b"], "full_raw_bytes": 99, "test_images": 8, "model": "smallnet"}
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "dq-drop25-r0.1-s3.json").write_text(json.dumps(record))
+    assert study_grid.finished(tmp_path / "records") == [record]
 
 
 def test_ablations_pair_two_families_seed_by_seed_at_the_same_ratio():

@@ -61,6 +61,9 @@ BAD_VALUES = [
     ("train.crop_padding", -1, ">= 0"), ("train.hflip", "no", "true or false"), ("train.resume", 2, "true or false"),
     ("train.steps", 0, "positive integer or null"), ("train.steps", 2.5, "an integer or null"),
     ("train.eval_every", -3, "positive integer or null"),
+    ("train.model", "no_such_net", "smallnet or a timm model name"), ("train.nesterov", "yes", "true or false"),
+    ("train.schedule", "step", "one of onecycle, cosine"), ("train.warmup", 1.0, "[0, 1)"),
+    ("train.label_smoothing", -0.1, "[0, 1)"), ("train.ema", 1.0, "[0, 1)"), ("train.tta", "crops", "one of flip, none"),
     ("export.format", "tfrecord", "one of imagefolder, webdataset"), ("export.test", "keep", "one of copy, skip"),
     ("export.shard_images", 0, "positive integer"),
     ("runtime.device", "tpu", "one of"), ("runtime.nproc", 0, "positive"), ("runtime.num_workers", -1, ">= 0"),
@@ -137,4 +140,14 @@ def test_scale_configs_are_valid_params_files(name):
         t = params.train
         assert (t.model, t.epochs, t.lr, t.momentum, t.weight_decay, t.batch_size) == \
             ("resnet18", 200, 0.1, 0.9, 5.0e-4, 128)
+        assert (t.steps, t.nesterov, t.schedule, t.label_smoothing, t.tta) == (None, False, "cosine", 0.0, "none")
         assert params.features.backbone == "resnet18"
+
+
+def test_paper_config_is_the_paper_protocol_on_the_default_data(raw):
+    """configs/paper.yaml: params.yaml but the train section (ResNet-18, 200 epochs, batch 16, plain SGD)."""
+    paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+    assert {k: v for k, v in paper.items() if k != "train"} == {k: v for k, v in raw.items() if k != "train"}
+    t = load_params(ROOT / "configs" / "paper.yaml").train
+    assert (t.model, t.epochs, t.steps, t.batch_size, t.lr, t.nesterov, t.schedule, t.label_smoothing, t.tta) == \
+        ("resnet18", 200, None, 16, 0.1, False, "cosine", 0.0, "none")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from dq import mae_fill, rebuilt
@@ -22,8 +23,9 @@ from stages import train as train_stage
 
 SIZE = 16
 COLOURS = np.array([[230, 40, 40], [40, 200, 40], [40, 60, 230], [220, 220, 40]], dtype=np.float64)
-TINY = TrainParams(model="test_resnet", input="full", epochs=4, batch_size=16, lr=0.05, momentum=0.9,
-                   weight_decay=5.0e-4, crop_padding=2, hflip=True, resume=False)
+TINY = TrainParams(model="test_resnet", input="full", epochs=4, steps=None, batch_size=16, lr=0.05, momentum=0.9,
+                   nesterov=False, weight_decay=5.0e-4, schedule="cosine", warmup=0.0, label_smoothing=0.0,
+                   tta="none", crop_padding=2, hflip=True, resume=False)
 
 
 def blobs(n: int, seed: int, size: int = SIZE) -> Prepared:
@@ -545,3 +547,91 @@ def test_the_resume_fingerprint_of_stored_images_decodes_nothing_and_follows_the
     assert fingerprint(store("a").subset([1, 2])) != fingerprint(store("a").subset([1, 3]))
     filled = [rebuilt.FilledRows(tmp_path / "none.npy", (30, 8, 8, 3), 128, key) for key in ("k1", "k1", "k2")]
     assert fingerprint(filled[0]) == fingerprint(filled[1]) != fingerprint(filled[2])
+
+
+# --- the recipe: schedule, loss, averaging, test-time flips ------------------------------------------------
+
+
+def test_learning_rate_schedules_follow_their_formulas():
+    import math
+
+    # onecycle over 10 steps, warmup 0.2: 2 steps up (1/2, 2/2), then down from 8/8 to 1/8
+    assert [dq_train.learning_rate_factor(k, 10, "onecycle", 0.2) for k in range(10)] == \
+        pytest.approx([0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    assert [dq_train.learning_rate_factor(k, 7, "cosine", 0.0) for k in range(7)] == \
+        pytest.approx([0.5 * (1 + math.cos(math.pi * k / 7)) for k in range(7)])
+
+
+def test_label_smoothing_loss_is_the_textbook_formula():
+    """(1 - e) * CE(y) + e * mean_k(-log p_k), in one process and summed over ranks' parts."""
+    g = torch.Generator().manual_seed(0)
+    logits, y, e = torch.randn(6, 5, generator=g), torch.tensor([0, 4, 2, 2, 1, 3]), 0.2
+    logp = torch.log_softmax(logits, 1)
+    expected = ((1 - e) * -logp[torch.arange(6), y] + e * -logp.mean(1)).mean()
+    loss, summed = dq_train._batch_loss(logits, y, 6, 1, e)
+    torch.testing.assert_close(loss, expected)
+    parts = [dq_train._batch_loss(logits[s], y[s], 6, 2, e)[0] for s in (slice(0, 3), slice(3, 6))]
+    torch.testing.assert_close(sum(parts) / 2, expected)
+
+
+def test_weight_average_is_the_exponential_moving_average_and_copies_buffers():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = dq_train.WeightAverage(net, 0.9)
+    before = [p.detach().clone() for p in average.model.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        net[1].running_mean.fill_(3.0)
+    average.update()
+    for avg, old, new in zip(average.model.parameters(), before, net.parameters()):
+        torch.testing.assert_close(avg, 0.9 * old + 0.1 * new)
+    assert torch.equal(average.model[1].running_mean, torch.full((2,), 3.0))
+
+
+def test_weight_decay_spares_biases_and_normalisation():
+    net = dq_train.create_classifier("test_resnet", 4, 32)
+    optimizer, _ = dq_train.optimizer_and_schedule(net, TINY, 10)
+    decayed, spared = optimizer.param_groups
+    assert decayed["weight_decay"] == TINY.weight_decay and spared["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in spared["params"])
+
+
+def test_a_step_budget_without_eval_every_scores_the_final_step_only(data):
+    train, test = data
+    result = fit(train, test, dataclasses.replace(TINY, steps=10, eval_every=None))
+    assert [r["step"] for r in result.history] == list(range(1, 11))  # rounds of a tenth, for logs and resume
+    assert ["test_acc" in r for r in result.history] == [False] * 9 + [True]
+    assert result.history[-1]["test_acc"] == result.final.top1
+
+
+def test_flip_tta_scores_the_mean_of_both_views(data, baseline):
+    train, test = data
+    model = baseline.model.eval()
+    scored = dq_train.evaluate(model, test.images, test.labels, baseline.mean, baseline.std, 4, "cpu", tta="flip")
+    x = dq_train.to_input(torch.from_numpy(test.images), dq_train.normalisation(baseline.mean, baseline.std, "cpu"),
+                          torch.device("cpu"))
+    with torch.inference_mode():
+        logits = (model(x) + model(x.flip(3))) / 2
+    assert scored.top1 == pytest.approx(float((logits.argmax(1).numpy() == test.labels).mean()))
+    assert scored.loss == pytest.approx(float(F.cross_entropy(logits, torch.from_numpy(test.labels))), rel=1e-5)
+
+
+def _stop_at_step(step: int):
+    def stop(record):
+        if record["step"] == step:
+            raise KeyboardInterrupt
+    return stop
+
+
+def test_a_run_with_weight_averaging_resumes_to_the_uninterrupted_result(data, tmp_path):
+    train, test = data
+    config = dataclasses.replace(STEPS, ema=0.8, tta="flip", label_smoothing=0.1, nesterov=True,
+                                 schedule="onecycle", warmup=0.2)
+    whole = fit(train, test, config)
+    ckpt = tmp_path / "last.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(train, test, config, checkpoint=ckpt, on_epoch=_stop_at_step(5))
+    resumed = fit(train, test, dataclasses.replace(config, resume=True), checkpoint=ckpt)
+    assert resumed.history == whole.history
+    for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values()):
+        assert torch.equal(a, b)
