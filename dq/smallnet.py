@@ -9,7 +9,8 @@ The architecture learns from airbench (Keller Jordan, "94% on CIFAR-10 in 3.29 s
     head        global max-pool → linear (no bias), logits scaled by 1/`HEAD_SCALE`   [N, num_classes]
 
 - The whitening layer (`init_from_data`) is set from the training images before the first step: its
-  filters are the eigenvectors of the 2×2 patch covariance divided by sqrt(eigenvalue + eps). It never
+  filters are the eigenvectors of the 2×2 patch covariance divided by sqrt(eigenvalue + eps), and 0 for
+  directions under WHITEN_FLOOR of the largest eigenvalue (noise the whitening would amplify). It never
   trains, so the first layer needs no learning at all (airbench's first trick).
 - Every 3×3 convolution starts as a Dirac (identity) kernel on its first filters, the rest
   random (airbench's "identity init"), so the net starts close to shallow.
@@ -33,14 +34,18 @@ import torch.nn.functional as F
 HEAD_SCALE = 1 / 9
 WHITEN_KERNEL = 2
 WHITEN_EPS = 5e-4
+# Patch directions with less than this share of the largest eigenvalue carry no image structure, only codec
+# or MAE-fill noise (a grey image's colour directions: exactly 0 in the prepared images, ~2e-5 of the
+# largest after the MAE fill). Whitening would blow that noise up to unit variance, so their filters are 0.
+WHITEN_FLOOR = 1e-4
 BN_MOMENTUM = 0.4  # airbench's 0.6 in Keras' convention (1 - 0.6 of the new batch)
 
 
 @dataclass(frozen=True)
 class SmallNetConfig:
     widths: tuple[int, int, int] = (32, 64, 128)
-    pool_last: bool = False
-    whiten: bool = True
+    pool_last: bool = False  # conv, conv, then pool (VGG's order) instead of airbench's conv, pool, conv
+    whiten: bool = True  # False: the first layer is an ordinary trained convolution (an ablation)
 
 
 class ConvGroup(nn.Module):
@@ -67,7 +72,7 @@ class ConvGroup(nn.Module):
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
     """BatchNorm with a learned bias and a frozen scale of 1."""
-    norm = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, eps=1e-12)
+    norm = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM)  # eps 1e-5: a channel the whitening zeroes stays finite
     norm.weight.requires_grad_(False)
     return norm
 
@@ -86,7 +91,8 @@ class SmallNet(nn.Module):
         super().__init__()
         whiten_width = 2 * in_chans * WHITEN_KERNEL ** 2
         self.whiten = nn.Conv2d(in_chans, whiten_width, WHITEN_KERNEL, padding=0, bias=True)
-        self.whiten.requires_grad_(False)
+        self.learn_first_layer = not config.whiten  # the ablation: an ordinary trained 2×2 convolution
+        self.whiten.requires_grad_(self.learn_first_layer)
         widths = (whiten_width,) + tuple(config.widths)
         self.groups = nn.Sequential(*(ConvGroup(a, b, config.pool_last) for a, b in zip(widths[:-1], widths[1:])))
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
@@ -101,9 +107,12 @@ class SmallNet(nn.Module):
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor) -> None:
         """Set the frozen first layer from normalised training images [n, C, H, W] (a sample suffices)."""
+        if self.learn_first_layer:
+            return
         patches = patches_2x2(images.float())  # [P, C·k·k]
         eigenvalues, eigenvectors = patch_eigens(patches)
         filters = eigenvectors.T / torch.sqrt(eigenvalues + WHITEN_EPS)[:, None]  # [C·k·k, C·k·k]
+        filters[eigenvalues < WHITEN_FLOOR * eigenvalues[0]] = 0.0
         filters = filters.view(-1, *self.whiten.weight.shape[1:])
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
         self.whiten.bias.zero_()

@@ -85,3 +85,16 @@ def test_trains_through_the_train_stage_code_and_reads_back(tmp_path):
                           torch.device("cpu"))
     with torch.inference_mode():
         torch.testing.assert_close(restored.model(x), result.model.eval()(x))
+
+
+def test_whitening_zeroes_the_directions_that_hold_only_noise():
+    """Grey images with faint colour noise (what the MAE fill leaves): the colour directions' filters are 0,
+    so the noise is not blown up to unit variance, and the grey directions are whitened as before."""
+    grey = correlated_images()[:, :1].repeat(1, 3, 1, 1)
+    noisy = grey + 1e-3 * torch.randn(grey.shape, generator=torch.Generator().manual_seed(1))
+    net = SmallNet(4)
+    net.init_from_data(noisy)
+    w = net.whiten.weight.detach().reshape(24, 12)[:12]
+    assert int((w.abs().sum(1) > 0).sum()) == 4  # a grey 2×2 patch has 4 dimensions
+    out = torch.nn.functional.conv2d(noisy - grey, net.whiten.weight[:12])
+    assert float(out.abs().max()) < 0.05  # the colour noise stays noise-sized
