@@ -62,8 +62,14 @@ RATIOS = (0.05, 0.1, 0.2)
 WHOLE = 1.0
 
 
-def _family(method: str, drop: float, codec: str, quality: int = 90) -> dict:
-    return {"select": {"method": method}, "patches": {"drop": drop, "codec": codec, "quality": quality}}
+def _family(method: str, drop: float, codec: str, quality: int = 90, **labels) -> dict:
+    out = {"select": {"method": method}, "patches": {"drop": drop, "codec": codec, "quality": quality}}
+    return out | {"labels": {"soft": True, **labels} if labels else {"soft": False}}  # hard labels unless asked
+
+
+SOFT = {"k": 10, "bits": 16, "views": 1}  # params.yaml's labels defaults, spelled out: records must not drift
+TENTH = (0.1,)
+OTHER = (0.05, 0.2)  # a family's other ratios, in a later tier than its 10% point
 
 
 # name -> (overrides, ratios, description)
@@ -76,13 +82,43 @@ FAMILIES = {
     "dq-drop25": (_family("dq", 0.25, "webp-lossless"), RATIOS, "dq, 25% patches dropped (default)"),
     "dq-drop50": (_family("dq", 0.5, "webp-lossless"), RATIOS, "dq, 50% patches dropped"),
     "random-drop25": (_family("random", 0.25, "webp-lossless"), RATIOS, "random subset, 25% patches dropped"),
+    # soft labels (labels.soft): the trained teacher's top-k probabilities at T = 4, stored in the compact file
+    "dq-soft": (_family("dq", 0.0, "webp-lossless", **SOFT), RATIOS, "dq, whole images, soft labels (k 10, 16 bits)"),
+    "random-soft": (_family("random", 0.0, "webp-lossless", **SOFT), RATIOS,
+                    "random subset, whole images, soft labels (k 10, 16 bits)"),
+    "dq-soft-k3": (_family("dq", 0.0, "webp-lossless", **(SOFT | {"k": 3})), TENTH, "dq, soft labels k 3, 16 bits"),
+    "dq-soft-8bit": (_family("dq", 0.0, "webp-lossless", **(SOFT | {"bits": 8})), TENTH, "dq, soft labels k 10, 8 bits"),
+    "dq-soft-k3-8bit": (_family("dq", 0.0, "webp-lossless", **(SOFT | {"k": 3, "bits": 8})), TENTH,
+                        "dq, soft labels k 3, 8 bits"),
+    "dq-soft-flip": (_family("dq", 0.0, "webp-lossless", **(SOFT | {"views": 2})), TENTH,
+                     "dq, soft labels per flip view (k 10, 16 bits)"),
+    "dq-soft-probe": (_family("dq", 0.0, "webp-lossless", **SOFT), TENTH,
+                      "dq, soft labels of the features' linear probe (no trained teacher)"),
+    # difficulty-aware selection (issue 36; select.* defaults: AUM, beta 0.1, 50 strata, k 10), whole images, hard labels
+    "ccs-webp-lossless": (_family("ccs", 0.0, "webp-lossless"), RATIOS, "CCS (AUM strata), whole images, WebP lossless"),
+    "d2-webp-lossless": (_family("d2", 0.0, "webp-lossless"), RATIOS, "D2 pruning (kNN message passing), whole images"),
+    "moderate-webp-lossless": (_family("moderate", 0.0, "webp-lossless"), RATIOS,
+                               "Moderate-DS (middle distance to the class median), whole images"),
+    "dq-ccs-webp-lossless": (_family("dq-ccs", 0.0, "webp-lossless"), RATIOS,
+                             "dq bins with CCS difficulty strata inside each, whole images"),
 }
+# Families whose run folder links another workspace folder than its own name (the probe teacher's logits)
+LINKS = {"dq-soft-probe": {"teacher": "teacher-probe"}}
 DEFAULT_FAMILY = "dq-drop25"
 # The order a study cut short loses least: every seed of one tier before the next tier. First the pair that
-# decides "dq or a random subset" with whole images, and the whole set that sets the budgets; then the dq
-# default and the JPEG subsets; then the whole set at lower qualities; last the dropping ablations.
+# decides "dq or a random subset" with whole images, and the whole set that sets the budgets; then soft
+# labels against hard ones (dq and random); then, at 10%, the cheapest labels, the zero-training teacher and
+# the two CCS selections; then the other label variants and selections at 10%, and the selections' other
+# ratios; then the dq default and the JPEG subsets; the whole set at lower qualities; the dropping ablations.
 TIERS = (
     (("dq-webp-lossless", RATIOS), ("random-webp-lossless", RATIOS + (WHOLE,))),
+    (("dq-soft", RATIOS), ("random-soft", RATIOS)),
+    (("dq-soft-k3-8bit", TENTH), ("dq-soft-probe", TENTH), ("ccs-webp-lossless", TENTH),
+     ("dq-ccs-webp-lossless", TENTH)),
+    (("dq-soft-k3", TENTH), ("dq-soft-8bit", TENTH), ("dq-soft-flip", TENTH), ("d2-webp-lossless", TENTH),
+     ("moderate-webp-lossless", TENTH)),
+    (("ccs-webp-lossless", OTHER), ("dq-ccs-webp-lossless", OTHER), ("d2-webp-lossless", OTHER),
+     ("moderate-webp-lossless", OTHER)),
     (("dq-drop25", RATIOS), ("random-jpeg90", RATIOS), ("random-jpeg50", RATIOS)),
     (("random-jpeg90", (WHOLE,)), ("random-jpeg50", (WHOLE,)), ("whole-jpeg25", (WHOLE,))),
     (("random-drop25", RATIOS), ("dq-drop50", RATIOS)),
@@ -114,6 +150,10 @@ def run_one_timed(workspace: Path, folder: Path, params: dict, records: Path) ->
     from bench.results import run_one
 
     start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, target in LINKS.get(family_of(folder.name)[0], {}).items():
+        if not (folder / name).exists():
+            (folder / name).symlink_to((workspace / target).resolve(), target_is_directory=True)
     run_one(workspace, folder, params)
     seconds = time.perf_counter() - start
     (folder / "time.txt").write_text(f"{seconds:.1f}\n")

@@ -35,9 +35,10 @@ from dq.compact import read_compact
 from dq.params import deep_merge
 from dq.select import METHODS
 from dq.sweep import Experiment, write_results
-from stages import compress, select, train
+from stages import compress, scores, select, train
 
-SHARED = ("prepared", "features", "mae")
+SHARED = ("prepared", "features", "mae", "teacher")  # one teacher labels every run, as one MAE fills it
+SCORES = "scores"  # the scores stage's folder: linked from the workspace, or computed once beside the runs
 
 
 def grid(ratios, methods, seeds, full, selected=False):
@@ -119,12 +120,34 @@ def run_one(workspace: Path, out: Path, params: dict, train_too: bool = True) ->
     out.mkdir(parents=True, exist_ok=True)
     for name in SHARED:
         link = out / name
-        if not link.exists():
+        if not link.exists() and not link.is_symlink():  # a link made before its target existed stays
             link.symlink_to((workspace / name).resolve(), target_is_directory=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     argv = ["--params", str(out / "params.yaml"), "--data", str(out)]
+    scores_folder = shared_scores(workspace, out, params)
+    if scores_folder is not None and not (out / SCORES).exists():
+        (out / SCORES).symlink_to(scores_folder.resolve(), target_is_directory=True)
     for stage in (select, compress, train) if train_too else (select, compress):
         stage.main(argv)
+
+
+def shared_scores(workspace: Path, out: Path, params: dict) -> Path | None:
+    """The scores folder the runs share: the workspace's (a `dvc repro` made it), else, for a method that reads
+    scores, one the scores stage writes once into `<out's parent>/_scores/` from the workspace's prepared set and
+    features (the scores section of `params`; every run of a study shares it). None: no scores and none needed."""
+    if (workspace / SCORES / "scores.h5").is_file():
+        return workspace / SCORES
+    computed = out.parent / "_scores"
+    if not (computed / SCORES / "scores.h5").is_file():
+        if not METHODS.get(params["select"]["method"]).needs_scores:
+            return None
+        computed.mkdir(parents=True, exist_ok=True)
+        for name in ("prepared", "features"):
+            if not (computed / name).exists():
+                (computed / name).symlink_to((workspace / name).resolve(), target_is_directory=True)
+        (computed / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        scores.main(["--params", str(computed / "params.yaml"), "--data", str(computed)])
+    return computed / SCORES
 
 
 def experiment(name: str, folder: Path) -> Experiment:

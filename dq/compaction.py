@@ -49,11 +49,13 @@ def selected_batches(store: Store, indices: np.ndarray, part: slice, batch_size:
 
 def write_compact_store(path: Path, selected: Selected, header: Header, scorer: PatchScorer,
                         probe: cam.ProbeCounts, figure: cam.FigureSamples, *, batch_size: int, num_workers: int,
-                        source_bytes: tuple[int | None, str], device) -> cam.FigureSamples | None:
+                        source_bytes: tuple[int | None, str], device,
+                        soft: tuple[np.ndarray | None, np.ndarray] | None = None) -> cam.FigureSamples | None:
     """Score every selected image, keep its best patches and write the compact store at `path` (rank 0).
 
     `probe` and `figure` are filled as the batches pass; under torchrun the counts are summed and the
-    figure's samples gathered. Returns the figure's samples on the rank that wrote the file, None elsewhere.
+    figure's samples gathered. `soft`: the selected images' stored soft labels with `header.soft`
+    (dq.compact.CompactWriter). Returns the figure's samples on the rank that wrote the file, None elsewhere.
     """
     n = len(selected.indices)
     main_rank, world = distributed.is_main(), distributed.world_size()
@@ -69,7 +71,7 @@ def write_compact_store(path: Path, selected: Selected, header: Header, scorer: 
         writer.add(images, keep, y, selected.indices[pos], selected.bins[pos], scores)
 
     if world == 1:  # one pass: each scored batch goes straight to the writer
-        with CompactWriter(path, header, n, source_bytes) as writer:
+        with CompactWriter(path, header, n, source_bytes, soft) as writer:
             score(lambda images, y, pos, scores, keep: add(writer, images, y, pos, scores, keep))
         return figure
     # every collective first: rank 0's write pass may outlast a collective's timeout
@@ -80,7 +82,7 @@ def write_compact_store(path: Path, selected: Selected, header: Header, scorer: 
         return None
     figure = cam.FigureSamples(shown[0])
     figure.add(*shown)
-    with CompactWriter(path, header, n, source_bytes) as writer:
+    with CompactWriter(path, header, n, source_bytes, soft) as writer:
         for images, y, pos in selected_batches(selected.store, selected.indices, slice(0, n), batch_size, num_workers,
                                                desc="write", progress=True):
             add(writer, images, y, pos, scores[pos], keep[pos])

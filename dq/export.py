@@ -26,6 +26,16 @@ no user or group names and mode 0644, so equal inputs give byte-identical export
 written to a temporary name and renamed into place (dq.io.atomic_path), dataset.json last: an export that
 was killed half-way never sits at data/export.
 
+Soft labels. When the compact store holds a teacher's soft labels (format version 3, dq.soft_labels), the
+export carries them as float32 probabilities at the store's temperature, dense over the C classes:
+
+    imagefolder   soft_labels.npy [N, C], row i the soft label of line i of soft_labels.txt (the image's
+                  path under the export, e.g. train/000_T-shirt%2Ftop/00000012.png); the lines are in
+                  ImageFolder's order, so row i is also `ImageFolder(export / "train").samples[i]`'s.
+                  With `labels.views: 2`, soft_labels_flip.npy [N, C] holds the mirror images' labels.
+    webdataset    `<row>.soft` in every train sample: the bytes of an .npy file of float32 [C]
+                  (`np.load(io.BytesIO(sample["soft"]))`), and `<row>.soft_flip` with two views
+
 dataset.json: `format` "dq-export", `version`, `layout`, the classes with their folders, per split the
 image count (per class), shards or folder, and the files it came from (the compact store's and the MAE's
 path, bytes and MD5, which equal their entries in dvc.lock's directory listings), the params that made the
@@ -86,6 +96,7 @@ class Split:
     rows: np.ndarray  # int64 [n]: the rows in the prepared split (the names)
     extra: list[dict] | None = None  # per image, written beside it in a webdataset sample
     store: Store | None = None  # a prepared store of PNG streams: copied as they are
+    soft: np.ndarray | None = None  # float32 [n, V, C]: the soft labels of each view (train split, version 3 stores)
 
 
 class _PngBatches(torch.utils.data.Dataset):
@@ -126,7 +137,34 @@ def train_split(rebuilt: RebuiltSet) -> Split:
     num_patches = rebuilt.keep.shape[1]
     extra = [{"row": int(r), "bin": int(b), "num_patches": num_patches, "filled_patches": np.flatnonzero(~k).tolist()}
              for r, b, k in zip(rebuilt.indices, rebuilt.bins, rebuilt.keep)]
-    return Split("train", rebuilt.images, rebuilt.labels, rebuilt.indices, extra)
+    soft = None
+    if rebuilt.soft is not None:
+        everyone = np.arange(len(rebuilt.labels))
+        soft = np.stack([rebuilt.soft.targets(everyone, torch.full((len(everyone),), bool(v))).numpy()
+                         for v in range(rebuilt.soft.views)], axis=1)
+    return Split("train", rebuilt.images, rebuilt.labels, rebuilt.indices, extra, soft=soft)
+
+
+SOFT_VIEWS = ("soft", "soft_flip")  # the names of view 0 and view 1 (file stems, webdataset extensions)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, np.ascontiguousarray(array), allow_pickle=False)
+    return out.getvalue()
+
+
+def write_soft_labels(folder: Path, split: Split, folders: list[str]) -> dict:
+    """soft_labels.npy [N, C] (and soft_labels_flip.npy) with soft_labels.txt, rows in ImageFolder's order."""
+    order = np.lexsort((split.rows, split.labels))  # class folder, then file name: what ImageFolder lists
+    paths = [f"{split.name}/{folders[split.labels[i]]}/{row_name(split.rows[i])}.png" for i in order]
+    (folder / "soft_labels.txt").write_text("".join(p + "\n" for p in paths))
+    files = []
+    for v in range(split.soft.shape[1]):
+        name = "soft_labels.npy" if v == 0 else "soft_labels_flip.npy"
+        (folder / name).write_bytes(_npy_bytes(split.soft[order, v].astype(np.float32)))
+        files.append(name)
+    return {"files": files, "list": "soft_labels.txt"}
 
 
 def test_split(store: Store) -> Split:
@@ -161,6 +199,9 @@ def write_webdataset(folder: Path, split: Split, classes: list[str], shard_image
         _tar_add(tar, f"{key}.png", stream)
         _tar_add(tar, f"{key}.cls", str(label).encode())
         _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        if split.soft is not None:
+            for v in range(split.soft.shape[1]):
+                _tar_add(tar, f"{key}.{SOFT_VIEWS[v]}", _npy_bytes(split.soft[i, v].astype(np.float32)))
     if tar is not None:
         tar.close()
     return {"shards": shards}
@@ -191,8 +232,20 @@ def write_export(folder: str | Path, rebuilt: RebuiltSet, test: Store | None, pa
                 where = write_webdataset(tmp, split, classes, params.shard_images, num_workers)
             per_class = np.bincount(split.labels, minlength=len(classes)).tolist()
             record["splits"][split.name] = {"images": int(len(split.labels)), "per_class": per_class, **where}
+        record["soft_labels"] = _soft_record(tmp, splits[0], folders, rebuilt, params.format)
         (tmp / JSON_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")  # last: the export is whole
     return record
+
+
+def _soft_record(folder: Path, split: Split, folders: list[str], rebuilt: RebuiltSet, layout: str) -> dict | None:
+    """Write the train split's soft labels beside an image folder; what dataset.json says of them (None: none)."""
+    if split.soft is None:
+        return None
+    spec = rebuilt.header.soft
+    where = write_soft_labels(folder, split, folders) if layout == "imagefolder" else {
+        "entries": [SOFT_VIEWS[v] for v in range(split.soft.shape[1])]}
+    return {"temperature": spec.temperature, "k": spec.k, "bits": spec.bits, "views": spec.views,
+            "num_classes": int(split.soft.shape[2]), **where}
 
 
 def read_export_info(folder: str | Path) -> dict:

@@ -28,7 +28,8 @@ from dq.io import atomic_path, write_json
 SUMMARY_VERSION = 1
 # The families a user has without dq: a random subset of whole images, or the whole set at lower quality.
 TRIVIAL = ("random-webp-lossless", "random-jpeg90", "random-jpeg50", "whole-jpeg")
-DQ = ("dq-webp-lossless", "dq-drop25", "dq-drop50")
+DQ = ("dq-webp-lossless", "dq-drop25", "dq-drop50", "dq-soft", "dq-soft-k3", "dq-soft-8bit", "dq-soft-k3-8bit",
+      "dq-soft-flip", "dq-soft-probe")
 WHOLE_LOSSLESS = "random-webp-lossless"  # at ratio 1.0: the whole set, losslessly; the budgets' yardstick
 WHOLE_JPEG = "whole-jpeg"  # the whole set at JPEG q90, q50, q25: built from the jpeg families' ratio-1.0 runs
 BUDGETS = (0.02, 0.05, 0.1, 0.2)  # shares of the whole set's lossless bytes
@@ -223,6 +224,14 @@ ABLATIONS = (
     ("dq-drop50", "dq-drop25", "dropping 50% instead of 25%, dq subset"),
     ("dq-webp-lossless", "random-webp-lossless", "dq selection instead of random, whole images"),
     ("dq-drop25", "random-drop25", "dq selection instead of random, 25% dropped"),
+    ("dq-soft", "dq-webp-lossless", "soft labels instead of hard, dq subset"),
+    ("random-soft", "random-webp-lossless", "soft labels instead of hard, random subset"),
+    ("dq-soft", "random-soft", "dq selection instead of random, soft labels"),
+    ("dq-soft-k3", "dq-soft", "top 3 classes instead of all 10"),
+    ("dq-soft-8bit", "dq-soft", "8-bit instead of 16-bit probabilities"),
+    ("dq-soft-k3-8bit", "dq-soft", "top 3 classes at 8 bits instead of all 10 at 16"),
+    ("dq-soft-flip", "dq-soft", "a label per flip view instead of one per image"),
+    ("dq-soft-probe", "dq-soft", "the features' linear probe as teacher instead of the trained net"),
 )
 
 

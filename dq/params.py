@@ -28,7 +28,7 @@ from dq.datasets import SOURCES
 from dq.errors import DQError
 from dq.grid import drop_problem, grid_of
 from dq.scorers import SCORERS
-from dq.select import METHODS, PRECISIONS, ratio_problem
+from dq.select import DIFFICULTY_DEFAULTS, METHODS, PRECISIONS, SELECT_PARAM_RULES, ratio_problem, select_param_problem
 
 FEATURE_KINDS = ("embedding", "gradient")
 TRAIN_INPUTS = ("compact", "selected", "full")
@@ -37,6 +37,8 @@ TRAIN_TTA = ("flip", "none")
 EXPORT_FORMATS = ("imagefolder", "webdataset")  # export.format; dq.export writes each
 EXPORT_TESTS = ("copy", "skip")
 DEVICES = ("auto", "cpu", "cuda")
+TEACHER_KINDS = ("trained", "probe", "checkpoint")  # dq.teacher
+SOFT_BITS = (16, 8)  # dq.soft_labels: float16 | uint8 steps of 1/255
 
 
 class ParamError(DQError):
@@ -121,17 +123,56 @@ class FeaturesParams(_Section):
 
 @dataclass(frozen=True)
 class SelectParams(_Section):
-    method: str = "dq"  # dq | graphcut | random
+    method: str = "dq"  # dq | graphcut | random | ccs | d2 | moderate | dq-ccs (dq.select.METHODS)
     num_bins: int = 10
     lam: float = 1.0  # weight of the pool term in the GraphCut gain
     per_class: bool = True
     precision: str = "float64"  # float64: bins equal a float64 reference exactly; float32: faster, near-ties may flip
+    # the difficulty-aware methods (dq.select_difficulty); defaults and rules: dq.select.DIFFICULTY_DEFAULTS, SELECT_PARAM_RULES
+    score: str = DIFFICULTY_DEFAULTS["score"]  # ccs, d2, dq-ccs: the difficulty they rank by: aum | el2n | forgetting
+    beta: float = DIFFICULTY_DEFAULTS["beta"]  # ccs, d2, dq-ccs: share of each class (dq-ccs: cell) pruned as hardest first
+    strata: int = DIFFICULTY_DEFAULTS["strata"]  # ccs, dq-ccs: equal-width difficulty strata
+    k: int = DIFFICULTY_DEFAULTS["k"]  # d2: neighbours in the kNN graph of each class
+    gamma: float = DIFFICULTY_DEFAULTS["gamma"]  # d2: forward message weight exp(-gamma d)
+    gamma_reverse: float = DIFFICULTY_DEFAULTS["gamma_reverse"]  # d2: reverse message weight exp(-gamma_reverse d)
 
     def check(self, where, prefix):
         self._need(self.method in METHODS, where, prefix, "method", METHODS.expected())
+        for name in SELECT_PARAM_RULES:
+            problem = select_param_problem(name, getattr(self, name))
+            self._need(problem is None, where, prefix, name, problem or "")
         self._need(self.precision in PRECISIONS, where, prefix, "precision", f"one of {', '.join(PRECISIONS)}")
         self._need(self.num_bins >= 1, where, prefix, "num_bins", "a positive integer")
         self._need(math.isfinite(self.lam) and self.lam > 0, where, prefix, "lam", "a finite number > 0")
+
+
+@dataclass(frozen=True)
+class ScoresParams(_Section):
+    """The scores stage (dq.dynamics, dq.difficulty): short runs of train's recipe that record every sample's
+    training dynamics, and the feature-only scores."""
+
+    model: str = "smallnet"  # dq.classifier.CLASSIFIERS or a timm model name, as train.model
+    seeds: int = 2  # short runs averaged (run seeds 0 .. seeds-1, whatever the pipeline's seed)
+    steps: int = 235  # optimizer steps per run, at least one epoch (5 epochs of 47 steps of 128 on the default 6,000 images)
+    batch_size: int = 128
+    lr: float = 0.2
+    el2n_step: int = 47  # EL2N is scored after this step, on the un-augmented images
+    k: int = 10  # neighbours of the kNN density
+
+    def check(self, where, prefix):
+        for name in ("seeds", "steps", "k"):
+            self._need(getattr(self, name) >= 1, where, prefix, name, "a positive integer")
+        self._need(self.batch_size >= 2, where, prefix, "batch_size", "an integer >= 2")
+        self._need(math.isfinite(self.lr) and self.lr > 0, where, prefix, "lr", "a finite number > 0")
+        self._need(1 <= self.el2n_step <= self.steps, where, prefix, "el2n_step",
+                   f"an integer in [1, scores.steps] (scores.steps = {self.steps})")
+        import timm
+
+        from dq.classifier import CLASSIFIERS
+
+        if self.model not in CLASSIFIERS and not timm.is_model(self.model):
+            _fail(where, f"{prefix}model", self.model,
+                  f"{', '.join(CLASSIFIERS)} or a timm model name (see timm.list_models())")
 
 
 @dataclass(frozen=True)
@@ -200,6 +241,7 @@ class TrainParams(_Section):
     tta: str = "flip"  # flip: score the average of the image's and its mirror's logits | none
     crop_padding: int = 2
     hflip: bool = True
+    distill_weight: float = 0.9  # with a store's soft labels: (1 - w) hard-label loss + w T² KL to the teacher's
     resume: bool = False
 
     def check(self, where, prefix):
@@ -218,6 +260,7 @@ class TrainParams(_Section):
         self._need(0 <= self.momentum < 1, where, prefix, "momentum", "a number in [0, 1)")
         self._need(self.weight_decay >= 0, where, prefix, "weight_decay", "a number >= 0")
         self._need(self.crop_padding >= 0, where, prefix, "crop_padding", "an integer >= 0")
+        self._need(0 <= self.distill_weight <= 1, where, prefix, "distill_weight", "a number in [0, 1]")
         import timm
 
         from dq.classifier import CLASSIFIERS
@@ -225,6 +268,36 @@ class TrainParams(_Section):
         if self.model not in CLASSIFIERS and not timm.is_model(self.model):
             _fail(where, f"{prefix}model", self.model,
                   f"{', '.join(CLASSIFIERS)} or a timm model name (see timm.list_models())")
+
+
+@dataclass(frozen=True)
+class TeacherParams(_Section):
+    kind: str = "trained"  # trained: train.model on the whole training set | probe: the features' linear probe | checkpoint
+    checkpoint: str | None = None  # kind checkpoint: a model.pt written by the train (or teacher) stage
+    steps: int = 1400  # kind trained: optimizer steps (the recipe is train's)
+    seed: int = 0  # kind trained: one teacher for every run seed, as one MAE fills every run
+
+    def check(self, where, prefix):
+        self._need(self.kind in TEACHER_KINDS, where, prefix, "kind", f"one of {', '.join(TEACHER_KINDS)}")
+        self._need(self.steps >= 1, where, prefix, "steps", "a positive integer")
+        if self.kind == "checkpoint":
+            self._need(bool(self.checkpoint), where, prefix, "checkpoint", "the path of a model.pt (kind checkpoint)")
+
+
+@dataclass(frozen=True)
+class LabelsParams(_Section):
+    soft: bool = True  # store the teacher's soft labels in the compact store (format version 3); false: hard labels only
+    k: int = 10  # the k most probable classes per image; k >= the number of classes stores them all, without ids
+    bits: int = 16  # 16: float16 | 8: uint8 in steps of 1/255
+    temperature: float = 4.0  # the stored probabilities are softmax(teacher logits / temperature)
+    views: int = 1  # 1: the image | 2: the image and its mirror, each its own labels (train picks per flip)
+
+    def check(self, where, prefix):
+        self._need(self.k >= 1, where, prefix, "k", "a positive integer")
+        self._need(self.bits in SOFT_BITS, where, prefix, "bits", f"one of {', '.join(map(str, SOFT_BITS))}")
+        self._need(math.isfinite(self.temperature) and self.temperature > 0, where, prefix, "temperature",
+                   "a finite number > 0")
+        self._need(self.views in (1, 2), where, prefix, "views", "1 or 2")
 
 
 @dataclass(frozen=True)
@@ -259,10 +332,13 @@ class Params:
     seed: int = 0
     data: DataParams = field(default_factory=DataParams)
     features: FeaturesParams = field(default_factory=FeaturesParams)
+    scores: ScoresParams = field(default_factory=ScoresParams)
     select: SelectParams = field(default_factory=SelectParams)
     patches: PatchesParams = field(default_factory=PatchesParams)
     mae: MaeParams = field(default_factory=MaeParams)
     train: TrainParams = field(default_factory=TrainParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
+    labels: LabelsParams = field(default_factory=LabelsParams)
     export: ExportParams = field(default_factory=ExportParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
 

@@ -32,6 +32,37 @@ class DataPaths:
     def features(self) -> Path:
         return self.root / "features" / "train.h5"
 
+    # scores
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores" / "scores.h5"
+
+    @property
+    def scores_metrics(self) -> Path:
+        return self.root / "scores_metrics.json"
+
+    # teacher
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher"
+
+    @property
+    def teacher_logits(self) -> Path:
+        return self.teacher / "logits.h5"
+
+    @property
+    def teacher_model(self) -> Path:
+        return self.teacher / "model.pt"
+
+    @property
+    def teacher_metrics(self) -> Path:
+        return self.root / "teacher_metrics.json"
+
+    @property
+    def teacher_resume(self) -> Path:
+        """Not a DVC output, like `train_resume`."""
+        return self.root / "teacher_ckpt" / "last.pt"
+
     # select
     @property
     def selection(self) -> Path:

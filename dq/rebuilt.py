@@ -44,6 +44,7 @@ from dq import compact as compact_format
 from dq.errors import DQError
 from dq.io import atomic_path, check_free_space, file_digest
 from dq.row_sources import CompactRows, Rows, batches, runs
+from dq.soft_labels import SoftLabels
 
 IMAGES_NAME = "images.npy"
 KEY_NAME = "key.json"
@@ -252,6 +253,7 @@ class RebuiltSet:
     header: object  # dq.compact.Header
     compact_path: Path
     mae_path: Path
+    soft: SoftLabels | None = None  # the store's soft labels (format version 3), as stored
 
 
 def rebuilt_set(compact_path: str | Path, mae_path: str | Path, *, cache: str | Path, device="cpu",
@@ -269,6 +271,7 @@ def rebuilt_set(compact_path: str | Path, mae_path: str | Path, *, cache: str | 
         labels = np.asarray(cf.read("labels"), dtype=np.int64)
         indices = np.asarray(cf.read("indices"), dtype=np.int64)
         bins = np.asarray(cf.read("bins"), dtype=np.int32)
+        soft = cf.read_soft_labels()
     if prepared_labels is not None and indices.size and (
             indices.min() < 0 or indices.max() >= len(prepared_labels)
             or not np.array_equal(prepared_labels[indices], labels)):
@@ -279,11 +282,14 @@ def rebuilt_set(compact_path: str | Path, mae_path: str | Path, *, cache: str | 
                            patch_size=header.patch_size, device=device,
                            batch_size=batch_size or fill_batch_size(header.image_shape, device),
                            num_workers=num_workers, progress=progress)
-    return RebuiltSet(images, labels, indices, bins, keep, header, compact_path, mae_path)
+    return RebuiltSet(images, labels, indices, bins, keep, header, compact_path, mae_path, soft)
 
 
 class RebuiltDataset(torch.utils.data.Dataset):
-    """The rebuilt compact set as a torch Dataset: (image, label) per compact row.
+    """The rebuilt compact set as a torch Dataset: (image, label) per compact row, or (image, label, soft)
+    with `soft_labels=True`: soft float32 [C], the teacher's probabilities at the store's temperature
+    (`temperature`), of the image as stored (view 0). `soft_labels` [N, C] holds them all, or is None for a
+    store of hard labels.
 
     The image is a uint8 tensor [3, H, W] (what `torchvision.io.decode_png` gives for the exported PNG),
     or `transform(image)`; the label an int, the index of `classes`. Rows are read one at a time from the
@@ -292,10 +298,17 @@ class RebuiltDataset(torch.utils.data.Dataset):
     the train stage trains on.
     """
 
-    def __init__(self, rebuilt: RebuiltSet, transform=None):
+    def __init__(self, rebuilt: RebuiltSet, transform=None, soft_labels: bool = False):
         self.images, self.labels, self.transform = rebuilt.images, rebuilt.labels, transform
         self.classes = list(rebuilt.header.classes)
         self.indices = rebuilt.indices
+        soft = rebuilt.soft
+        if soft_labels and soft is None:
+            raise DQError(f"{rebuilt.compact_path}: holds no soft labels (compact format version "
+                          f"{rebuilt.header.version}); build it with labels.soft: true")
+        self.with_soft = soft_labels
+        self.soft_labels = soft.targets(np.arange(len(self.labels))).numpy() if soft is not None else None
+        self.temperature = soft.temperature if soft is not None else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -305,13 +318,17 @@ class RebuiltDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         row = index % len(self)
         image = torch.from_numpy(self.images.read([row])[0]).permute(2, 0, 1).contiguous()
-        return (self.transform(image) if self.transform else image), int(self.labels[row])
+        image = self.transform(image) if self.transform else image
+        if self.with_soft:
+            return image, int(self.labels[row]), torch.from_numpy(self.soft_labels[row])
+        return image, int(self.labels[row])
 
 
 def rebuilt_dataset(compact: str | Path, mae: str | Path, *, cache: str | Path | None = None, device="cpu",
-                    transform=None) -> RebuiltDataset:
+                    transform=None, soft_labels: bool = False) -> RebuiltDataset:
     """The compact set `compact` (a compact store file) rebuilt by the MAE `mae` (an mae/model.pt) as a torch
-    Dataset of (uint8 image [3, H, W] or transform(image), label).
+    Dataset of (uint8 image [3, H, W] or transform(image), label), or with `soft_labels` (a store with soft
+    labels only) of (image, label, float32 probabilities [C]).
 
     The fill runs once into `cache` (default: the pipeline's own fill cache, `fill/` beside the compact
     store's folder, i.e. data/fill/ for data/compact/dataset.h5) and is reused by every later call, the
@@ -319,4 +336,4 @@ def rebuilt_dataset(compact: str | Path, mae: str | Path, *, cache: str | Path |
     """
     compact = Path(compact)
     cache = Path(cache) if cache is not None else compact.resolve().parent.parent / "fill"
-    return RebuiltDataset(rebuilt_set(compact, mae, cache=cache, device=device), transform)
+    return RebuiltDataset(rebuilt_set(compact, mae, cache=cache, device=device), transform, soft_labels)

@@ -27,9 +27,11 @@ faster there, but a near-tie can flip, and every later pick of that class moves 
 engine computes every gain as a float64 dot product.
 
 Selection methods (`select.method`) are entries of the registry `METHODS` (dq.registry): a function
-`(features, labels, ratio, seed, *, num_bins, lam, per_class, precision, progress) -> (bins int32 [N],
-sorted int64 indices)` that declares whether it makes bins (`makes_bins`; without, bins are -1) and whether it
-reads the features (`needs_features`). `select_indices` looks the method up; adding one is one function:
+`(features, labels, ratio, seed, *, num_bins, lam, per_class, precision, progress, score, beta, strata, k, gamma,
+gamma_reverse, scores) -> (bins int32 [N], sorted int64 indices)` that declares whether it makes bins
+(`makes_bins`; without, bins are -1), whether it reads the features (`needs_features`) and whether it ranks by
+the scores stage's difficulty (`needs_scores`: ccs, d2, dq-ccs, in dq.select_difficulty, registered here by
+path). `select_indices` looks the method up; adding one is one function:
 
     @METHODS.register("first", makes_bins=False, needs_features=False)
     def first(features, labels, ratio, seed, **select_params):
@@ -49,7 +51,45 @@ from dq.errors import DQError
 from dq.registry import Registry
 
 PRECISIONS = ("float64", "float32")  # select.precision
-METHODS = Registry("selection method", "select.method", makes_bins=False, needs_features=True)
+# needs_scores: the method ranks samples by a difficulty score of the scores stage (select_indices' `scores`)
+METHODS = Registry("selection method", "select.method", makes_bins=False, needs_features=True, needs_scores=False)
+DIFFICULTY_SCORES = ("aum", "el2n", "forgetting")  # select.score: dq.scores' training-dynamics scores
+# The params of the difficulty-aware methods (dq.select_difficulty), their defaults and rules: one home for
+# params validation (dq.params.SelectParams) and for select_indices called directly.
+DIFFICULTY_DEFAULTS = {"score": "aum", "beta": 0.1, "strata": 50, "k": 10, "gamma": 1.0, "gamma_reverse": 1.0}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+SELECT_PARAM_RULES = {
+    "score": (lambda v: v in DIFFICULTY_SCORES, f"one of {', '.join(DIFFICULTY_SCORES)}"),
+    "beta": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "strata": (_is_count, "a positive integer"),
+    "k": (_is_count, "a positive integer"),
+    "gamma": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "gamma_reverse": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+}
+
+
+def select_param_problem(name: str, value) -> str | None:
+    """What select.`name` (a param of the difficulty-aware methods) must be when `value` is not that."""
+    ok, expected = SELECT_PARAM_RULES[name]
+    return None if ok(value) else expected
+
+
+def check_select_params(**values) -> None:
+    """One DQError line naming the first bad param, e.g. `select.beta = 2 is not allowed; expected a number in [0, 1)`."""
+    for name, value in values.items():
+        problem = select_param_problem(name, value)
+        if problem:
+            raise DQError(f"select.{name} = {value!r} is not allowed; expected {problem}")
 
 
 def ratio_problem(ratio) -> str | None:
@@ -635,18 +675,26 @@ def sample_bins(bins, labels, ratio: float, seed: int) -> np.ndarray:
     labels = _check_labels(labels, bins.shape[0] if bins.ndim == 1 else -1)
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1):
         raise DQError(f"ratio = {ratio!r} is not allowed; expected a number in (0, 1]")
+    rng = np.random.default_rng(seed)
+    kept = [rng.choice(members, size=q, replace=False) for members, q in bin_cells(bins, labels, ratio) if q]
+    return np.sort(np.concatenate(kept)).astype(np.int64) if kept else np.zeros(0, np.int64)
+
+
+def bin_cells(bins, labels, ratio: float) -> list[tuple[np.ndarray, int]]:
+    """(members int64 [n_cell] ascending, quota) of every (bin, class) cell, in (bin, class) order: the
+    budgets of `sample_bins`, whose quotas sum to exactly round(ratio * N) by largest remainder. bins of -1
+    everywhere make the cells the classes (what the difficulty-aware methods draw from)."""
+    bins = np.asarray(bins).astype(np.int64)
+    labels = np.asarray(labels).astype(np.int64)
     n = len(labels)
     if n == 0:
-        return np.zeros(0, np.int64)
+        return []
     order = np.lexsort((np.arange(n), labels, bins))  # cells in (bin, class) order, members ascending
     key_b, key_c = bins[order], labels[order]
     starts = np.flatnonzero(np.r_[True, (key_b[1:] != key_b[:-1]) | (key_c[1:] != key_c[:-1])])
     sizes = np.diff(np.r_[starts, n])
     quotas = _apportion(sizes, round(ratio * n))
-    rng = np.random.default_rng(seed)
-    kept = [rng.choice(order[s:s + size], size=q, replace=False)
-            for s, size, q in zip(starts, sizes, quotas) if q]
-    return np.sort(np.concatenate(kept)).astype(np.int64) if kept else np.zeros(0, np.int64)
+    return [(order[s:s + size], int(q)) for s, size, q in zip(starts, sizes, quotas)]
 
 
 def graphcut_indices(features, labels, ratio: float, *, lam: float = 1.0, precision: str = "float64") -> np.ndarray:
@@ -664,20 +712,29 @@ def graphcut_indices(features, labels, ratio: float, *, lam: float = 1.0, precis
 
 
 def select_indices(method: str, features, labels, ratio: float, seed: int, num_bins: int = 10,
-                   lam: float = 1.0, per_class: bool = True, precision: str = "float64", progress: bool = False):
+                   lam: float = 1.0, per_class: bool = True, precision: str = "float64", progress: bool = False,
+                   score: str = "aum", beta: float = 0.1, strata: int = 50, k: int = 10, gamma: float = 1.0,
+                   gamma_reverse: float = 1.0, scores=None):
     """(bins int32 [N], sorted int64 indices) of the registered method `method` (select.method).
 
-    The keyword arguments after `seed` are the keys of params.yaml's `select` section but `method`.
-    Methods without bins return bins of -1.
+    The keyword arguments after `seed` but `scores` are the keys of params.yaml's `select` section but
+    `method` (their defaults: DIFFICULTY_DEFAULTS for the difficulty-aware ones). `scores`: the per-sample
+    scores of the scores stage (a mapping name -> float [N], e.g. dq.scores.read_scores), which methods
+    registered with `needs_scores` rank by. Methods without bins return bins of -1.
     """
     entry = METHODS.get(method)
     check_ratio(ratio)
+    check_select_params(score=score, beta=beta, strata=strata, k=k, gamma=gamma, gamma_reverse=gamma_reverse)
+    if entry.needs_scores and scores is None:
+        raise DQError(f"select.method = {method!r} ranks samples by difficulty and needs the scores stage's "
+                      "scores (data/scores); run the scores stage first")
     return entry.obj(features, np.asarray(labels), ratio, seed, num_bins=num_bins, lam=lam, per_class=per_class,
-                     precision=precision, progress=progress)
+                     precision=precision, progress=progress, score=score, beta=beta, strata=strata, k=k,
+                     gamma=gamma, gamma_reverse=gamma_reverse, scores=scores)
 
 
 @METHODS.register("dq", makes_bins=True)
-def _dq(features, labels, ratio, seed, *, num_bins, lam, per_class, precision, progress):
+def _dq(features, labels, ratio, seed, *, num_bins, lam, per_class, precision, progress, **_):
     """DQ: GraphCut bins per class, then the same share of every bin."""
     bins = dq_bins(features, labels, num_bins, lam=lam, per_class=per_class, precision=precision, progress=progress)
     return bins, sample_bins(bins, labels, ratio, seed)
@@ -695,6 +752,14 @@ def _random(features, labels, ratio, seed, **_):
     """Class-balanced random sampling: one bin per class."""
     no_bins = np.full(len(labels), -1, np.int32)
     return no_bins, sample_bins(no_bins, labels, ratio, seed)
+
+
+# The difficulty-aware methods (issue 36) live in dq.select_difficulty and register here by path: their names
+# and traits are known to params validation without loading them, and only the select stage imports them.
+METHODS.register_lazy("ccs", "dq.select_difficulty:ccs", needs_scores=True)
+METHODS.register_lazy("d2", "dq.select_difficulty:d2", needs_scores=True)
+METHODS.register_lazy("moderate", "dq.select_difficulty:moderate")
+METHODS.register_lazy("dq-ccs", "dq.select_difficulty:dq_ccs", makes_bins=True, needs_scores=True)
 
 
 # -------------------------------------------------------------------------------------- diversity

@@ -95,6 +95,7 @@ from dq.prepared import Prepared, Store
 from dq.params import TrainParams
 from dq.runtime import autocast
 from dq.row_sources import Rows, as_rows
+from dq.soft_labels import SoftLabels, distillation_loss
 
 EVAL_BATCH_SIZE = 500  # also the batch of the channel statistics and of the fingerprint's array reads
 CPU_BATCH_PIXELS = EVAL_BATCH_SIZE * 32 * 32  # on the CPU, pixels per forward pass when scoring
@@ -116,6 +117,7 @@ class TrainingSet:
     kept_pixels: int
     stored_bytes: int
     indices: np.ndarray | None = None  # int64 [N]: rows in the prepared training set (None: all rows)
+    soft: SoftLabels | None = None  # a compact store's soft labels: train distils from them (dq.soft_labels)
 
 
 @dataclass
@@ -210,7 +212,7 @@ def compact_training_set(compact_path: str | Path, mae_path: str | Path, *, devi
     patch = rebuilt.header.patch_size
     return TrainingSet(rebuilt.images, rebuilt.labels, list(rebuilt.header.classes), "compact",
                        kept_pixels=int(rebuilt.keep.sum()) * patch * patch,
-                       stored_bytes=Path(compact_path).stat().st_size, indices=rebuilt.indices)
+                       stored_bytes=Path(compact_path).stat().st_size, indices=rebuilt.indices, soft=rebuilt.soft)
 
 
 def compact_indices(compact_path: str | Path) -> np.ndarray:
@@ -363,9 +365,11 @@ def train_classifier_epoch(model, optimizer, scheduler, images, labels, mean, st
 
 
 def train_batches(model, optimizer, scheduler, images, labels, mean, std, config: TrainParams, batches,
-                  device, num_workers: int = 0, average: "WeightAverage | None" = None) -> tuple[float, float]:
+                  device, num_workers: int = 0, average: "WeightAverage | None" = None,
+                  soft: SoftLabels | None = None) -> tuple[float, float]:
     """One optimizer step per (rows, draws) of `batches`; returns (mean loss, accuracy) on the augmented batches.
-    `average`, when given, is updated after every step.
+    `average`, when given, is updated after every step. With `soft` labels the loss is dq.soft_labels'
+    distillation loss (weight `train.distill_weight`), each image's target the view its flip gave it.
 
     `images` is a row source (or a uint8 array or tensor [N, H, W, C]); labels int64 [N]. Each step reads
     only its batch's rows (this rank's part of them), through `num_workers` DataLoader workers. Under
@@ -387,9 +391,15 @@ def train_batches(model, optimizer, scheduler, images, labels, mean, std, config
     for (idx, draws), part, rows, raw in zip(batches, parts, reads, row_sources.batches(source, reads, num_workers)):
         x = to_input(apply_augment(raw, draws, config.crop_padding, part), norm, device)
         y = labels[rows].to(device, non_blocking=True)
+        target = None
+        if soft is not None:
+            flipped = draws[2][part] if draws[2] is not None else None
+            target = soft.targets(rows, flipped).to(device, non_blocking=True)
         with autocast(device):
             logits = model(x)
-            loss, batch_loss_sum = _batch_loss(logits, y, len(idx), world, config.label_smoothing)
+            loss, batch_loss_sum = _batch_loss(logits, y, len(idx), world, config.label_smoothing,
+                                               target, soft.temperature if soft is not None else 1.0,
+                                               config.distill_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -403,15 +413,21 @@ def train_batches(model, optimizer, scheduler, images, labels, mean, std, config
     return totals[0] / max(seen, 1), int(totals[1]) / max(seen, 1)
 
 
-def _batch_loss(logits, y, batch_images: int, world: int,
-                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the loss to backpropagate, the batch part's summed cross-entropy in float64, detached); the
-    cross-entropy is against labels smoothed by `label_smoothing` (Szegedy et al. 2016).
+def _batch_loss(logits, y, batch_images: int, world: int, label_smoothing: float = 0.0,
+                target: torch.Tensor | None = None, temperature: float = 1.0,
+                distill_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to backpropagate, the batch part's summed loss in float64, detached); the cross-entropy
+    is against labels smoothed by `label_smoothing` (Szegedy et al. 2016). With soft `target`
+    probabilities [b, C], the loss is dq.soft_labels.distillation_loss at `temperature`, `distill_weight`.
 
     With several ranks each part's summed loss is divided by the whole batch's size and multiplied by
     the world size, because DistributedDataParallel averages gradients over ranks: the result is the
     gradient of the whole batch's mean loss, even when the parts differ in size by one image.
     """
+    if target is not None:
+        summed = distillation_loss(logits, y, target, temperature=temperature, weight=distill_weight,
+                                   label_smoothing=label_smoothing)
+        return summed * (world / batch_images), summed.detach().double()
     if world == 1:
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         return loss, loss.detach().double() * len(y)
@@ -449,6 +465,22 @@ def evaluate(model, images, labels: np.ndarray, mean, std, num_classes: int, dev
     confusion = confusion.view(num_classes, num_classes).cpu().numpy()
     n = max(len(labels), 1)
     return Evaluation(loss=float(loss_sum) / n, top1=float(np.trace(confusion)) / n, confusion=confusion)
+
+
+@torch.no_grad()
+def predict_logits(model, images, mean, std, device, *, flip: bool = False, num_workers: int = 0,
+                   batch_size: int = EVAL_BATCH_SIZE):
+    """float32 [b, C] batches of `model`'s logits on uint8 images [N, H, W, C] (a row source or an array), in
+    row order; of the mirror images with `flip`. One process (the teacher's logits are written by rank 0)."""
+    model.eval()
+    device = torch.device(device)
+    source = as_rows(images)
+    norm = normalisation(mean, std, device)
+    reads = row_sources.consecutive(0, len(source), batch_size)
+    with autocast(device):
+        for batch in row_sources.batches(source, reads, num_workers):
+            x = to_input(batch, norm, device)
+            yield model(x.flip(3) if flip else x).float().cpu().numpy()
 
 
 class WeightAverage:
@@ -594,6 +626,11 @@ def run_fingerprint(train_set: TrainingSet, test, config: TrainParams, seed: int
         labels = np.ascontiguousarray(labels)
         h.update(str(labels.shape).encode())
         h.update(labels.tobytes())
+    soft = getattr(train_set, "soft", None)
+    if soft is not None:  # a fill cache's key already covers its store's bytes; arrays are hashed here too
+        h.update(f"soft T={soft.temperature}".encode())
+        h.update(soft.values.tobytes())
+        h.update(b"" if soft.ids is None else soft.ids.tobytes())
     return h.hexdigest()
 
 
@@ -657,7 +694,8 @@ def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed:
         batches = scheduled_batches(schedule, n, config, seed, first, last, world)
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_batches(model, optimizer, scheduler, train_images, labels, mean, std, config,
-                                              batches, device, num_workers=num_workers, average=average)
+                                              batches, device, num_workers=num_workers, average=average,
+                                              soft=train_set.soft)
         record = {"epoch": schedule.epochs_seen(last), "step": last, "lr": lr, "train_loss": train_loss,
                   "train_acc": train_acc}
         if schedule.scored(r):
@@ -742,6 +780,7 @@ def train_metrics(result: TrainResult, train_set: TrainingSet, config: TrainPara
         "compact_bytes": int(train_set.stored_bytes),
         "full_raw_bytes": int(full_raw_bytes),
         "input": train_set.input,
+        "soft_labels": train_set.soft is not None,
         "budget": "epochs" if config.steps is None else "steps",
         "epochs": result.meta["epochs"],  # passes over the training set: train.epochs, or what the steps made
         "steps": result.meta["steps"],

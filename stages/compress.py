@@ -29,13 +29,15 @@ from dq.prepared import open_store  # noqa: E402
 from dq.runtime import device_for  # noqa: E402
 from dq.scorers import SCORERS, create_scorer  # noqa: E402
 from dq.selection_folder import read_selection  # noqa: E402
+from dq.soft_labels import SoftSpec  # noqa: E402
+from dq.teacher import read_teacher_logits, stored_soft_labels  # noqa: E402
 from stages.common import parse_args  # noqa: E402
 
 
 # In the compact file's `params` attribute. data.source and data.root name the files the store came from
 # (and give source_bytes); the process and worker counts change no byte of the output.
 RECORDED_PARAMS = ("ratio", "seed", "data.source", "data.root", "features.backbone", "features.weights",
-                   "features.input_size", "patches", "runtime.device")
+                   "features.input_size", "patches", "labels", "runtime.device")
 NOT_RECORDED = ("runtime.nproc", "runtime.num_workers")
 
 
@@ -49,10 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     check_made_with(paths.features, features, backbone=fp.backbone, weights=fp.weights, input_size=fp.input_size)
     torch.use_deterministic_algorithms(True, warn_only=True)
     selected = Selected(store, indices, all_labels[indices], bins[indices])  # per image: small
+    soft_spec, soft = _soft_labels(paths, params, store, indices)
     header = Header(image_size=store.image_shape[0], patch_size=pp.patch_size, channels=store.image_shape[2],
                     drop=pp.drop, ratio=params.ratio, classes=store.classes, source=store.index.source,
                     params=params.provenance(*RECORDED_PARAMS), codec=pp.codec, quality=pp.quality,
-                    store_scores=pp.store_scores)
+                    store_scores=pp.store_scores, soft=soft_spec)
     device = device_for(params.runtime)
     with distributed.process_group(device):
         backbone = create_backbone(fp.backbone, fp.weights)
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         figure = write_compact_store(paths.compact, selected, header, scorer, probe,
                                      cam.FigureSamples(cam.figure_rows(selected.labels)), batch_size=pp.batch_size,
                                      num_workers=params.runtime.num_workers,
-                                     source_bytes=source_bytes(params.data, len(indices)), device=device)
+                                     source_bytes=source_bytes(params.data, len(indices)), device=device,
+                                     soft=soft)
     if figure is None:  # a torchrun rank that did not write
         return
     metrics = probe.metrics()
@@ -82,6 +86,16 @@ def main(argv: list[str] | None = None) -> None:
     positions, images, maps, keep = figure.arrays(store.image_shape, header.num_patches)
     cam.plot_patches(paths.compact_figure, images, maps, keep, pp.patch_size,
                      [store.classes[int(y)] for y in selected.labels[positions]], map_name=pp.scorer)
+
+
+def _soft_labels(paths: DataPaths, params, store, indices):
+    """(SoftSpec, the stored soft labels of the selected rows) with `labels.soft`, else (None, None)."""
+    lp = params.labels
+    if not lp.soft:
+        return None, None
+    spec = SoftSpec(k=lp.k, bits=lp.bits, temperature=lp.temperature, views=lp.views)
+    teacher = read_teacher_logits(paths.teacher_logits, expected_rows=len(store), classes=store.classes)
+    return spec, stored_soft_labels(teacher, indices, spec)
 
 
 if __name__ == "__main__":

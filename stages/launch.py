@@ -18,7 +18,7 @@ import sys
 from dq.errors import DQError, run_cli
 from dq.params import RuntimeParams, load_params
 
-DISTRIBUTED_STAGES = ("features", "compress", "train")
+DISTRIBUTED_STAGES = ("features", "compress", "teacher", "train")
 
 
 def torchrun_command(module: str, nproc: int, rest: list[str]) -> list[str]:

@@ -1,17 +1,20 @@
 """DVC stage `select`: DQ bins and the kept samples → data/selection/, with its metrics and figure.
 
-Reads data/features/train.h5 and the labels of data/prepared/train.h5; writes data/selection/ (owned by
+Reads data/features/train.h5 and the labels of data/prepared/train.h5, and data/scores/scores.h5 when the
+method ranks by difficulty (`needs_scores`: ccs, d2, dq-ccs); writes data/selection/ (owned by
 dq.selection_folder), data/selection_metrics.json and data/selection_plots/bins.png.
 """
 from __future__ import annotations
 
+from dq import select_difficulty  # noqa: F401  the difficulty-aware methods, registered in METHODS by path
 from dq import selection_folder
+from dq.difficulty import read_scores
 from dq.errors import run_cli
 from dq.features import read_features
 from dq.io import write_json
 from dq.paths import DataPaths
 from dq.prepared import read_prepared
-from dq.select import select_indices
+from dq.select import METHODS, select_indices
 from stages.common import parse_args
 
 
@@ -25,8 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     prepared = read_prepared(paths.prepared_split("train"), images=False)
     stored = read_features(paths.features, len(prepared.labels))
     features, labels, sel = selection_folder.selection_features(stored), prepared.labels, params.select
+    scores = read_scores(paths.scores, labels) if METHODS.get(sel.method).needs_scores else None
     bins, indices = select_indices(sel.method, features, labels, params.ratio, params.seed, num_bins=sel.num_bins,
-                                   lam=sel.lam, per_class=sel.per_class, precision=sel.precision, progress=True)
+                                   lam=sel.lam, per_class=sel.per_class, precision=sel.precision, progress=True,
+                                   score=sel.score, beta=sel.beta, strata=sel.strata, k=sel.k, gamma=sel.gamma,
+                                   gamma_reverse=sel.gamma_reverse, scores=scores)
     summary = selection_folder.summary(sel.method, params.provenance(*RECORDED_PARAMS), features, labels,
                                 bins, indices, prepared.classes)
     selection_folder.write_selection(paths.selection, bins, indices, summary)

@@ -32,6 +32,8 @@ TINY = {
     "mae": {"arch": "mae_vit_micro_patch4", "input_size": 16, "epochs": 2, "batch_size": 32,
             "warmup_epochs": 1, "eval_images": 16},
     "train": {"model": "resnet10t", "epochs": 2, "steps": None, "batch_size": 32},
+    "teacher": {"steps": 6},
+    "scores": {"seeds": 1, "steps": 6, "batch_size": 32, "el2n_step": 3, "k": 3},
     "runtime": {"threads": 1},
 }
 
@@ -45,6 +47,11 @@ def env() -> dict:
              GIT_COMMITTER_NAME="dq test", GIT_COMMITTER_EMAIL="test@dq.invalid")
     e.pop("DQ_DEBUG", None)
     return e
+
+
+def all_stages() -> list[str]:
+    """Every stage of dvc.yaml: what a `dvc repro` from nothing runs."""
+    return list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 
 
 def tiny_params(overrides: dict | None = None) -> dict:

@@ -245,7 +245,7 @@ CASES: dict[str, tuple[Case, Callable[[Path, Path, Path], dict] | None]] = {
         inputs("prepared/train", damage=lambda data: truncate(data / "prepared/train/shard-00000.h5"))),
     "missing prepared shard": (
         Case("stages.compress", ("prepared/train/shard-00000.h5: shard missing", "rerun the prepare stage")),
-        inputs("prepared/train", "selection", "features/train.h5",
+        inputs("prepared/train", "selection", "features/train.h5", "teacher/logits.h5",
                damage=lambda data: (data / "prepared/train/shard-00000.h5").unlink())),
     "version 1 prepared store": (
         Case("stages.features", ("prepared/train.h5: a version 1 prepared store", "rerun the prepare stage")),
@@ -266,9 +266,9 @@ CASES: dict[str, tuple[Case, Callable[[Path, Path, Path], dict] | None]] = {
         inputs("compact/dataset.h5",
                damage=lambda data: set_attr(data / "compact/dataset.h5", "format", "something-else"))),
     "newer schema (validate)": (
-        Case("dq.format", ("schema_version 3 is newer", "update dq")),
+        Case("dq.format", ("schema_version 4 is newer", "update dq")),
         inputs("compact/dataset.h5",
-               damage=lambda data: set_attr(data / "compact/dataset.h5", "schema_version", np.int64(3)))),
+               damage=lambda data: set_attr(data / "compact/dataset.h5", "schema_version", np.int64(4)))),
     "checksum (validate)": (
         Case("dq.format", ("dataset 'keep'", "fails its checksum")),
         inputs("compact/dataset.h5", damage=lambda data: flip_chunk_byte(data / "compact/dataset.h5", "keep"))),
@@ -276,9 +276,9 @@ CASES: dict[str, tuple[Case, Callable[[Path, Path, Path], dict] | None]] = {
         Case("dq.format", ("compact/dataset.h5: image row 3:", "fails its crc32 check")),
         inputs("compact/dataset.h5", damage=lambda data: flip_stream_byte(data / "compact/dataset.h5", 3))),
     "newer schema (train)": (
-        Case("stages.train", ("compact/dataset.h5", "schema_version 3 is newer")),
+        Case("stages.train", ("compact/dataset.h5", "schema_version 4 is newer")),
         inputs(*TRAIN_INPUTS,
-               damage=lambda data: set_attr(data / "compact/dataset.h5", "schema_version", np.int64(3)))),
+               damage=lambda data: set_attr(data / "compact/dataset.h5", "schema_version", np.int64(4)))),
     "checksum (train)": (
         Case("stages.train", ("compact/dataset.h5", "checksum")),
         inputs(*TRAIN_INPUTS, damage=lambda data: flip_chunk_byte(data / "compact/dataset.h5", "keep"))),

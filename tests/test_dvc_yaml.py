@@ -19,7 +19,7 @@ from dq.paths import DataPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dq", "stages")  # the repository's own code
-NOT_OUTPUTS = {"mae_resume", "train_resume", "fill"}  # resume checkpoints and the fill cache must survive DVC's removal of outputs
+NOT_OUTPUTS = {"mae_resume", "train_resume", "teacher_resume", "fill"}  # resume checkpoints and the fill cache must survive DVC's removal of outputs
 
 
 def module_file(name: str) -> Path | None:

@@ -449,7 +449,7 @@ def _truncate(path):
 
 DAMAGE = {
     "wrong format": (_set_attr("format", "something-else"), r"format = 'something-else'; expected 'dq-compact'"),
-    "newer schema": (_set_attr("schema_version", np.int64(3)), r"schema_version 3 is newer than this reader"),
+    "newer schema": (_set_attr("schema_version", np.int64(4)), r"schema_version 4 is newer than this reader"),
     "unknown codec": (_set_attr("codec", "avif"), r"attribute codec = 'avif'; expected one of raw, png"),
     "missing dataset": (_delete("bins"), r"missing dataset 'bins'"),
     "missing attribute": (lambda p: _delete_attr(p, "grid"), r"missing root attribute 'grid'"),
@@ -569,6 +569,7 @@ def _tiny_pipeline(root: Path, n: int = 24, indices: np.ndarray | None = None, s
     """Inputs of the compress stage under root/data, params in root/params.yaml: `n` prepared images of
     3 classes (32 px), every other one selected unless `indices` says otherwise; `patches` overrides."""
     from dq.features import Features, write_features
+    from dq.teacher import probe_logits, write_logits
 
     classes = ["zero", "one", "two"]
     labels = np.arange(n) % 3
@@ -580,11 +581,15 @@ def _tiny_pipeline(root: Path, n: int = 24, indices: np.ndarray | None = None, s
     np.save(root / "data/selection/bins.npy", (np.arange(n) % 4).astype(np.int32))
     rng = np.random.default_rng(0)
     d = 512  # resnet10t's features
-    write_features(root / "data/features/train.h5", Features(
+    features = Features(
         embedding=rng.normal(size=(n, d)).astype(np.float32), logit_grad=None,
         probe_weight=rng.normal(size=(3, d)).astype(np.float32) * 0.05, probe_bias=np.zeros(3, np.float32),
         kind="embedding", backbone="resnet10t", weights="none", input_size=32, classes=classes,
-        probe_train_accuracy=0.0))
+        probe_train_accuracy=0.0)
+    write_features(root / "data/features/train.h5", features)
+    # the default stores soft labels: the probe teacher's logits, as the teacher stage writes them
+    write_logits(root / "data/teacher/logits.h5", {"logits": probe_logits(features)}, num_images=n, classes=classes,
+                 kind="probe", test_top1=None)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(source="synthetic", image_size=32)
     params["features"].update(backbone="resnet10t", weights="none", input_size=32)

@@ -23,7 +23,7 @@ def test_repo_params_load_and_match_dataclass_defaults(raw):
     assert params.ratio == raw["ratio"] and params.seed == raw["seed"]
     assert params.data.source == "fashion-mnist"
     # every key of params.yaml is a field, and every field is in params.yaml: the file documents them all
-    for section in ("data", "features", "select", "patches", "mae", "train", "export", "runtime"):
+    for section in ("data", "features", "scores", "select", "patches", "mae", "train", "teacher", "labels", "export", "runtime"):
         assert set(raw[section]) == set(getattr(params, section).__dataclass_fields__), section
 
 
@@ -43,6 +43,12 @@ BAD_VALUES = [
     ("select.method", "kmeans", "one of"), ("select.num_bins", 0, "positive"),
     ("select.lam", -1.0, "> 0"), ("select.per_class", "no", "true or false"),
     ("select.precision", "float16", "one of float64, float32"),
+    ("select.score", "loss", "one of aum, el2n, forgetting"), ("select.beta", 1.0, "[0, 1)"),
+    ("select.strata", 0, "positive"), ("select.k", 0, "positive"), ("select.gamma", -1.0, ">= 0"),
+    ("select.gamma_reverse", -1.0, ">= 0"),
+    ("scores.model", "no_such_net", "smallnet or a timm model name"), ("scores.seeds", 0, "positive"),
+    ("scores.steps", 0, "positive"), ("scores.batch_size", 1, ">= 2"), ("scores.lr", 0.0, "> 0"),
+    ("scores.el2n_step", 0, "[1, scores.steps]"), ("scores.k", 0, "positive"),
     ("patches.drop", 1.0, "[0, 1)"), ("patches.drop", -0.1, "[0, 1)"), ("patches.patch_size", 0, "positive"),
     ("patches.patch_size", 5, "divisor of data.image_size"), ("patches.cam_layer", 3, "a string"),
     ("patches.batch_size", 0, "positive"), ("patches.scorer", "saliency", "one of pixel-std, random, gradcam++, gradcam++-flat-first"),
@@ -64,6 +70,11 @@ BAD_VALUES = [
     ("train.model", "no_such_net", "smallnet or a timm model name"), ("train.nesterov", "yes", "true or false"),
     ("train.schedule", "step", "one of onecycle, cosine"), ("train.warmup", 1.0, "[0, 1)"),
     ("train.label_smoothing", -0.1, "[0, 1)"), ("train.ema", 1.0, "[0, 1)"), ("train.tta", "crops", "one of flip, none"),
+    ("train.distill_weight", 1.5, "[0, 1]"), ("teacher.kind", "oracle", "one of trained, probe, checkpoint"),
+    ("teacher.seed", "zero", "an integer"),
+    ("teacher.steps", 0, "positive"), ("teacher.checkpoint", 3, "a string or null"),
+    ("labels.soft", "yes", "true or false"), ("labels.k", 0, "positive"), ("labels.bits", 4, "one of 16, 8"),
+    ("labels.temperature", 0.0, "> 0"), ("labels.views", 3, "1 or 2"),
     ("export.format", "tfrecord", "one of imagefolder, webdataset"), ("export.test", "keep", "one of copy, skip"),
     ("export.shard_images", 0, "positive integer"),
     ("runtime.device", "tpu", "one of"), ("runtime.nproc", 0, "positive"), ("runtime.num_workers", -1, ">= 0"),

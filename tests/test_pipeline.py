@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from tests.pipeline_repo import dvc, git, make_repo, ran_stages, run
+from tests.pipeline_repo import all_stages, dvc, git, make_repo, ran_stages, run
 
-ALL_STAGES = ["prepare", "features", "select", "compress", "mae", "train", "export", "report"]
+ALL_STAGES = all_stages()
 
 
 @pytest.fixture(scope="module")

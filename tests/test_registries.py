@@ -78,7 +78,7 @@ def test_params_name_every_registered_entry_and_refuse_others(toys):
     params = params_from_dict(raw)
     assert (params.data.source, params.select.method, params.patches.scorer) == ("toy-stripes", "toy-first", "toy-bright")
     with pytest.raises(DQError, match=r"select.method = 'toy-last' is not allowed; expected one of dq, graphcut, "
-                                      r"random, toy-first$"):
+                                      r"random, ccs, d2, moderate, dq-ccs, toy-first$"):
         params_from_dict({**raw, "select": {"method": "toy-last"}})
     with pytest.raises(DQError, match=r"data.source = 'x' is not allowed; expected one of .*synthetic, toy-stripes$"):
         params_from_dict({**raw, "data": {**raw["data"], "source": "x"}})
@@ -89,14 +89,14 @@ def test_params_name_every_registered_entry_and_refuse_others(toys):
 def test_a_toy_of_every_axis_runs_through_the_stage_entry_points(toys, tmp_path):
     from dq.compact import read_compact, validate
     from dq.prepared import read_prepared
-    from stages import compress, features, prepare, select
+    from stages import compress, features, prepare, select, teacher
 
     raw = tiny_params({"data": {"source": "toy-stripes", "synthetic_train": 40, "synthetic_test": 8},
-                       "select": {"method": "toy-first"}, "ratio": 0.25,
+                       "select": {"method": "toy-first"}, "ratio": 0.25, "teacher": {"kind": "probe"},
                        "patches": {"scorer": "toy-bright", "codec": "toy-bmp", "drop": 0.25}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     argv = ["--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path / "data")]
-    for stage in (prepare, features, select, compress):
+    for stage in (prepare, features, teacher, select, compress):
         stage.main(argv)
     prepared = read_prepared(tmp_path / "data" / "prepared" / "train")
     assert prepared.classes == CLASSES and prepared.source == "toy-stripes"

@@ -30,10 +30,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.pipeline_repo import digest_tree, dvc, env, git, make_repo, ran_stages
+from tests.pipeline_repo import all_stages, digest_tree, dvc, env, git, make_repo, ran_stages
 
 SSHD = Path("/usr/sbin/sshd")
-ALL_STAGES = ["prepare", "features", "select", "compress", "mae", "train", "export", "report"]
+ALL_STAGES = all_stages()
 OTHER_RATIO = 0.5  # the experiment, and the run cache's parameter set that is never committed
 BULK_FILES = 1500  # objects in the interrupted push: enough that a kill lands half-way
 

@@ -1,4 +1,4 @@
-"""The compact store: the HDF5 format, versions 1 and 2; write (version 2), read and validate both, a torch Dataset.
+"""The compact store: the HDF5 format, versions 1 to 3; write (version 2, or 3 with soft labels), read and validate all, a torch Dataset.
 
 A compact file holds the images that selection kept, minus the patches that GradCAM++ scored lowest.
 Its layout is fixed by docs/DESIGN.md and described for readers in other languages in docs/FORMAT.md:
@@ -11,6 +11,9 @@ Its layout is fixed by docs/DESIGN.md and described for readers in other languag
     indices     int64   [N]              row of each image in prepared/train.h5
     bins        int32   [N]
     scores      float32 [N, L]           version 1; version 2: float16, or absent (patches.store_scores)
+  soft labels (version 3, root attrs soft_k, soft_bits, soft_temperature, soft_views; dq.soft_labels):
+    soft_probs  float16|uint8 [N, V, k]  the teacher's k most probable classes per image and view
+    soft_ids    uint8|uint16  [N, V, k]  their class ids; absent when k >= the number of classes
   codec raw (and every version 1 file):
     patches     uint8   [N, K, p, p, C]  kept patches, in raster order of their grid positions
   codec png | webp-lossless | webp | jpeg (version 2):
@@ -59,6 +62,7 @@ from dq.compact.reader import (  # noqa: F401
 from dq.compact.schema import (  # noqa: F401
     ATTRS,
     ATTRS_V1,
+    ATTRS_V3,
     CHUNK_MAX,
     CHUNK_MIN,
     CHUNK_TARGET,
@@ -88,4 +92,4 @@ from dq.compact.writer import (  # noqa: F401
     write_compact,
 )
 
-__all__ = ['FORMAT', 'SCHEMA_VERSION', 'READABLE_VERSIONS', 'DATASETS', 'COMMON_DATASETS', 'STREAM_DATASETS', 'SCORES_V2', 'ATTRS_V1', 'ATTRS', 'JPEG_REFERENCE_QUALITY', 'CHUNK_MIN', 'CHUNK_TARGET', 'CHUNK_MAX', 'GZIP_LEVEL', 'READ_CACHE_BYTES', 'VALIDATE_BLOCK_BYTES', 'SPOOL_BLOCK_BYTES', 'WRITE_BATCH', 'Header', 'read_header', 'read_stats', 'check_keep', 'chunk_shape', 'encode_images', 'pack_streams', 'CompactWriter', 'write_compact', 'kept_pixel_errors', 'psnr_from_errors', 'kept_pixel_psnr', 'jpeg_reference_bytes', 'storage_metrics', 'decode_streams', 'check_crc', 'Compact', 'CompactFile', 'open_compact', 'read_compact', 'validate', 'CompactDataset', 'describe', 'main']
+__all__ = ['FORMAT', 'SCHEMA_VERSION', 'READABLE_VERSIONS', 'DATASETS', 'COMMON_DATASETS', 'STREAM_DATASETS', 'SCORES_V2', 'ATTRS_V1', 'ATTRS', 'ATTRS_V3', 'JPEG_REFERENCE_QUALITY', 'CHUNK_MIN', 'CHUNK_TARGET', 'CHUNK_MAX', 'GZIP_LEVEL', 'READ_CACHE_BYTES', 'VALIDATE_BLOCK_BYTES', 'SPOOL_BLOCK_BYTES', 'WRITE_BATCH', 'Header', 'read_header', 'read_stats', 'check_keep', 'chunk_shape', 'encode_images', 'pack_streams', 'CompactWriter', 'write_compact', 'kept_pixel_errors', 'psnr_from_errors', 'kept_pixel_psnr', 'jpeg_reference_bytes', 'storage_metrics', 'decode_streams', 'check_crc', 'Compact', 'CompactFile', 'open_compact', 'read_compact', 'validate', 'CompactDataset', 'describe', 'main']

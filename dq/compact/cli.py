@@ -11,7 +11,7 @@ import numpy as np
 
 from dq import codec as codecs
 from dq.compact.reader import open_compact, validate
-from dq.compact.schema import ATTRS, ATTRS_V1, FORMAT, read_stats
+from dq.compact.schema import ATTRS, ATTRS_V1, ATTRS_V3, FORMAT, read_stats
 from dq.errors import run_cli
 
 
@@ -27,7 +27,7 @@ def describe(path: str | Path) -> str:
         version = int(cf.file.attrs["schema_version"])
         size = os.path.getsize(path)
         lines = [f"{path}: {FORMAT} version {version}, {size:,} bytes", "attributes:"]
-        for name in (ATTRS_V1 if version == 1 else ATTRS):
+        for name in {1: ATTRS_V1, 2: ATTRS}.get(version, ATTRS_V3):
             value = cf.file.attrs[name]
             lines.append(f"  {name:15s} {value.tolist() if isinstance(value, np.ndarray) else value}")
         labels = cf.read("labels")

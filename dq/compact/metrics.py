@@ -47,6 +47,8 @@ def storage_metrics(path: str | Path, full_images: int) -> dict:
         h = cf.header
         image_name = "streams" if h.uses_streams else "patches"
         patches_stored = int(cf[image_name].id.get_storage_size())
+        soft_stored = sum(int(cf[name].id.get_storage_size()) for name in ("soft_probs", "soft_ids")
+                          if name in h.datasets())
         stats = read_stats(cf.file)
     image_bytes = h.image_size * h.image_size * h.channels
     compact_bytes = os.path.getsize(path)
@@ -63,6 +65,8 @@ def storage_metrics(path: str | Path, full_images: int) -> dict:
         "quality": h.quality if not codecs.is_lossless(h.codec) else None,
         "compact_bytes": compact_bytes,
         "patches_stored_bytes": patches_stored,
+        "soft_label_bytes": soft_stored,  # the soft labels' datasets as stored (version 3); counted in compact_bytes
+        "soft_label_share": soft_stored / max(compact_bytes, 1),
         "bytes_per_image": compact_bytes / max(h.num_images, 1),
         "kept_raw_bytes": h.num_images * image_bytes,
         "kept_patch_raw_bytes": kept_patch_raw,

@@ -1,4 +1,4 @@
-"""Reading a compact store (versions 1 and 2): `open_compact`, `CompactFile`, `read_compact`, `validate`."""
+"""Reading a compact store (versions 1, 2 and 3): `open_compact`, `CompactFile`, `read_compact`, `validate`."""
 from __future__ import annotations
 
 import math
@@ -21,6 +21,7 @@ from dq.compact.schema import (
 from dq.errors import DQError, first_line
 from dq.grid import assemble, extract_patches, zero_dropped
 from dq.io import H5_OPEN_ERRORS, READ_GAP, read_runs
+from dq.soft_labels import SoftLabels, dequantise
 
 
 def decode_streams(streams: list, codec: str, shape: tuple[int, int, int], path: Path,
@@ -57,6 +58,7 @@ class Compact:
     indices: np.ndarray  # int64 [N]
     bins: np.ndarray  # int32 [N]
     scores: np.ndarray | None  # float32 [N, L] (version 1), float16 [N, L] or None (version 2)
+    soft: SoftLabels | None = None  # version 3: the teacher's soft labels as stored
 
     def images(self) -> np.ndarray:
         """uint8 [N, H, W, C], dropped patches zero."""
@@ -98,6 +100,22 @@ class CompactFile:
         except H5_OPEN_ERRORS as exc:
             raise DQError(f"{self.path}: dataset '{name}' row {row} fails its checksum or cannot be "
                           f"decompressed; the file is damaged ({first_line(exc, 160)})") from None
+
+    def read_soft_labels(self) -> SoftLabels | None:
+        """The soft labels as stored (version 3), checked: finite probabilities in [0, 1] and class ids below
+        C, a few bytes per image; None when the store holds hard labels only."""
+        h = self.header
+        if h.soft is None:
+            return None
+        c = len(h.classes)
+        values = self.read("soft_probs")
+        ids = self.read("soft_ids") if h.soft.has_ids(c) else None
+        p = dequantise(values)
+        if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+            raise DQError(f"{self.path}: dataset 'soft_probs' holds values outside [0, 1]; the file is damaged")
+        if ids is not None and ids.size and int(ids.max()) >= c:
+            raise DQError(f"{self.path}: dataset 'soft_ids' holds class {int(ids.max())}; expected ids below {c}")
+        return SoftLabels(ids, values, c, h.soft.temperature)
 
     def read_keep(self) -> np.ndarray:
         """bool [N, L]: every keep mask, checked (exactly K True per row); a per-image vector, not images."""
@@ -181,7 +199,7 @@ def read_compact(path: str | Path) -> Compact:
             patches = extract_patches(images, arrays["keep"], h.patch_size)
         else:
             patches = cf.read("patches")
-        return Compact(h, patches=patches, **arrays)
+        return Compact(h, patches=patches, soft=cf.read_soft_labels(), **arrays)
 
 
 def validate(path: str | Path) -> Header:
@@ -201,6 +219,7 @@ def validate(path: str | Path) -> Header:
                 block = cf.read(name, slice(start, min(start + step, dset.shape[0])))
                 if name == "keep":
                     check_keep(cf.path, block, header, offset=start)
+        cf.read_soft_labels()
         if header.uses_streams:
             keep = cf.read("keep")
             step = max(1, VALIDATE_BLOCK_BYTES // max(1, math.prod(header.image_shape)))

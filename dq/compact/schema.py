@@ -15,10 +15,12 @@ from dq import codec as codecs
 from dq.errors import DQError, first_line
 from dq.grid import grid_of, kept_count
 from dq.io import H5_OPEN_ERRORS
+from dq.soft_labels import BITS_DTYPE, SoftSpec, ids_dtype
 
 FORMAT = "dq-compact"
-SCHEMA_VERSION = 2  # what write_compact writes
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # the newest: version 3 adds soft labels; a store without them is written as version 2
+PLAIN_VERSION = 2  # what write_compact writes when the store holds no soft labels
+READABLE_VERSIONS = (1, 2, 3)
 
 # the dtype of every dataset of a version 1 file, little-endian; Header.shape_of gives the shapes
 DATASETS = {
@@ -35,6 +37,7 @@ SCORES_V2 = np.dtype("<f2")  # half the bytes; scores only ever order patches, a
 ATTRS_V1 = ("format", "schema_version", "image_size", "patch_size", "channels", "grid", "num_patches",
             "kept_patches", "drop", "ratio", "classes", "source", "params")
 ATTRS = ATTRS_V1 + ("codec", "quality")  # required in version 2; `stats` is optional
+ATTRS_V3 = ATTRS + ("soft_k", "soft_bits", "soft_temperature", "soft_views")  # required in version 3
 JPEG_REFERENCE_QUALITY = 90  # the "ordinary JPEG copy" the storage metrics compare against
 
 CHUNK_MIN = 10 * 1024
@@ -52,7 +55,8 @@ class Header:
     """The root attributes of a compact file, plus the number of images N.
 
     `codec` and `quality` are version 2's attributes (a version 1 file reads as codec raw);
-    `store_scores` says whether the file has a `scores` dataset; `version` is the file's schema_version.
+    `store_scores` says whether the file has a `scores` dataset; `soft` how it keeps soft labels (version 3;
+    None: hard labels only); `version` is the file's schema_version.
     """
 
     image_size: int
@@ -67,6 +71,7 @@ class Header:
     codec: str = "raw"
     quality: int = codecs.DEFAULT_QUALITY
     store_scores: bool = False
+    soft: SoftSpec | None = None
     version: int = SCHEMA_VERSION
 
     @property
@@ -96,19 +101,25 @@ class Header:
             return dict(DATASETS)
         images = dict(STREAM_DATASETS) if self.uses_streams else {"patches": DATASETS["patches"]}
         out = images | {name: DATASETS[name] for name in COMMON_DATASETS}
-        return out | ({"scores": SCORES_V2} if self.store_scores else {})
+        out |= {"scores": SCORES_V2} if self.store_scores else {}
+        if self.soft is not None:
+            out["soft_probs"] = BITS_DTYPE[self.soft.bits]
+            if self.soft.has_ids(len(self.classes)):
+                out["soft_ids"] = ids_dtype(len(self.classes))
+        return out
 
     def shape_of(self, name: str) -> tuple[int, ...] | None:
         """The shape dataset `name` must have (None for `streams`, whose length is offsets[N])."""
         n, k, l, p, c = self.num_images, self.kept_patches, self.num_patches, self.patch_size, self.channels
+        soft = (n, self.soft.views, self.soft.stored_k(len(self.classes))) if self.soft is not None else None
         return {"patches": (n, k, p, p, c), "keep": (n, l), "scores": (n, l), "offsets": (n + 1,),
-                "streams": None}.get(name, (n,))
+                "streams": None, "soft_probs": soft, "soft_ids": soft}.get(name, (n,))
 
 
 def _write_attrs(f, header: Header, stats: dict) -> None:
     values = {
         "format": FORMAT,
-        "schema_version": np.int64(SCHEMA_VERSION),
+        "schema_version": np.int64(header.version),
         "image_size": np.int64(header.image_size),
         "patch_size": np.int64(header.patch_size),
         "channels": np.int64(header.channels),
@@ -124,7 +135,13 @@ def _write_attrs(f, header: Header, stats: dict) -> None:
         "quality": np.int64(header.quality),
         "stats": json.dumps(stats, sort_keys=True),
     }
-    for name in ATTRS + ("stats",):  # one fixed order: the object header's bytes depend on it
+    names = ATTRS
+    if header.soft is not None:
+        values |= {"soft_k": np.int64(header.soft.k), "soft_bits": np.int64(header.soft.bits),
+                   "soft_temperature": np.float64(header.soft.temperature),
+                   "soft_views": np.int64(header.soft.views)}
+        names = ATTRS_V3
+    for name in names + ("stats",):  # one fixed order: the object header's bytes depend on it
         f.attrs[name] = values[name]
 
 
@@ -154,7 +171,7 @@ def read_header(f, path: Path) -> Header:
                       f"(version {SCHEMA_VERSION}); update dq to read it")
     if int(version) not in READABLE_VERSIONS:
         raise DQError(f"{path}: schema_version = {int(version)}; expected one of {list(READABLE_VERSIONS)}")
-    attrs = ATTRS_V1 if int(version) == 1 else ATTRS
+    attrs = {1: ATTRS_V1, 2: ATTRS}.get(int(version), ATTRS_V3)
     missing = [a for a in attrs if a not in f.attrs]
     if missing:
         raise DQError(f"{path}: missing root attribute '{missing[0]}'")
@@ -179,6 +196,9 @@ def _header_from_attrs(f, path: Path, version: int) -> Header:
     try:
         v2 = {"store_scores": True} if version == 1 else {
             "codec": str(f.attrs["codec"]), "quality": int(f.attrs["quality"]), "store_scores": "scores" in f}
+        if version >= 3:
+            v2["soft"] = SoftSpec(k=int(f.attrs["soft_k"]), bits=int(f.attrs["soft_bits"]),
+                                  temperature=float(f.attrs["soft_temperature"]), views=int(f.attrs["soft_views"]))
         return Header(image_size=int(f.attrs["image_size"]), patch_size=int(f.attrs["patch_size"]),
                       channels=int(f.attrs["channels"]), drop=float(f.attrs["drop"]),
                       ratio=float(f.attrs["ratio"]), classes=json.loads(f.attrs["classes"]),
@@ -206,6 +226,15 @@ def _check_attrs(f, path: Path, header: Header) -> None:
     if problem:
         name = problem.split(":")[0]
         raise DQError(f"{path}: attribute {name} = {getattr(header, name)!r}; expected{problem[len(name) + 1:]}")
+    soft = header.soft
+    if soft is not None:
+        for name, ok, expected in (("soft_k", soft.k >= 1, "a positive integer"),
+                                   ("soft_bits", soft.bits in BITS_DTYPE, "16 or 8"),
+                                   ("soft_temperature", math.isfinite(soft.temperature) and soft.temperature > 0,
+                                    "a finite number > 0"),
+                                   ("soft_views", soft.views in (1, 2), "1 or 2")):
+            if not ok:
+                raise DQError(f"{path}: attribute {name} = {np.asarray(f.attrs[name]).item()!r}; expected {expected}")
 
 
 def read_stats(f) -> dict:

@@ -1,4 +1,4 @@
-"""Writing a compact store (version 2): `CompactWriter` batch by batch, `write_compact` from whole arrays.
+"""Writing a compact store (version 2, or 3 with soft labels): `CompactWriter` batch by batch, `write_compact` from whole arrays.
 
 Both give the same bytes for the same images: no timestamps, attributes and datasets always written in the
 same order, the earliest HDF5 file format, deterministic encoders.
@@ -21,6 +21,7 @@ from dq.compact.schema import (
     CHUNK_TARGET,
     DATASETS,
     GZIP_LEVEL,
+    PLAIN_VERSION,
     SCHEMA_VERSION,
     SCORES_V2,
     SPOOL_BLOCK_BYTES,
@@ -98,12 +99,26 @@ class CompactWriter:
     """
 
     def __init__(self, path: str | Path, header: Header, num_images: int,
-                 source_bytes: tuple[int | None, str] = (None, "")):
+                 source_bytes: tuple[int | None, str] = (None, ""),
+                 soft: tuple[np.ndarray | None, np.ndarray] | None = None):
+        """`soft`: with `header.soft`, the stored soft labels of all `num_images` images (ids [N, V, k] or
+        None, values [N, V, k], as dq.soft_labels.quantise gives them), a few bytes per image."""
         problem = codecs.codec_problem(header.codec, header.quality)
         if problem:
             raise ValueError(f"header {problem}")
+        if (header.soft is None) != (soft is None):
+            raise ValueError("soft labels and header.soft go together")
         self.path = Path(path)
-        self.header = dataclasses.replace(header, num_images=int(num_images), version=SCHEMA_VERSION)
+        version = SCHEMA_VERSION if header.soft is not None else PLAIN_VERSION
+        self.header = dataclasses.replace(header, num_images=int(num_images), version=version)
+        self.soft = {}
+        if soft is not None:
+            self.soft = {"soft_ids": soft[0], "soft_probs": soft[1]}
+            for name, dtype in self.header.datasets().items():
+                if name in self.soft and (np.shape(self.soft[name]) != self.header.shape_of(name)
+                                          or np.asarray(self.soft[name]).dtype != dtype):
+                    raise ValueError(f"{name} is {np.asarray(self.soft[name]).dtype} {np.shape(self.soft[name])}, "
+                                     f"expected {dtype} {self.header.shape_of(name)}")
         self.source_bytes = source_bytes
         n, l = self.header.num_images, self.header.num_patches
         self.keep = np.zeros((n, l), np.bool_)
@@ -223,7 +238,7 @@ class CompactWriter:
         self._spool.close()
         self._spool = None
         arrays = {"keep": self.keep, "labels": self.labels, "indices": self.indices, "bins": self.bins,
-                  "scores": self.scores}
+                  "scores": self.scores} | self.soft
         psnr = None
         if h.uses_streams:
             offsets = np.concatenate([[0], np.cumsum(np.asarray(self._sizes, np.int64))]).astype(np.int64)
@@ -267,8 +282,9 @@ class CompactWriter:
 
 def write_compact(path: str | Path, header: Header, images: np.ndarray, keep: np.ndarray, labels: np.ndarray,
                   indices: np.ndarray, bins: np.ndarray, scores: np.ndarray | None,
-                  source_bytes: tuple[int | None, str] = (None, "")) -> dict:
-    """Write a version 2 compact file atomically from the full kept images [N, H, W, C] and keep [N, L].
+                  source_bytes: tuple[int | None, str] = (None, ""),
+                  soft: tuple[np.ndarray | None, np.ndarray] | None = None) -> dict:
+    """Write a version 2 compact file (3 with `soft` labels, see CompactWriter) atomically from the full kept images [N, H, W, C] and keep [N, L].
 
     A thin wrapper over `CompactWriter` (which see), for callers that hold the images anyway.
     `header.codec`, `header.quality` and `header.store_scores` choose the layout; `header.num_images`
@@ -284,7 +300,7 @@ def write_compact(path: str | Path, header: Header, images: np.ndarray, keep: np
             (("scores", scores),) if header.store_scores else ()):
         if len(array) != n:
             raise ValueError(f"{name} has shape {np.shape(array)}, expected {n} rows for {n} images")
-    with CompactWriter(path, header, n, source_bytes) as writer:
+    with CompactWriter(path, header, n, source_bytes, soft) as writer:
         for start in range(0, n, WRITE_BATCH):
             rows = slice(start, start + WRITE_BATCH)
             writer.add(images[rows], keep[rows], labels[rows], indices[rows], bins[rows],

@@ -1,0 +1,94 @@
+"""DVC stage `teacher`: the soft labels' teacher (`teacher.kind`) and its logits of every training image.
+
+Outputs: data/teacher/logits.h5 (dq.teacher's format: logits, and the mirror images' logits, of every
+prepared training image), data/teacher/model.pt for a trained teacher (dq.classifier's format), and
+data/teacher_metrics.json (the teacher's test top-1 where it was scored, its agreement with the training
+labels, its kind). The compress stage stores what `labels.*` asks of these logits for the
+selected images. The resumable checkpoint data/teacher_ckpt/last.pt is not a DVC output (`train.resume`).
+
+Under torchrun (`python -m stages.launch teacher` with runtime.nproc > 1) a trained teacher trains on
+every rank; rank 0 alone writes the outputs.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from dq import distributed
+from dq.classifier import read_classifier, save_classifier
+from dq.errors import DQError, run_cli
+from dq.features import read_features
+from dq.io import write_json
+from dq.paths import DataPaths
+from dq.prepared import open_store
+from dq.runtime import device_for, seed_everything
+from dq.teacher import agreement, probe_logits, read_teacher_logits, trained_config, write_logits
+from dq.train import evaluate, full_training_set, predict_logits, split_images, train_classifier
+from stages.common import parse_args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, params = parse_args("Train (or load) the teacher and write its logits of every training image.", argv)
+    seed_everything(params.teacher.seed, params.runtime)
+    device = device_for(params.runtime)
+    with distributed.process_group(device):
+        _teacher(DataPaths(args.data), params, device)
+
+
+def _teacher(paths: DataPaths, params, device) -> None:
+    tp, workers = params.teacher, params.runtime.num_workers
+    start = time.perf_counter()
+    prepared = open_store(paths.prepared_split("train"))
+    test = split_images(open_store(paths.prepared_split("test")))
+    train_images = full_training_set(prepared).images
+    views, test_top1 = _logits(paths, params, prepared, test, train_images, device, workers)
+    if views is None:  # a torchrun rank that does not write
+        return
+    write_logits(paths.teacher_logits, views, num_images=len(prepared), classes=prepared.classes, kind=tp.kind,
+                 test_top1=test_top1)
+    teacher = read_teacher_logits(paths.teacher_logits, expected_rows=len(prepared), classes=prepared.classes)
+    metrics = {"kind": tp.kind, "test_top1": test_top1, "train_agreement": agreement(teacher, prepared.labels()),
+               "views": teacher.views}  # no timing: the same params give the same bytes
+    write_json(paths.teacher_metrics, metrics)
+    top1 = "n/a" if test_top1 is None else f"{test_top1:.4f}"
+    print(f"teacher: {tp.kind}, test top-1 {top1}, agrees with {metrics['train_agreement']:.4f} of the training "
+          f"labels, {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+def _logits(paths: DataPaths, params, prepared, test, train_images, device, workers):
+    """({view name: batches of logits}, test top-1) on rank 0; (None, None) on the other ranks."""
+    tp = params.teacher
+    if tp.kind == "probe":
+        features = read_features(paths.features, expected_rows=len(prepared))
+        if list(features.classes) != list(prepared.classes):
+            raise DQError(f"{paths.features}: its classes differ from the prepared training set's; rerun features")
+        return ({"logits": probe_logits(features)}, None) if distributed.is_main() else (None, None)
+    if tp.kind == "trained":
+        config = trained_config(params.train, tp.steps)
+        print(f"teacher: {config.model} on all {len(prepared)} training images, {tp.steps} steps", file=sys.stderr)
+        result = train_classifier(full_training_set(prepared), test, config, seed=tp.seed, device=device,
+                                  checkpoint=paths.teacher_resume, num_workers=workers,
+                                  progress=distributed.is_main())
+        if not distributed.is_main():
+            return None, None
+        save_classifier(paths.teacher_model, result, config, test.classes, test.images.image_shape[0])
+        model, mean, std, top1 = result.model, result.mean, result.std, result.final.top1
+    else:
+        if not distributed.is_main():
+            return None, None
+        clf = read_classifier(tp.checkpoint)
+        if list(clf.classes) != list(prepared.classes) or clf.image_size != prepared.image_shape[0]:
+            raise DQError(f"teacher.checkpoint = {tp.checkpoint!r}: a classifier of {len(clf.classes)} classes at "
+                          f"{clf.image_size} px; expected the prepared set's {len(prepared.classes)} classes at "
+                          f"{prepared.image_shape[0]} px")
+        model, mean, std = clf.model, clf.mean, clf.std
+        top1 = evaluate(model, test.images, test.labels, mean, std, len(test.classes), device,
+                        num_workers=workers, tta=params.train.tta).top1
+    model = model.to(device)
+    return ({"logits": predict_logits(model, train_images, mean, std, device, num_workers=workers),
+             "logits_flip": predict_logits(model, train_images, mean, std, device, flip=True,
+                                           num_workers=workers)}, top1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
