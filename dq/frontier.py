@@ -232,6 +232,10 @@ ABLATIONS = (
     ("dq-soft-k3-8bit", "dq-soft", "top 3 classes at 8 bits instead of all 10 at 16"),
     ("dq-soft-flip", "dq-soft", "a label per flip view instead of one per image"),
     ("dq-soft-probe", "dq-soft", "the features' linear probe as teacher instead of the trained net"),
+    ("ccs-webp-lossless", "random-webp-lossless", "CCS instead of random, whole images"),
+    ("dq-ccs-webp-lossless", "dq-webp-lossless", "CCS strata inside dq's bins instead of a uniform draw"),
+    ("d2-webp-lossless", "random-webp-lossless", "D2 pruning instead of random, whole images"),
+    ("moderate-webp-lossless", "random-webp-lossless", "Moderate-DS instead of random, whole images"),
 )
 
 
