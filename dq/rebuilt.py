@@ -306,9 +306,13 @@ class RebuiltDataset(torch.utils.data.Dataset):
         if soft_labels and soft is None:
             raise DQError(f"{rebuilt.compact_path}: holds no soft labels (compact format version "
                           f"{rebuilt.header.version}); build it with labels.soft: true")
-        self.with_soft = soft_labels
-        self.soft_labels = soft.targets(np.arange(len(self.labels))).numpy() if soft is not None else None
+        self.with_soft, self.soft = soft_labels, soft
         self.temperature = soft.temperature if soft is not None else None
+
+    @property
+    def soft_labels(self) -> np.ndarray | None:
+        """float32 [N, C], every row's soft label (view 0), made dense on demand; None without soft labels."""
+        return None if self.soft is None else self.soft.targets(np.arange(len(self.labels))).numpy()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -320,7 +324,7 @@ class RebuiltDataset(torch.utils.data.Dataset):
         image = torch.from_numpy(self.images.read([row])[0]).permute(2, 0, 1).contiguous()
         image = self.transform(image) if self.transform else image
         if self.with_soft:
-            return image, int(self.labels[row]), torch.from_numpy(self.soft_labels[row])
+            return image, int(self.labels[row]), self.soft.targets(np.array([row]))[0]
         return image, int(self.labels[row])
 
 

@@ -127,10 +127,6 @@ class SoftLabels:
         ids = None if self.ids is None else self.ids[rows, view]
         return torch.from_numpy(dense(ids, self.values[rows, view], self.num_classes))
 
-    def subset(self, rows: np.ndarray) -> "SoftLabels":
-        return SoftLabels(None if self.ids is None else self.ids[rows], self.values[rows], self.num_classes,
-                          self.temperature)
-
 
 def distillation_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor, *, temperature: float,
                       weight: float, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -40,8 +40,7 @@ def _teacher(paths: DataPaths, params, device) -> None:
     start = time.perf_counter()
     prepared = open_store(paths.prepared_split("train"))
     test = split_images(open_store(paths.prepared_split("test")))
-    train_images = full_training_set(prepared).images
-    views, test_top1 = _logits(paths, params, prepared, test, train_images, device, workers)
+    views, test_top1 = _logits(paths, params, prepared, test, full_training_set(prepared), device, workers)
     if views is None:  # a torchrun rank that does not write
         return
     write_logits(paths.teacher_logits, views, num_images=len(prepared), classes=prepared.classes, kind=tp.kind,
@@ -55,7 +54,7 @@ def _teacher(paths: DataPaths, params, device) -> None:
           f"labels, {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
-def _logits(paths: DataPaths, params, prepared, test, train_images, device, workers):
+def _logits(paths: DataPaths, params, prepared, test, train_set, device, workers):
     """({view name: batches of logits}, test top-1) on rank 0; (None, None) on the other ranks."""
     tp = params.teacher
     if tp.kind == "probe":
@@ -66,7 +65,7 @@ def _logits(paths: DataPaths, params, prepared, test, train_images, device, work
     if tp.kind == "trained":
         config = trained_config(params.train, tp.steps)
         print(f"teacher: {config.model} on all {len(prepared)} training images, {tp.steps} steps", file=sys.stderr)
-        result = train_classifier(full_training_set(prepared), test, config, seed=tp.seed, device=device,
+        result = train_classifier(train_set, test, config, seed=tp.seed, device=device,
                                   checkpoint=paths.teacher_resume, num_workers=workers,
                                   progress=distributed.is_main())
         if not distributed.is_main():
@@ -85,8 +84,8 @@ def _logits(paths: DataPaths, params, prepared, test, train_images, device, work
         top1 = evaluate(model, test.images, test.labels, mean, std, len(test.classes), device,
                         num_workers=workers, tta=params.train.tta).top1
     model = model.to(device)
-    return ({"logits": predict_logits(model, train_images, mean, std, device, num_workers=workers),
-             "logits_flip": predict_logits(model, train_images, mean, std, device, flip=True,
+    return ({"logits": predict_logits(model, train_set.images, mean, std, device, num_workers=workers),
+             "logits_flip": predict_logits(model, train_set.images, mean, std, device, flip=True,
                                            num_workers=workers)}, top1)
 
 
