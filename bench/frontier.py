@@ -69,7 +69,6 @@ def _family(method: str, drop: float, codec: str, quality: int = 90, **labels) -
 
 SOFT = {"k": 10, "bits": 16, "views": 1}  # params.yaml's labels defaults, spelled out: records must not drift
 TENTH = (0.1,)
-OTHER = (0.05, 0.2)  # a family's other ratios, in a later tier than its 10% point
 
 
 # name -> (overrides, ratios, description)
@@ -101,27 +100,31 @@ FAMILIES = {
                                "Moderate-DS (middle distance to the class median), whole images"),
     "dq-ccs-webp-lossless": (_family("dq-ccs", 0.0, "webp-lossless"), RATIOS,
                              "dq bins with CCS difficulty strata inside each, whole images"),
+    # the same selections under the default dropping (25% of patches), against dq-drop25 and random-drop25
+    "ccs-drop25": (_family("ccs", 0.25, "webp-lossless"), RATIOS, "CCS, 25% patches dropped"),
+    "d2-drop25": (_family("d2", 0.25, "webp-lossless"), RATIOS, "D2 pruning, 25% patches dropped"),
+    "moderate-drop25": (_family("moderate", 0.25, "webp-lossless"), RATIOS, "Moderate-DS, 25% patches dropped"),
+    "dq-ccs-drop25": (_family("dq-ccs", 0.25, "webp-lossless"), RATIOS, "dq bins with CCS strata, 25% patches dropped"),
 }
 # Families whose run folder links another workspace folder than its own name (the probe teacher's logits)
 LINKS = {"dq-soft-probe": {"teacher": "teacher-probe"}}
 DEFAULT_FAMILY = "dq-drop25"
 # The order a study cut short loses least: every seed of one tier before the next tier. First the pair that
 # decides "dq or a random subset" with whole images, and the whole set that sets the budgets; then soft
-# labels against hard ones (dq and random); then, at 10%, the cheapest labels, the zero-training teacher and
-# the two CCS selections; then the other label variants and selections at 10%, and the selections' other
-# ratios; then the dq default and the JPEG subsets; the whole set at lower qualities; the dropping ablations.
+# labels against hard ones (dq and random); then, at 10%, the cheapest labels and the zero-training teacher,
+# the other label variants, and Moderate-DS (features only); then the selections that rank by training
+# dynamics (data/scores) at every ratio; then the dq default and the JPEG subsets; the whole set at lower
+# qualities; the dropping ablations; the selections of issue 36 under the default dropping.
 TIERS = (
     (("dq-webp-lossless", RATIOS), ("random-webp-lossless", RATIOS + (WHOLE,))),
     (("dq-soft", RATIOS), ("random-soft", RATIOS)),
-    (("dq-soft-k3-8bit", TENTH), ("dq-soft-probe", TENTH), ("ccs-webp-lossless", TENTH),
-     ("dq-ccs-webp-lossless", TENTH)),
-    (("dq-soft-k3", TENTH), ("dq-soft-8bit", TENTH), ("dq-soft-flip", TENTH), ("d2-webp-lossless", TENTH),
-     ("moderate-webp-lossless", TENTH)),
-    (("ccs-webp-lossless", OTHER), ("dq-ccs-webp-lossless", OTHER), ("d2-webp-lossless", OTHER),
-     ("moderate-webp-lossless", OTHER)),
+    (("dq-soft-k3-8bit", TENTH), ("dq-soft-probe", TENTH)),
+    (("dq-soft-k3", TENTH), ("dq-soft-8bit", TENTH), ("dq-soft-flip", TENTH), ("moderate-webp-lossless", RATIOS)),
+    (("ccs-webp-lossless", RATIOS), ("dq-ccs-webp-lossless", RATIOS), ("d2-webp-lossless", RATIOS)),
     (("dq-drop25", RATIOS), ("random-jpeg90", RATIOS), ("random-jpeg50", RATIOS)),
     (("random-jpeg90", (WHOLE,)), ("random-jpeg50", (WHOLE,)), ("whole-jpeg25", (WHOLE,))),
     (("random-drop25", RATIOS), ("dq-drop50", RATIOS)),
+    (("ccs-drop25", RATIOS), ("d2-drop25", RATIOS), ("moderate-drop25", RATIOS), ("dq-ccs-drop25", RATIOS)),
 )
 
 

@@ -1,55 +1,49 @@
-"""Training-dynamics difficulty scores: AUM, EL2N and forgetting events from short runs of the project's trainer.
+"""Training-dynamics difficulty scores: AUM, EL2N and forgetting events, recorded during dq.train's own loop.
 
-Each of `scores.seeds` runs trains `scores.model` (dq.classifier, smallnet by default) on the whole prepared
-training set for `scores.steps` optimizer steps with train's recipe (dq.train.optimizer_and_schedule: Nesterov
-SGD, one-cycle, label smoothing, crop and flip augmentation), run seed s = 0, 1, ... (never the pipeline's
-`seed`: the scores serve every selection seed). It reads its batches as train does (dq.row_sources through a
-DataLoader) and holds a few scalars per sample, never the images:
+A `DynamicsRecorder` rides along one training run (`dq.train.train_batches(..., recorder=)`): after every
+optimizer step it sees the logits of that step's forward pass and holds a few scalars per sample, never the
+images. Two runs feed it (`scores.dynamics`):
+
+- `teacher` (the default): the teacher stage's training of `train.model` on the whole set (dq.teacher,
+  `teacher.kind: trained`) records while it trains, so difficulty costs no training of its own; the teacher
+  stage writes data/teacher/dynamics.h5 and the scores stage reads it. EL2N is scored after its first epoch.
+- `runs`: `scores.seeds` short runs of train's recipe (`training_dynamics`), for a pipeline without a trained
+  teacher; run seeds 0, 1, ... (never the pipeline's `seed`: the scores serve every selection seed),
+  `scores.steps` steps each, EL2N after `scores.el2n_step`; the scores are averaged over the runs.
+
+What is recorded:
 
 - AUM (Pleiss et al. 2020): every time a sample is in a batch, its margin z_y - max_{j != y} z_j on the
   logits of that training forward pass (the augmented image, before the step); AUM is their mean.
 - forgetting events (Toneva et al. 2019): the same passes, classified right then wrong at the next
   presentation; a sample never classified right gets its number of presentations, more than it could forget.
-- EL2N (Paul et al. 2021): after step `scores.el2n_step`, ||softmax(z) - onehot(y)||_2 on the un-augmented
+- EL2N (Paul et al. 2021): once, after step `el2n_step`, ||softmax(z) - onehot(y)||_2 on the un-augmented
   images in eval mode, one extra pass over the set.
 
-The scores are averaged over the runs (float64 [N] each). Every sample must be seen, so `scores.steps` is at
-least one epoch.
+Under torchrun every rank trains on its part of each batch; the margins of the whole batch are summed over
+the ranks (a [b] vector a step), so every rank records the same. A checkpoint of the run carries the
+recorder's state (`state_dict`), so a resumed run records what an uninterrupted one does.
 """
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dq import row_sources
+from dq import distributed, row_sources
 from dq.classifier import create_classifier
+from dq.difficulty import DYNAMICS_SCORES
 from dq.errors import DQError
 from dq.params import ScoresParams, TrainParams
 from dq.row_sources import as_rows
 from dq.runtime import autocast
-from dq.train import (EVAL_BATCH_SIZE, apply_augment, channel_stats, data_sample, forward_batch, normalisation,
-                      optimizer_and_schedule, scheduled_batches, to_input, training_schedule)
-
-
-@dataclass
-class RunDynamics:
-    """What one run records, float64 [N] each but `train_acc` (on the augmented batches of its last epoch)."""
-
-    aum: np.ndarray
-    el2n: np.ndarray
-    forgetting: np.ndarray
-    train_acc: float
-
-
-def recipe(config: ScoresParams) -> TrainParams:
-    """train's recipe at the scores stage's model, steps, batch and learning rate (no EMA, no evaluation)."""
-    return TrainParams(model=config.model, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                       eval_every=None, ema=0.0, tta="none")
+from dq.train import (EVAL_BATCH_SIZE, channel_stats, data_sample, forward_batch, normalisation,
+                      optimizer_and_schedule, scheduled_batches, steps_per_epoch, to_input, train_batches,
+                      training_schedule)
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -75,9 +69,93 @@ def el2n_scores(model, images, labels: np.ndarray, norm, num_classes: int, devic
     return out
 
 
+class DynamicsRecorder:
+    """Every sample's margins and correctness at each presentation of one run, and its EL2N once.
+
+    `el2n` computes float64 [N] EL2N of a model (an `el2n_pass`); it runs after optimizer step `el2n_step`.
+    """
+
+    def __init__(self, n: int, el2n_step: int, el2n: Callable[[torch.nn.Module], np.ndarray]):
+        self.el2n_step, self.el2n_pass = el2n_step, el2n
+        self.steps = 0
+        self.margin_sum, self.seen = np.zeros(n), np.zeros(n, np.int64)
+        self.right_before, self.ever_right = np.zeros(n, bool), np.zeros(n, bool)
+        self.forgot = np.zeros(n, np.int64)
+        self.el2n: np.ndarray | None = None
+
+    def record(self, rows: np.ndarray, part: slice, logits: torch.Tensor, y: torch.Tensor, model) -> None:
+        """After one optimizer step: `rows` int [b] the whole batch's, `logits` [b_part, C] and `y` [b_part] this
+        rank's `part` of it (the forward pass before the step), `model` the (possibly DDP-wrapped) network."""
+        m = margins(logits.detach(), y).double()
+        if distributed.world_size() > 1:
+            whole = torch.zeros(len(rows), dtype=torch.float64, device=m.device)
+            whole[part] = m
+            m = distributed.all_reduce_sum(whole)
+        self.observe(rows, m.cpu().numpy())
+        self.steps += 1
+        if self.steps == self.el2n_step:
+            self.el2n = self.el2n_pass(getattr(model, "module", model))
+
+    def observe(self, rows: np.ndarray, m: np.ndarray) -> None:
+        """One presentation of `rows` (distinct) with margins `m` float [b]."""
+        right = m > 0  # the label's logit beats every other: classified right
+        self.margin_sum[rows] += m
+        self.seen[rows] += 1
+        self.forgot[rows] += self.right_before[rows] & ~right
+        self.right_before[rows] = right
+        self.ever_right[rows] |= right
+
+    def scores(self) -> dict[str, np.ndarray]:
+        """{aum, el2n, forgetting}: float64 [N] each."""
+        if self.el2n is None or (self.seen == 0).any():
+            raise DQError(f"training dynamics: {int((self.seen == 0).sum())} sample(s) never seen or EL2N never "
+                          f"scored ({self.steps} steps, EL2N after step {self.el2n_step}); expected a run of at "
+                          "least one epoch")
+        return {"aum": self.margin_sum / self.seen, "el2n": self.el2n,
+                "forgetting": np.where(self.ever_right, self.forgot, self.seen).astype(np.float64)}
+
+    _STATE = ("margin_sum", "seen", "right_before", "ever_right", "forgot")
+
+    def state_dict(self) -> dict:
+        """Tensors only, so a checkpoint loads with torch.load(weights_only=True)."""
+        state = {name: torch.from_numpy(getattr(self, name).copy()) for name in self._STATE}
+        return state | {"steps": self.steps, "el2n": None if self.el2n is None else torch.from_numpy(self.el2n)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._STATE:
+            setattr(self, name, state[name].numpy().copy())
+        self.steps = int(state["steps"])
+        self.el2n = None if state["el2n"] is None else state["el2n"].numpy().copy()
+
+
+def recorder_for(images, labels: np.ndarray, num_classes: int, el2n_step: int, *, device,
+                 num_workers: int = 0) -> DynamicsRecorder:
+    """A recorder for a run on `images` (a row source) and `labels`: its EL2N pass normalises as train does
+    (the same exact channel statistics)."""
+    source, labels, device = as_rows(images), np.asarray(labels, np.int64), torch.device(device)
+
+    def el2n(model) -> np.ndarray:
+        mean, std = channel_stats(source, num_workers=num_workers, device=device)
+        return el2n_scores(model, source, labels, normalisation(mean, std, device), num_classes, device, num_workers)
+
+    return DynamicsRecorder(len(labels), el2n_step, el2n)
+
+
+def teacher_el2n_step(n: int, config: TrainParams) -> int:
+    """The step after which the teacher's recorder scores EL2N: the end of its first epoch."""
+    return steps_per_epoch(n, config.batch_size, distributed.world_size())
+
+
+def recipe(config: ScoresParams) -> TrainParams:
+    """train's recipe at the scores stage's model, steps, batch and learning rate (no EMA, no evaluation)."""
+    return TrainParams(model=config.model, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                       eval_every=None, ema=0.0, tta="none")
+
+
 def one_run(images, labels: np.ndarray, num_classes: int, config: ScoresParams, mean, std, *, seed: int,
-            device, num_workers: int = 0) -> RunDynamics:
-    """Train once from seed `seed` and record every sample's margins and correctness at each presentation."""
+            device, num_workers: int = 0) -> tuple[dict[str, np.ndarray], float]:
+    """Train once from seed `seed` through dq.train.train_batches with a recorder; (its scores, the
+    accuracy on the augmented batches of its last epoch)."""
     source, labels, device = as_rows(images), np.asarray(labels, np.int64), torch.device(device)
     n, train = len(labels), recipe(config)
     schedule = training_schedule(n, train)
@@ -90,37 +168,14 @@ def one_run(images, labels: np.ndarray, num_classes: int, config: ScoresParams, 
     if hasattr(net, "init_from_data"):
         net.init_from_data(data_sample(source, mean, std, seed, device))
     optimizer, scheduler = optimizer_and_schedule(net, train, schedule.total)
-    norm = normalisation(mean, std, device)
-    margin_sum, seen = np.zeros(n), np.zeros(n, np.int64)
-    correct_before, ever_right, forgot = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, np.int64)
-    el2n, epoch_right, epoch_seen = None, 0, 0
-    batches = scheduled_batches(schedule, n, train, seed, 0, schedule.total)
-    reads = [idx.numpy() for idx, _ in batches]
-    net.train()
-    loaded = row_sources.batches(source, reads, num_workers)
-    for step, ((_, draws), rows, raw) in enumerate(zip(batches, reads, loaded)):
-        x = to_input(apply_augment(raw, draws, train.crop_padding), norm, device)
-        y = torch.from_numpy(labels[rows]).to(device)
-        with autocast(device):
-            logits = net(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=train.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        m = margins(logits.detach(), y).double().cpu().numpy()  # [b]: rows of a step are distinct
-        right = m > 0  # the label's logit beats every other: classified right
-        margin_sum[rows] += m
-        seen[rows] += 1
-        forgot[rows] += correct_before[rows] & ~right
-        correct_before[rows] = right
-        ever_right[rows] |= right
-        if step >= schedule.total - schedule.steps_per_epoch:
-            epoch_right, epoch_seen = epoch_right + int(right.sum()), epoch_seen + len(rows)
-        if step + 1 == config.el2n_step:
-            el2n = el2n_scores(net, source, labels, norm, num_classes, device, num_workers)
-    forgetting = np.where(ever_right, forgot, seen).astype(np.float64)
-    return RunDynamics(margin_sum / seen, el2n, forgetting, epoch_right / max(epoch_seen, 1))
+    recorder = recorder_for(source, labels, num_classes, config.el2n_step, device=device, num_workers=num_workers)
+    last_epoch = schedule.total - schedule.steps_per_epoch
+    accuracy = 0.0
+    for first, last in ((0, last_epoch), (last_epoch, schedule.total)):
+        batches = scheduled_batches(schedule, n, train, seed, first, last)
+        _, accuracy = train_batches(net, optimizer, scheduler, source, labels, mean, std, train, batches, device,
+                                    num_workers=num_workers, recorder=recorder)
+    return recorder.scores(), accuracy
 
 
 def training_dynamics(images, labels: np.ndarray, num_classes: int, config: ScoresParams, *, device,
@@ -129,16 +184,16 @@ def training_dynamics(images, labels: np.ndarray, num_classes: int, config: Scor
     source, device = as_rows(images), torch.device(device)
     start = time.perf_counter()
     mean, std = channel_stats(source, num_workers=num_workers, device=device)
-    totals = {name: np.zeros(len(labels)) for name in ("aum", "el2n", "forgetting")}
+    totals = {name: np.zeros(len(labels)) for name in DYNAMICS_SCORES}
     accuracies = []
     for seed in range(config.seeds):
-        run = one_run(source, labels, num_classes, config, mean, std, seed=seed, device=device,
-                      num_workers=num_workers)
+        scores, accuracy = one_run(source, labels, num_classes, config, mean, std, seed=seed, device=device,
+                                   num_workers=num_workers)
         for name in totals:
-            totals[name] += getattr(run, name)
-        accuracies.append(run.train_acc)
+            totals[name] += scores[name]
+        accuracies.append(accuracy)
         if progress:
             print(f"scores: run {seed + 1} of {config.seeds}: {config.steps} steps, last-epoch train accuracy "
-                  f"{run.train_acc:.3f}, {time.perf_counter() - start:.0f} s so far", file=sys.stderr, flush=True)
+                  f"{accuracy:.3f}, {time.perf_counter() - start:.0f} s so far", file=sys.stderr, flush=True)
     return ({name: total / config.seeds for name, total in totals.items()},
             {"train_acc_last_epoch": accuracies, "steps": config.steps, "seeds": config.seeds})

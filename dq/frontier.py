@@ -29,7 +29,7 @@ SUMMARY_VERSION = 1
 # The families a user has without dq: a random subset of whole images, or the whole set at lower quality.
 TRIVIAL = ("random-webp-lossless", "random-jpeg90", "random-jpeg50", "whole-jpeg")
 DQ = ("dq-webp-lossless", "dq-drop25", "dq-drop50", "dq-soft", "dq-soft-k3", "dq-soft-8bit", "dq-soft-k3-8bit",
-      "dq-soft-flip", "dq-soft-probe")
+      "dq-soft-flip", "dq-soft-probe", "dq-ccs-webp-lossless", "dq-ccs-drop25")
 WHOLE_LOSSLESS = "random-webp-lossless"  # at ratio 1.0: the whole set, losslessly; the budgets' yardstick
 WHOLE_JPEG = "whole-jpeg"  # the whole set at JPEG q90, q50, q25: built from the jpeg families' ratio-1.0 runs
 BUDGETS = (0.02, 0.05, 0.1, 0.2)  # shares of the whole set's lossless bytes
@@ -236,6 +236,10 @@ ABLATIONS = (
     ("dq-ccs-webp-lossless", "dq-webp-lossless", "CCS strata inside dq's bins instead of a uniform draw"),
     ("d2-webp-lossless", "random-webp-lossless", "D2 pruning instead of random, whole images"),
     ("moderate-webp-lossless", "random-webp-lossless", "Moderate-DS instead of random, whole images"),
+    ("ccs-drop25", "random-drop25", "CCS instead of random, 25% dropped"),
+    ("d2-drop25", "random-drop25", "D2 pruning instead of random, 25% dropped"),
+    ("moderate-drop25", "random-drop25", "Moderate-DS instead of random, 25% dropped"),
+    ("dq-ccs-drop25", "dq-drop25", "CCS strata inside dq's bins, 25% dropped"),
 )
 
 
@@ -250,6 +254,27 @@ def ablations(all_cells: list[Cell]) -> list[tuple[str, float, Comparison, float
                 continue
             out.append((what, ca.ratio, Comparison(a, b, ca.bytes, {s: t for s, (_, t) in ca.seeds.items()},
                                                    {s: t for s, (_, t) in cb.seeds.items()}), ca.bytes / cb.bytes))
+    return out
+
+
+# Hard-label selections of whole images, each against a class-balanced random subset of the same ratio
+SELECTIONS = ("dq-webp-lossless", "ccs-webp-lossless", "d2-webp-lossless", "moderate-webp-lossless",
+              "dq-ccs-webp-lossless")
+RANDOM = "random-webp-lossless"
+
+
+def selection_choices(all_cells: list[Cell]) -> list[tuple[float, list[Comparison], str]]:
+    """Per ratio that random has: every SELECTIONS family's paired comparison with random (hard labels, whole
+    images) and the pick: the family with the highest mean whose 95% interval lies above zero, else random
+    (a selection level with random costs its scores and buys nothing)."""
+    out = []
+    for r in sorted({c.ratio for c in all_cells if c.family == RANDOM and c.ratio < 1.0}):
+        cell = {c.family: c for c in all_cells if c.ratio == r}
+        rows = [Comparison(f, RANDOM, cell[f].bytes, {s: t for s, (_, t) in cell[f].seeds.items()},
+                           {s: t for s, (_, t) in cell[RANDOM].seeds.items()}) for f in SELECTIONS if f in cell]
+        above = [c for c in rows if len(c.diffs) >= 2 and c.interval()[1] > 0]
+        pick = max(above, key=lambda c: c.interval()[0]).a if above else RANDOM
+        out.append((r, rows, pick))
     return out
 
 
@@ -301,6 +326,17 @@ def markdown(all_cells: list[Cell], descriptions: dict[str, str], epoch_family: 
         for what, ratio, comparison, byte_ratio in rows:
             lines.append(f"| {comparison.a} − {comparison.b} | {what} | {ratio:g} | {byte_ratio:.3f} | "
                          f"{_interval_text(comparison)} |")
+    choices = selection_choices(all_cells)
+    if choices:
+        lines += ["", "Which selection for your budget, hard labels, whole images: each method − a class-balanced "
+                  "random subset of the same ratio (paired by seed; points, 95% t-interval). The pick is the best "
+                  "method whose interval lies above zero, else random:", "",
+                  "| ratio | " + " | ".join(f.removesuffix("-webp-lossless") for f in SELECTIONS) + " | pick |",
+                  "|---:|" + "---|" * len(SELECTIONS) + "---|"]
+        for ratio, rows, pick in choices:
+            by = {c.a: c for c in rows}
+            lines.append(f"| {ratio:g} | " + " | ".join(_interval_text(by.get(f)) for f in SELECTIONS)
+                         + f" | {pick.removesuffix('-webp-lossless')} |")
     present = {c.family for c in all_cells}
     lines += ["", "Families: " + "; ".join(f"`{k}`: {v}" for k, v in descriptions.items() if k in present) + "."]
     return "\n".join(lines) + "\n"

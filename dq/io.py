@@ -9,6 +9,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -144,6 +145,26 @@ def write_json(path: str | Path, obj) -> None:
     """Write JSON atomically, with sorted keys so equal inputs give equal bytes."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+METRICS_DIGITS = 6  # significant digits of every float in a metrics file
+
+
+def rounded(obj, digits: int = METRICS_DIGITS):
+    """`obj` with every float rounded to `digits` significant digits (in dicts, lists and tuples)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
+def write_metrics(path: str | Path, obj) -> None:
+    """`write_json` of a metrics file, every float to METRICS_DIGITS significant digits: the last digits of a
+    float sum may move between two runs on one machine, and a metrics file must not (dvc.lock, dvc status)."""
+    write_json(path, rounded(obj))
 
 
 def read_json(path: str | Path, what: str) -> dict:

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from dq.checkpoint import resume_state, save_atomic
 from dq.errors import DQError
+from dq.io import rounded
 from dq.prepared import Store, image_loader, open_store
 from dq.live import live_logger
 from dq.mae import (MaskedAutoencoderViT, create_mae_for_input, load_state_strict, random_keep,
@@ -183,8 +184,8 @@ def resume_fingerprint(p: MaeParams, seed: int, images: torch.Tensor | Store) ->
 
 def log_epoch(live, record: dict) -> None:
     live.step = record["epoch"]
-    live.log_metric("train/loss", record["loss"])
-    live.log_metric("train/lr", record["lr"])
+    live.log_metric("train/loss", rounded(record["loss"]))  # DVCLive's files are metrics files too
+    live.log_metric("train/lr", rounded(record["lr"]))
     live.next_step()
 
 

@@ -38,6 +38,7 @@ EXPORT_FORMATS = ("imagefolder", "webdataset")  # export.format; dq.export write
 EXPORT_TESTS = ("copy", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 TEACHER_KINDS = ("trained", "probe", "checkpoint")  # dq.teacher
+SCORE_DYNAMICS = ("teacher", "runs")  # dq.dynamics: recorded during the teacher's training | own short runs
 SOFT_BITS = (16, 8)  # dq.soft_labels: float16 | uint8 steps of 1/255
 
 
@@ -148,9 +149,11 @@ class SelectParams(_Section):
 
 @dataclass(frozen=True)
 class ScoresParams(_Section):
-    """The scores stage (dq.dynamics, dq.difficulty): short runs of train's recipe that record every sample's
-    training dynamics, and the feature-only scores."""
+    """The scores stage (dq.dynamics, dq.difficulty): every sample's training dynamics, recorded during the
+    teacher's training (`dynamics: teacher`) or during short runs of train's recipe (`runs`: the fields
+    model .. el2n_step), and the feature-only scores."""
 
+    dynamics: str = "teacher"  # teacher: recorded while the teacher stage trains (teacher.kind trained) | runs
     model: str = "smallnet"  # dq.classifier.CLASSIFIERS or a timm model name, as train.model
     seeds: int = 2  # short runs averaged (run seeds 0 .. seeds-1, whatever the pipeline's seed)
     steps: int = 235  # optimizer steps per run, at least one epoch (5 epochs of 47 steps of 128 on the default 6,000 images)
@@ -160,6 +163,7 @@ class ScoresParams(_Section):
     k: int = 10  # neighbours of the kNN density
 
     def check(self, where, prefix):
+        self._need(self.dynamics in SCORE_DYNAMICS, where, prefix, "dynamics", " | ".join(SCORE_DYNAMICS))
         for name in ("seeds", "steps", "k"):
             self._need(getattr(self, name) >= 1, where, prefix, name, "a positive integer")
         self._need(self.batch_size >= 2, where, prefix, "batch_size", "an integer >= 2")
@@ -288,7 +292,7 @@ class TeacherParams(_Section):
 class LabelsParams(_Section):
     soft: bool = True  # store the teacher's soft labels in the compact store (format version 3); false: hard labels only
     k: int = 10  # the k most probable classes per image; k >= the number of classes stores them all, without ids
-    bits: int = 16  # 16: float16 | 8: uint8 in steps of 1/255
+    bits: int = 8  # 8: uint8 in steps of 1/255 | 16: float16
     temperature: float = 4.0  # the stored probabilities are softmax(teacher logits / temperature)
     views: int = 1  # 1: the image | 2: the image and its mirror, each its own labels (train picks per flip)
 
@@ -350,6 +354,9 @@ class Params:
             if isinstance(section, _Section):
                 section.check(where, f"{f.name}.")
         self._check_patch_grid(where)
+        if self.scores.dynamics == "teacher" and self.teacher.kind != "trained":
+            _fail(where, "scores.dynamics", "teacher", f"runs while teacher.kind is {self.teacher.kind!r} (only a "
+                  "trained teacher records training dynamics)")
 
     def _check_patch_grid(self, where: str) -> None:
         """The patch grid's rules (dq.grid) against the prepared image side, which is data.image_size."""

@@ -55,6 +55,11 @@ class DataPaths:
         return self.teacher / "model.pt"
 
     @property
+    def teacher_dynamics(self) -> Path:
+        """Training dynamics recorded while a trained teacher trains (dq.dynamics), in the scores file's format."""
+        return self.teacher / "dynamics.h5"
+
+    @property
     def teacher_metrics(self) -> Path:
         return self.root / "teacher_metrics.json"
 

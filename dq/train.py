@@ -76,7 +76,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -96,6 +96,9 @@ from dq.params import TrainParams
 from dq.runtime import autocast
 from dq.row_sources import Rows, as_rows
 from dq.soft_labels import SoftLabels, distillation_loss
+
+if TYPE_CHECKING:
+    from dq.dynamics import DynamicsRecorder
 
 EVAL_BATCH_SIZE = 500  # also the batch of the channel statistics and of the fingerprint's array reads
 CPU_BATCH_PIXELS = EVAL_BATCH_SIZE * 32 * 32  # on the CPU, pixels per forward pass when scoring
@@ -366,10 +369,11 @@ def train_classifier_epoch(model, optimizer, scheduler, images, labels, mean, st
 
 def train_batches(model, optimizer, scheduler, images, labels, mean, std, config: TrainParams, batches,
                   device, num_workers: int = 0, average: "WeightAverage | None" = None,
-                  soft: SoftLabels | None = None) -> tuple[float, float]:
+                  soft: SoftLabels | None = None, recorder: "DynamicsRecorder | None" = None) -> tuple[float, float]:
     """One optimizer step per (rows, draws) of `batches`; returns (mean loss, accuracy) on the augmented batches.
     `average`, when given, is updated after every step. With `soft` labels the loss is dq.soft_labels'
     distillation loss (weight `train.distill_weight`), each image's target the view its flip gave it.
+    A `recorder` (dq.dynamics) sees every step's logits after the step: the samples' training dynamics.
 
     `images` is a row source (or a uint8 array or tensor [N, H, W, C]); labels int64 [N]. Each step reads
     only its batch's rows (this rank's part of them), through `num_workers` DataLoader workers. Under
@@ -406,6 +410,8 @@ def train_batches(model, optimizer, scheduler, images, labels, mean, std, config
         scheduler.step()
         if average is not None:
             average.update()
+        if recorder is not None:
+            recorder.record(idx.numpy(), part, logits, y, model)
         loss_sum += batch_loss_sum
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
@@ -637,7 +643,7 @@ def run_fingerprint(train_set: TrainingSet, test, config: TrainParams, seed: int
 def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed: int, device,
                      checkpoint: str | Path | None = None,
                      on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
-                     num_workers: int = 0) -> TrainResult:
+                     num_workers: int = 0, recorder: "DynamicsRecorder | None" = None) -> TrainResult:
     """Train `config.model` on `train_set` for the `training_schedule` of `config`, scoring on `test` after
     every round (an epoch, or `train.eval_every` steps under `train.steps`).
 
@@ -645,6 +651,7 @@ def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed:
     `Prepared`. Images are read batch by batch through `num_workers` DataLoader workers.
     `on_epoch` receives each round's record, including the rounds replayed from a resumed checkpoint,
     so a logger sees the same sequence as in an uninterrupted run. The returned model is on the CPU.
+    A `recorder` (dq.dynamics) records every sample's training dynamics; its state travels with the checkpoint.
     Under torchrun every rank calls this and gets the same result; only rank 0 reads and writes
     `checkpoint`.
     """
@@ -679,7 +686,7 @@ def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed:
 
     history: list[dict] = []
     if config.resume and checkpoint is not None:
-        history = _resume(checkpoint, fingerprint, net, optimizer, scheduler, average)
+        history = _resume(checkpoint, fingerprint, net, optimizer, scheduler, average, recorder)
     model = _data_parallel(net, device)  # after the resume: DDP starts every rank from rank 0's weights
     for record in history:
         if on_epoch:
@@ -695,7 +702,7 @@ def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed:
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_batches(model, optimizer, scheduler, train_images, labels, mean, std, config,
                                               batches, device, num_workers=num_workers, average=average,
-                                              soft=train_set.soft)
+                                              soft=train_set.soft, recorder=recorder)
         record = {"epoch": schedule.epochs_seen(last), "step": last, "lr": lr, "train_loss": train_loss,
                   "train_acc": train_acc}
         if schedule.scored(r):
@@ -706,7 +713,7 @@ def train_classifier(train_set: TrainingSet, test, config: TrainParams, *, seed:
         history.append(record)
         _check_finite(history)
         if checkpoint is not None and distributed.is_main():
-            _save_checkpoint(checkpoint, fingerprint, net, optimizer, scheduler, history, average)
+            _save_checkpoint(checkpoint, fingerprint, net, optimizer, scheduler, history, average, recorder)
         if on_epoch:
             on_epoch(record)
     if final is None:  # every round came from the checkpoint: score the restored model once more
@@ -726,14 +733,15 @@ def _data_parallel(model, device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _save_checkpoint(path, fingerprint, model, optimizer, scheduler, history, average=None) -> None:
+def _save_checkpoint(path, fingerprint, model, optimizer, scheduler, history, average=None, recorder=None) -> None:
     save_atomic(path, {"fingerprint": fingerprint, "model": model.state_dict(),
                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "torch_rng": torch.get_rng_state(), "history": history,
-                       "average": average.model.state_dict() if average is not None else None})
+                       "average": average.model.state_dict() if average is not None else None,
+                       "dynamics": recorder.state_dict() if recorder is not None else None})
 
 
-def _resume(path, fingerprint, model, optimizer, scheduler, average=None) -> list[dict]:
+def _resume(path, fingerprint, model, optimizer, scheduler, average=None, recorder=None) -> list[dict]:
     """Load a matching checkpoint into model/optimizer/scheduler; return its history ([] if none).
 
     Rank 0 reads the file and sends it to the other ranks, which need not see the same disk; a refusal
@@ -750,7 +758,12 @@ def _resume(path, fingerprint, model, optimizer, scheduler, average=None) -> lis
         raise DQError(state)
     if state is None:
         return []
+    if recorder is not None and state.get("dynamics") is None:
+        raise DQError(f"{path}: was saved by a run that did not record training dynamics; delete it or set "
+                      "train.resume: false")
     model.load_state_dict(state["model"])
+    if recorder is not None:
+        recorder.load_state_dict(state["dynamics"])
     if average is not None:
         average.model.load_state_dict(state["average"])
     optimizer.load_state_dict(state["optimizer"])

@@ -23,7 +23,7 @@ from dq.datasets import source_bytes  # noqa: E402
 from dq.errors import run_cli  # noqa: E402
 from dq.features import check_made_with, read_features  # noqa: E402
 from dq.compact import Header, storage_metrics  # noqa: E402
-from dq.io import write_json  # noqa: E402
+from dq.io import write_metrics  # noqa: E402
 from dq.paths import DataPaths  # noqa: E402
 from dq.prepared import open_store  # noqa: E402
 from dq.runtime import device_for  # noqa: E402
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"compress: probe top-1 full {metrics['probe_top1_full']:.3f}, kept {metrics['probe_top1_kept']:.3f}, "
           f"random masks {metrics['probe_top1_random_keep']:.3f}, "
           f"pixel-std masks {metrics['probe_top1_std_keep']:.3f}", file=sys.stderr)
-    write_json(paths.compact_metrics, {**storage_metrics(paths.compact, len(all_labels)), **metrics})
+    write_metrics(paths.compact_metrics, {**storage_metrics(paths.compact, len(all_labels)), **metrics})
     positions, images, maps, keep = figure.arrays(store.image_shape, header.num_patches)
     cam.plot_patches(paths.compact_figure, images, maps, keep, pp.patch_size,
                      [store.classes[int(y)] for y in selected.labels[positions]], map_name=pp.scorer)

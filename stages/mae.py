@@ -19,7 +19,7 @@ import time
 
 from dq.errors import run_cli
 from dq.mae_fill import fill_metrics
-from dq.io import write_json
+from dq.io import write_metrics
 from dq.mae import save_mae
 from dq.mae_training import trained_mae
 from dq.paths import DataPaths
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     save_mae(paths.mae_model, model, params.mae.arch)
     metrics = fill_metrics(model, params, paths.prepared_split("test"), paths.mae_figure, device)
     metrics["train_loss"] = final_loss
-    write_json(paths.mae_metrics, metrics)
+    write_metrics(paths.mae_metrics, metrics)
     print(f"mae: PSNR {metrics['mae']['psnr']:.2f} dB (mean fill {metrics['mean_fill']['psnr']:.2f}, "
           f"nearest {metrics['nearest_fill']['psnr']:.2f}), SSIM {metrics['mae']['ssim']:.4f} "
           f"(mean fill {metrics['mean_fill']['ssim']:.4f}, nearest {metrics['nearest_fill']['ssim']:.4f}) "

@@ -11,7 +11,7 @@ from dq import selection_folder
 from dq.difficulty import read_scores
 from dq.errors import run_cli
 from dq.features import read_features
-from dq.io import write_json
+from dq.io import write_metrics
 from dq.paths import DataPaths
 from dq.prepared import read_prepared
 from dq.select import METHODS, select_indices
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = selection_folder.summary(sel.method, params.provenance(*RECORDED_PARAMS), features, labels,
                                 bins, indices, prepared.classes)
     selection_folder.write_selection(paths.selection, bins, indices, summary)
-    write_json(paths.selection_metrics, selection_folder.metrics(features, labels, indices))
+    write_metrics(paths.selection_metrics, selection_folder.metrics(features, labels, indices))
     selection_folder.plot_bins(paths.selection_figure, stored.embedding, labels, bins, indices, prepared.classes)
     print(f"select: kept {len(indices)} of {len(labels)} samples with method {sel.method}")
 

@@ -1,7 +1,9 @@
 """DVC stage `teacher`: the soft labels' teacher (`teacher.kind`) and its logits of every training image.
 
 Outputs: data/teacher/logits.h5 (dq.teacher's format: logits, and the mirror images' logits, of every
-prepared training image), data/teacher/model.pt for a trained teacher (dq.classifier's format), and
+prepared training image), data/teacher/model.pt for a trained teacher (dq.classifier's format) with
+data/teacher/dynamics.h5 (every sample's AUM, EL2N and forgetting events recorded while it trained,
+dq.dynamics, in dq.difficulty's scores format: the scores stage reads it under `scores.dynamics: teacher`), and
 data/teacher_metrics.json (the teacher's test top-1 where it was scored, its agreement with the training
 labels, its kind). The compress stage stores what `labels.*` asks of these logits for the
 selected images. The resumable checkpoint data/teacher_ckpt/last.pt is not a DVC output (`train.resume`).
@@ -16,15 +18,19 @@ import time
 
 from dq import distributed
 from dq.classifier import read_classifier, save_classifier
+from dq.difficulty import write_scores
+from dq.dynamics import recorder_for, teacher_el2n_step
 from dq.errors import DQError, run_cli
 from dq.features import read_features
-from dq.io import write_json
+from dq.io import write_metrics
 from dq.paths import DataPaths
 from dq.prepared import open_store
 from dq.runtime import device_for, seed_everything
 from dq.teacher import agreement, probe_logits, read_teacher_logits, trained_config, write_logits
 from dq.train import evaluate, full_training_set, predict_logits, split_images, train_classifier
 from stages.common import parse_args
+
+DYNAMICS_PARAMS = ("teacher",)  # in dynamics.h5's `params`: the run that recorded them
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +54,7 @@ def _teacher(paths: DataPaths, params, device) -> None:
     teacher = read_teacher_logits(paths.teacher_logits, expected_rows=len(prepared), classes=prepared.classes)
     metrics = {"kind": tp.kind, "test_top1": test_top1, "train_agreement": agreement(teacher, prepared.labels()),
                "views": teacher.views}  # no timing: the same params give the same bytes
-    write_json(paths.teacher_metrics, metrics)
+    write_metrics(paths.teacher_metrics, metrics)
     top1 = "n/a" if test_top1 is None else f"{test_top1:.4f}"
     print(f"teacher: {tp.kind}, test top-1 {top1}, agrees with {metrics['train_agreement']:.4f} of the training "
           f"labels, {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -57,6 +63,8 @@ def _teacher(paths: DataPaths, params, device) -> None:
 def _logits(paths: DataPaths, params, prepared, test, train_set, device, workers):
     """({view name: batches of logits}, test top-1) on rank 0; (None, None) on the other ranks."""
     tp = params.teacher
+    if tp.kind != "trained" and distributed.is_main():
+        paths.teacher_dynamics.unlink(missing_ok=True)  # only a trained teacher records dynamics: none stale
     if tp.kind == "probe":
         features = read_features(paths.features, expected_rows=len(prepared))
         if list(features.classes) != list(prepared.classes):
@@ -65,12 +73,16 @@ def _logits(paths: DataPaths, params, prepared, test, train_set, device, workers
     if tp.kind == "trained":
         config = trained_config(params.train, tp.steps)
         print(f"teacher: {config.model} on all {len(prepared)} training images, {tp.steps} steps", file=sys.stderr)
+        recorder = recorder_for(train_set.images, train_set.labels, len(test.classes),
+                                teacher_el2n_step(len(train_set.labels), config), device=device, num_workers=workers)
         result = train_classifier(train_set, test, config, seed=tp.seed, device=device,
                                   checkpoint=paths.teacher_resume, num_workers=workers,
-                                  progress=distributed.is_main())
+                                  progress=distributed.is_main(), recorder=recorder)
         if not distributed.is_main():
             return None, None
         save_classifier(paths.teacher_model, result, config, test.classes, test.images.image_shape[0])
+        write_scores(paths.teacher_dynamics, recorder.scores(), train_set.labels,
+                     params.provenance(*DYNAMICS_PARAMS))
         model, mean, std, top1 = result.model, result.mean, result.std, result.final.top1
     else:
         if not distributed.is_main():

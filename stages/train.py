@@ -22,7 +22,7 @@ import sys
 from dq import distributed
 from dq.classifier import save_classifier
 from dq.errors import DQError, run_cli
-from dq.io import write_json
+from dq.io import rounded, write_metrics
 from dq.live import live_logger
 from dq.paths import DataPaths
 from dq.prepared import open_store
@@ -75,10 +75,10 @@ def _train(paths: DataPaths, params, device) -> None:
     live.end()
 
     save_classifier(paths.classifier, result, tp, test.classes, test.images.image_shape[0])
-    write_json(paths.evaluation, evaluation_record(result, test.classes))
+    write_metrics(paths.evaluation, evaluation_record(result, test.classes))
     full_raw_bytes = len(prepared) * math.prod(prepared.image_shape)  # the whole split as raw uint8
     metrics = train_metrics(result, train_set, tp, full_raw_bytes=full_raw_bytes)
-    write_json(paths.train_metrics, metrics)
+    write_metrics(paths.train_metrics, metrics)
     print(f"train: final-epoch top-1 {metrics['top1']:.4f} on {len(test.labels)} test images", file=sys.stderr)
 
 
@@ -86,7 +86,7 @@ def _log_epoch(live, record: dict) -> None:
     """A round's record; the test keys only where the round was scored (dq.train.Schedule)."""
     for name, key in LIVE_METRICS.items():
         if key in record:
-            live.log_metric(name, record[key])
+            live.log_metric(name, rounded(record[key]))  # DVCLive's files are metrics files too
     live.next_step()
     test = f" test acc {record['test_acc']:.4f}" if "test_acc" in record else ""
     print(f"train: step {record['step']} (epoch {record['epoch']}): loss {record['train_loss']:.4f} "

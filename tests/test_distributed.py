@@ -256,3 +256,45 @@ def test_compress_on_two_ranks_writes_what_one_process_writes(tmp_path):
                           ("compact/dataset.h5", "compact_metrics.json", "compact_plots/patches.png")}
         assert not list(data.rglob(".*tmp*"))
     assert outputs[1] == outputs[2]
+
+
+# Run by torchrun: three steps of a 10-row batch, each rank recording the logits of its part only.
+RECORD_PARTS = textwrap.dedent('''
+    import os, sys
+    import numpy as np, torch
+    from dq import distributed
+    from dq.dynamics import DynamicsRecorder
+    with distributed.process_group(torch.device("cpu")):
+        rank, world = distributed.rank(), distributed.world_size()
+        rec = DynamicsRecorder(12, 99, el2n=None)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(3):
+            rows = torch.randperm(12, generator=gen)[:10].numpy()
+            logits, y = torch.randn(10, 4, generator=gen), torch.randint(0, 4, (10,), generator=gen)
+            part = distributed.split(10, rank, world)
+            rec.record(rows, part, logits[part], y[part], model=None)
+        np.savez(os.path.join(sys.argv[1], f"rank{rank}.npz"), **{k: v.numpy() for k, v in rec.state_dict().items()
+                                                                  if k not in ("steps", "el2n")})
+''')
+
+
+def test_two_ranks_record_the_dynamics_of_the_whole_batch(tmp_path):
+    """Under torchrun a rank sees the logits of its part of a batch only; the recorder sums the batch's margins
+    over the ranks, so both ranks record what one process recording the whole batch does."""
+    from dq.dynamics import DynamicsRecorder
+
+    (tmp_path / "record.py").write_text(RECORD_PARTS)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+          str(tmp_path / "record.py"), str(tmp_path)], _env())
+    one = DynamicsRecorder(12, 99, el2n=None)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        rows = torch.randperm(12, generator=gen)[:10].numpy()
+        logits, y = torch.randn(10, 4, generator=gen), torch.randint(0, 4, (10,), generator=gen)
+        one.record(rows, slice(None), logits, y, model=None)
+    for rank in (0, 1):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for name, value in one.state_dict().items():
+            if name not in ("steps", "el2n"):
+                assert np.allclose(got[name], value.numpy(), rtol=0, atol=1e-12), (rank, name)
+    assert (one.seen > 0).sum() == 12 and one.forgot.sum() > 0

@@ -633,10 +633,10 @@ def test_compress_stage_writes_a_valid_file_metrics_and_a_figure(tmp_path):
     assert metrics["compact_bytes"] == out.stat().st_size
     assert metrics["full_raw_bytes"] == 24 * 32 * 32 * 3 and metrics["kept_raw_bytes"] == 12 * 32 * 32 * 3
     assert metrics["kept_pixel_share"] == pytest.approx(0.5 * 0.75)
-    assert metrics["compression_ratio"] == pytest.approx(metrics["full_raw_bytes"] / metrics["compact_bytes"])
+    assert metrics["compression_ratio"] == pytest.approx(metrics["full_raw_bytes"] / metrics["compact_bytes"], rel=1e-5)
     jpeg = sum(len(codecs.encode(image, "jpeg", 90)) for image in prepared_images[data.indices])
-    assert metrics["jpeg_q90_bytes"] == jpeg and metrics["vs_jpeg_q90"] == pytest.approx(out.stat().st_size / jpeg)
-    assert metrics["bytes_per_image"] == pytest.approx(out.stat().st_size / 12)
+    assert metrics["jpeg_q90_bytes"] == jpeg and metrics["vs_jpeg_q90"] == pytest.approx(out.stat().st_size / jpeg, rel=1e-5)
+    assert metrics["bytes_per_image"] == pytest.approx(out.stat().st_size / 12, rel=1e-5)
     assert metrics["kept_pixel_psnr"] is None and metrics["lossless"] and metrics["codec"] == "webp-lossless"
     assert metrics["source_bytes"] is None and "synthetic" in metrics["source_bytes_how"]
     assert (root / "data/compact_plots/patches.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

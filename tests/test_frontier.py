@@ -171,3 +171,20 @@ def test_ablations_pair_two_families_seed_by_seed_at_the_same_ratio():
     comparison, byte_ratio = rows[("dq-drop25", "dq-webp-lossless", 0.05)]
     assert comparison.diffs == pytest.approx([0.62 - 0.64, 0.611 - 0.64]) and byte_ratio == pytest.approx(1000 / 1010)
     assert "dropping 25% of patches, dq subset" in frontier.markdown(frontier.cells(records), {})
+
+
+def test_the_selection_pick_is_the_best_method_above_random_else_random():
+    """ccs beats random on every seed at 0.1 (+1, +2, +1.5 points: interval above zero), d2 leads on average but
+    by noise (+4, -3, +0.5); at 0.2 nothing clears zero, so the pick is random."""
+    rows = []
+    for seed, (ccs, d2) in enumerate(((0.01, 0.04), (0.02, -0.03), (0.015, 0.005))):
+        rows += [record("random-webp-lossless", 0.1, seed, 2000, 0.80), record("ccs-webp-lossless", 0.1, seed, 2000, 0.80 + ccs),
+                 record("d2-webp-lossless", 0.1, seed, 2000, 0.80 + d2),
+                 record("random-webp-lossless", 0.2, seed, 4000, 0.85), record("ccs-webp-lossless", 0.2, seed, 4000, 0.85 + d2)]
+    choices = frontier.selection_choices(frontier.cells(rows))
+    assert [(ratio, pick) for ratio, _, pick in choices] == [(0.1, "ccs-webp-lossless"), (0.2, "random-webp-lossless")]
+    at_tenth = {c.a: c for c in choices[0][1]}
+    assert set(at_tenth) == {"ccs-webp-lossless", "d2-webp-lossless"}
+    assert at_tenth["ccs-webp-lossless"].interval()[0] == pytest.approx(0.015)
+    text = frontier.markdown(frontier.cells(rows), {})
+    assert "| 0.1 | n/a | +1.50 [" in text and "| ccs |" in text and "| random |" in text

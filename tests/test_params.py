@@ -48,7 +48,7 @@ BAD_VALUES = [
     ("select.gamma_reverse", -1.0, ">= 0"),
     ("scores.model", "no_such_net", "smallnet or a timm model name"), ("scores.seeds", 0, "positive"),
     ("scores.steps", 0, "positive"), ("scores.batch_size", 1, ">= 2"), ("scores.lr", 0.0, "> 0"),
-    ("scores.el2n_step", 0, "[1, scores.steps]"), ("scores.k", 0, "positive"),
+    ("scores.el2n_step", 0, "[1, scores.steps]"), ("scores.k", 0, "positive"), ("scores.dynamics", "both", "teacher | runs"),
     ("patches.drop", 1.0, "[0, 1)"), ("patches.drop", -0.1, "[0, 1)"), ("patches.patch_size", 0, "positive"),
     ("patches.patch_size", 5, "divisor of data.image_size"), ("patches.cam_layer", 3, "a string"),
     ("patches.batch_size", 0, "positive"), ("patches.scorer", "saliency", "one of pixel-std, random, gradcam++, gradcam++-flat-first"),

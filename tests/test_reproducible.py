@@ -183,3 +183,22 @@ def test_readers_take_no_lock_while_another_process_holds_the_write_lock(tiny_ru
     finally:
         proc.communicate("", timeout=30)
     assert proc.returncode == 0
+
+
+def test_metrics_files_round_every_float_so_last_digit_noise_moves_no_byte(tiny_run, tmp_path):
+    """A float sum's last digits may move between two runs on one machine; a metrics file keeps
+    METRICS_DIGITS significant digits, so it (and dvc.lock) does not."""
+    import json
+
+    from dq.io import METRICS_DIGITS, write_metrics
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    write_metrics(a, {"x": 0.1 + 0.2, "nested": [{"y": 2 / 3}], "n": 7, "inf": float("inf")})
+    write_metrics(b, {"x": 0.3, "nested": [{"y": 0.6666666666666667 - 1e-16}], "n": 7, "inf": float("inf")})
+    assert a.read_bytes() == b.read_bytes()
+    assert json.loads(a.read_text())["nested"][0]["y"] == 0.666667
+    for name in ("selection_metrics", "compact_metrics", "train_metrics", "mae_metrics", "teacher_metrics",
+                 "scores_metrics"):
+        text = (tiny_run / "data" / f"{name}.json").read_text()
+        floats = [float(t) for t in __import__("re").findall(r"-?\d+\.\d+(?:e[-+]?\d+)?", text)]
+        assert all(float(f"{v:.{METRICS_DIGITS}g}") == v for v in floats), name

@@ -37,8 +37,8 @@ def _write_inputs(tmp_path, flipped=()):
         embedding=embedding, logit_grad=None, probe_weight=np.zeros((2, 6), np.float32),
         probe_bias=np.zeros(2, np.float32), kind="embedding", backbone="efficientnet_lite0", weights="none",
         input_size=32, classes=["dark", "bright"], probe_train_accuracy=1.0))
-    params = tiny_params({"scores": {"seeds": 2, "steps": 24, "batch_size": 16, "el2n_step": 4, "k": 3},
-                          "runtime": {"threads": 1}})
+    params = tiny_params({"scores": {"dynamics": "runs", "seeds": 2, "steps": 24, "batch_size": 16, "el2n_step": 4,
+                                     "k": 3}, "runtime": {"threads": 1}})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path, labels, embedding
@@ -56,7 +56,7 @@ def test_stage_writes_finite_scores_of_the_right_shape(tmp_path):
         assert scores[name].shape == (64,) and np.isfinite(scores[name]).all(), name
     assert (scores["el2n"] >= 0).all() and (scores["el2n"] <= math.sqrt(2)).all()
     assert (scores["forgetting"] >= 0).all()
-    assert scores.params == {"scores": {"model": "smallnet", "seeds": 2, "steps": 24, "batch_size": 16, "lr": 0.2,
+    assert scores.params == {"scores": {"dynamics": "runs", "model": "smallnet", "seeds": 2, "steps": 24, "batch_size": 16, "lr": 0.2,
                                         "el2n_step": 4, "k": 3}}
     metrics = json.loads((tmp_path / "scores_metrics.json").read_text())
     assert metrics["images"] == 64 and "seconds" not in metrics  # no timings: reruns give the same bytes
@@ -65,6 +65,35 @@ def test_stage_writes_finite_scores_of_the_right_shape(tmp_path):
     assert (tmp_path / "scores" / "scores.h5").read_bytes() == first
     with pytest.raises(DQError, match="labels are not the prepared training set's"):
         read_scores(tmp_path / "scores" / "scores.h5", labels[::-1].copy())
+
+
+def test_by_default_the_scores_are_the_teachers_recorded_dynamics(tiny_run):
+    """scores.dynamics: teacher: the teacher stage recorded AUM, EL2N and forgetting while it trained, and the
+    scores stage took them as they were (nothing trained twice)."""
+    from dq.difficulty import DYNAMICS_SCORES, read_scores
+
+    data = tiny_run / "data"
+    recorded = read_scores(data / "teacher" / "dynamics.h5")
+    scores = read_scores(data / "scores" / "scores.h5", recorded.labels)
+    assert set(recorded.values) == set(DYNAMICS_SCORES) and recorded.params["teacher"]["kind"] == "trained"
+    for name in DYNAMICS_SCORES:
+        assert np.array_equal(scores[name], recorded[name]), name
+    assert json.loads((data / "scores_metrics.json").read_text())["dynamics"] == "teacher"
+
+
+def test_teacher_dynamics_need_a_trained_teacher(tmp_path):
+    with pytest.raises(DQError, match=r"^params: scores.dynamics = 'teacher' is not allowed; expected runs while "
+                                      r"teacher.kind is 'probe'"):
+        params_from_dict(tiny_params({"teacher": {"kind": "probe"}}))
+    params_from_dict(tiny_params({"teacher": {"kind": "probe"}, "scores": {"dynamics": "runs"}}))
+    path, _, _ = _write_inputs(tmp_path)
+    params = yaml.safe_load(path.read_text())
+    params["scores"]["dynamics"] = "teacher"
+    path.write_text(yaml.safe_dump(params))
+    from stages.scores import main
+
+    with pytest.raises(DQError, match=r"teacher/dynamics.h5: not found; scores.dynamics: teacher reads"):
+        main(["--params", str(path), "--data", str(tmp_path)])
 
 
 def test_aum_is_lower_for_mislabelled_samples(tmp_path):

@@ -265,9 +265,9 @@ def test_the_teacher_stage_labels_every_training_image(tiny_run):
     metrics = json.loads((data / "teacher_metrics.json").read_text())
     assert 0 <= metrics["test_top1"] <= 1 and 0 <= metrics["train_agreement"] <= 1
     assert (data / "teacher" / "model.pt").is_file()
-    # the default params store soft labels: a version 3 store with the default top 10 at 16 bits
+    # the default params store soft labels: a version 3 store with the default top 10 at 8 bits
     header = validate(data / "compact" / "dataset.h5")
-    assert header.version == 3 and header.soft == SoftSpec(k=10, bits=16, temperature=4.0, views=1)
+    assert header.version == 3 and header.soft == SoftSpec(k=10, bits=8, temperature=4.0, views=1)
 
 
 def test_compress_stores_the_teachers_labels_of_the_selected_images(soft_run):

@@ -217,6 +217,42 @@ def test_a_step_budget_resumed_inside_an_epoch_matches_the_uninterrupted_run(dat
         fit(train, test, dataclasses.replace(STEPS, steps=14, resume=True), checkpoint=ckpt)
 
 
+def test_recording_training_dynamics_changes_no_byte_and_resumes(data, tmp_path):
+    """The teacher records AUM, EL2N and forgetting inside train's own loop (dq.dynamics): the run is the
+    same run, and a run killed and resumed records what the uninterrupted one did."""
+    from dq.dynamics import recorder_for
+
+    train, test = data
+    plain = fit(train, test, STEPS)
+
+    def recorder():
+        return recorder_for(train.images, train.labels, 4, 6, device="cpu")
+
+    whole = recorder()
+    recorded = fit(train, test, STEPS, recorder=whole)
+    assert recorded.history == plain.history
+    assert state_bytes(recorded, tmp_path, "r.pt") == state_bytes(plain, tmp_path, "p.pt")
+    scores = whole.scores()
+    assert whole.steps == 13 and (whole.seen >= 2).all() and np.isfinite(scores["aum"]).all()
+    assert (scores["el2n"] >= 0).all() and (scores["forgetting"] >= 0).all()
+
+    ckpt = tmp_path / "ckpt" / "last.pt"
+
+    def stop_after_one(record):
+        if record["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(train, test, STEPS, checkpoint=ckpt, on_epoch=stop_after_one, recorder=recorder())
+    again = recorder()
+    fit(train, test, dataclasses.replace(STEPS, resume=True), checkpoint=ckpt, recorder=again)
+    for name, values in scores.items():
+        assert np.array_equal(again.scores()[name], values), name
+    fit(train, test, STEPS, checkpoint=ckpt)  # a checkpoint that holds no dynamics ...
+    with pytest.raises(DQError, match="last.pt: was saved by a run that did not record training dynamics"):
+        fit(train, test, dataclasses.replace(STEPS, resume=True), checkpoint=ckpt, recorder=recorder())
+
+
 def test_a_checkpoint_from_other_params_or_unreadable_is_refused(data, tmp_path):
     train, test = data
     ckpt = tmp_path / "last.pt"
