@@ -93,6 +93,7 @@ def test_a_toy_of_every_axis_runs_through_the_stage_entry_points(toys, tmp_path)
 
     raw = tiny_params({"data": {"source": "toy-stripes", "synthetic_train": 40, "synthetic_test": 8},
                        "select": {"method": "toy-first"}, "ratio": 0.25, "teacher": {"kind": "probe"},
+                       "scores": {"dynamics": "runs"},
                        "patches": {"scorer": "toy-bright", "codec": "toy-bmp", "drop": 0.25}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     argv = ["--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path / "data")]
