@@ -113,18 +113,19 @@ DEFAULT_FAMILY = "dq-drop25"
 # decides "dq or a random subset" with whole images, and the whole set that sets the budgets; then soft
 # labels against hard ones (dq and random); then, at 10%, the cheapest labels and the zero-training teacher,
 # the other label variants, and Moderate-DS (features only); then the selections that rank by training
-# dynamics (data/scores) at every ratio; then the dq default and the JPEG subsets; the whole set at lower
-# qualities; the dropping ablations; the selections of issue 36 under the default dropping.
+# dynamics (data/scores) at every ratio; then the dq default against random under the same dropping; the JPEG
+# subsets (the trivial families of the moonshot); the selections of issue 36 under the default dropping; the
+# whole set at the lowest quality and the heavier dropping.
 TIERS = (
     (("dq-webp-lossless", RATIOS), ("random-webp-lossless", RATIOS + (WHOLE,))),
     (("dq-soft", RATIOS), ("random-soft", RATIOS)),
     (("dq-soft-k3-8bit", TENTH), ("dq-soft-probe", TENTH)),
     (("dq-soft-k3", TENTH), ("dq-soft-8bit", TENTH), ("dq-soft-flip", TENTH), ("moderate-webp-lossless", RATIOS)),
     (("ccs-webp-lossless", RATIOS), ("dq-ccs-webp-lossless", RATIOS), ("d2-webp-lossless", RATIOS)),
-    (("dq-drop25", RATIOS), ("random-jpeg90", RATIOS), ("random-jpeg50", RATIOS)),
-    (("random-jpeg90", (WHOLE,)), ("random-jpeg50", (WHOLE,)), ("whole-jpeg25", (WHOLE,))),
-    (("random-drop25", RATIOS), ("dq-drop50", RATIOS)),
+    (("dq-drop25", RATIOS), ("random-drop25", RATIOS)),
+    (("random-jpeg90", RATIOS + (WHOLE,)), ("random-jpeg50", RATIOS + (WHOLE,))),
     (("ccs-drop25", RATIOS), ("d2-drop25", RATIOS), ("moderate-drop25", RATIOS), ("dq-ccs-drop25", RATIOS)),
+    (("whole-jpeg25", (WHOLE,)), ("dq-drop50", RATIOS)),
 )
 
 
