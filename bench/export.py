@@ -35,10 +35,11 @@ import yaml  # noqa: E402
 
 from bench.format import photo_crops  # noqa: E402
 from bench.scale import folder_bytes, run_stage  # noqa: E402
-from dq import scorers  # noqa: E402
-from dq import codec as codecs  # noqa: E402
-from dq.compact import CompactWriter, Header  # noqa: E402
-from dq.prepared import StoreWriter  # noqa: E402
+from dq.patches import scorers  # noqa: E402
+from dq.data import codec as codecs  # noqa: E402
+from dq.compact.schema import Header  # noqa: E402
+from dq.compact.writer import CompactWriter
+from dq.data.prepared_writer import StoreWriter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, PATCH, BATCH = 224, 16, 250
@@ -48,7 +49,7 @@ CLASSES = [f"photo {k}" for k in range(10)]
 def build_inputs(data: Path, n: int) -> int:
     """prepared/{train,test}, compact/dataset.h5 and mae/model.pt under `data`; returns the bytes of a JPEG q90
     copy of the training images (nothing dropped)."""
-    from dq import mae as dq_mae
+    from dq.mae import model as dq_mae
 
     jpeg_copy = 0
     for split, count, seed in (("train", n, 0), ("test", max(10, n // 10), 1)):
@@ -122,10 +123,11 @@ def main() -> None:
         t = time.perf_counter()
         jpeg_copy = build_inputs(data, n)
         print(f"N={n}: inputs built in {time.perf_counter() - t:.0f} s", flush=True)
-        from dq.rebuilt import rebuilt_set
+        from dq.mae.rebuilt import RebuildOptions, rebuilt_set
 
         t = time.perf_counter()
-        rebuilt_set(data / "compact" / "dataset.h5", data / "mae" / "model.pt", cache=data / "fill", progress=False)
+        rebuilt_set(data / "compact" / "dataset.h5", data / "mae" / "model.pt", cache=data / "fill",
+                    options=RebuildOptions(progress=False))
         row = {"fill_s": time.perf_counter() - t, "jpeg_copy": jpeg_copy,
                "compact": (data / "compact" / "dataset.h5").stat().st_size}
         for fmt in ("imagefolder", "webdataset"):

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dq.backbones import create_backbone, embed, fit_probe  # noqa: E402
+from dq.features.backbones import create_backbone, embed, fit_probe  # noqa: E402
 
 
 def _timed(fn):

@@ -16,7 +16,7 @@ default 6,000), patch 4, the numbers that chose the default codec.
 Reads (`--read-sizes`): the photos downscaled to 32 px (patch 4), read through a DataLoader (batch 64,
 0/1/2 workers, shuffled) from `dq.compact.CompactDataset` per codec, against the v1 layout at the same
 N and worker count, in this process; two N show how cost grows with N. Then JPEG decoding alone:
-`dq.codec.decode_jpeg_batch` (torchvision, one call per batch) against Pillow one image at a time.
+`dq.data.codec.decode_jpeg_batch` (torchvision, one call per batch) against Pillow one image at a time.
 Peak RSS of this process and of its DataLoader workers is printed after each section.
 
 `--sizes` (off by default) runs the older comparison against the prepared HDF5 and a PNG folder;
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# run as a script, bench/ heads sys.path and a sibling bench/select.py would shadow the stdlib module
+# run as a script, bench/ heads sys.path: the repository goes there instead, so that `import dq` works
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
@@ -42,11 +42,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from dq import cam, scorers  # noqa: E402
-from dq import codec as codecs  # noqa: E402
-from dq.compact import CompactDataset, Header, read_compact, write_compact  # noqa: E402
-from dq.prepared import Prepared, read_prepared  # noqa: E402
-from dq.prepared import write_prepared_v1 as write_prepared  # noqa: E402  the v1 baseline
+from dq.patches import cam  # noqa: E402
+
+from dq.patches import scorers
+from dq.data import codec as codecs  # noqa: E402
+from dq.compact.dataset import CompactDataset  # noqa: E402
+from dq.compact.reader import read_compact
+from dq.compact.schema import Header
+from dq.compact.writer import KeptImages, write_compact
+from dq.data.prepared import Prepared, read_prepared  # noqa: E402
+from dq.data.prepared_writer import write_prepared_v1 as write_prepared  # noqa: E402  the v1 baseline
 
 OUT = Path(__file__).resolve().parent / "out" / "format"
 BATCH = 64
@@ -136,7 +141,7 @@ def bench_size(data: Path, n: int, drop: float, patch_size: int) -> None:
 
     writes = {
         "prepared HDF5": timed(lambda: write_prepared(prepared, p)),
-        "compact": timed(lambda: write_compact(compact, header, *args)),
+        "compact": timed(lambda: write_compact(compact, header, KeptImages(*args))),
         "PNG folder": timed(lambda: write_png_folder(pngs, p), repeat=1),
     }
     print(f"\n== N = {n} images {size}x{size}, {p.source}; drop {drop}, patch {patch_size}")
@@ -208,8 +213,8 @@ def write_codec_file(path: Path, images: np.ndarray, keep: np.ndarray, patch_siz
                     classes=[str(i) for i in range(10)], source="photos", codec=codec, quality=quality)
     labels = np.arange(n, dtype=np.int64) % 10
     start = time.perf_counter()
-    stats = write_compact(path, header, images, keep, labels, np.arange(n), np.zeros(n, np.int32),
-                          np.zeros(keep.shape, np.float32))
+    stats = write_compact(path, header, KeptImages(images, keep, labels, np.arange(n), np.zeros(n, np.int32),
+                                                   np.zeros(keep.shape, np.float32)))
     return time.perf_counter() - start, stats
 
 
@@ -221,7 +226,7 @@ def bench_photos(n: int, drop: float) -> None:
 
 def bench_fashion(n: int, drop: float) -> None:
     """The same table on the default run's data: n Fashion-MNIST training images as `prepare` makes them."""
-    from dq.datasets import load_fashion_mnist
+    from dq.data.sources import load_fashion_mnist
     from dq.params import DataParams
 
     images = load_fashion_mnist(DataParams(train_limit=n), "train").images
@@ -301,7 +306,7 @@ def bench_jpeg_decode(n: int) -> None:
 
 
 def bench_cam(data: Path, n: int) -> None:
-    from dq.backbones import classifier_with_probe, create_backbone, normalization
+    from dq.features.backbones import classifier_with_probe, create_backbone, normalization
 
     p = source_images(data, n)
     backbone = create_backbone("efficientnet_lite0", "none")
@@ -311,8 +316,8 @@ def bench_cam(data: Path, n: int) -> None:
     print(f"\n== GradCAM++ pass, efficientnet_lite0 (weights none), {n} images, batch 32")
     for input_size in (32, 128):
         name, layer = cam.target_layer(backbone, "auto", input_size)
-        run = lambda: cam.attention_maps(model, layer, p.images, p.labels, input_size, 32,  # noqa: E731
-                                         mean=mean, std=std, progress=False)
+        probed = scorers.ProbedModel(model, layer, input_size, 32, progress=False)
+        run = lambda: cam.attention_maps(probed, p.images, p.labels, mean=mean, std=std)  # noqa: E731
         run()  # warm-up: first call pays for lazy imports and allocator growth
         seconds = timed(run, repeat=1)
         print(f"  input {input_size:3d}px, layer {name:9s} {n / seconds:8.1f} images/s")

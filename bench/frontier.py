@@ -36,7 +36,7 @@ small record (family, ratio, seed, bytes, top-1, minutes, what it must match) as
 `<records>/<run>.json` (`--records`, docs/results/frontier by default, committed), so that `report`
 redraws the study on any machine without rerunning it, and a study run in parts adds up.
 
-`report` reads every record and writes, through dq.frontier: frontier.png (top-1 against bytes on a
+`report` reads every record and writes, through dq.report.frontier: frontier.png (top-1 against bytes on a
 log axis, one line per family, mean and seed range, the Pareto front marked), frontier.md (the table, the
 paired differences at equal bytes with 95% intervals, the budgets) and frontier.json (the summary the
 report stage reads to place a run's own point).
@@ -212,7 +212,7 @@ def finished(records: Path) -> list[dict]:
 
 
 def match_of(metrics: dict, evaluation: dict) -> dict:
-    """What a run must share with the study to be placed on its frontier (dq.report): the classes, the whole
+    """What a run must share with the study to be placed on its frontier (dq.report.summary): the classes, the whole
     training set's raw bytes, the test set's size and the classifier."""
     return {"classes": evaluation["classes"], "full_raw_bytes": metrics["full_raw_bytes"],
             "test_images": int(sum(map(sum, evaluation["confusion"]))), "model": metrics["model"]}
@@ -234,7 +234,7 @@ def main() -> None:
     if args.command == "run":
         run_all(args.data, args.out, args.params, args.seeds, args.jobs, args.job, args.records)
     else:
-        from dq import frontier
+        from dq.report import frontier
 
         records = finished(args.records)
         matches = {json.dumps(r["match"], sort_keys=True) for r in records}

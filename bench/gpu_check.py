@@ -6,13 +6,13 @@
 Runs the library's own code paths (nothing is re-implemented here), with random weights and random
 uint8 images, so nothing is downloaded:
 
-    features   dq.backbones.embed: ResNet-18 at 224 px, bf16 + channels_last on CUDA; 32-px stored
+    features   dq.features.backbones.embed: ResNet-18 at 224 px, bf16 + channels_last on CUDA; 32-px stored
                images resized on the device (the CIFAR-10 config's path), then 224-px stored images
                (ImageNet's). Baseline in the same process: the same model in float32, NCHW, a plain loop.
-    cam        dq.cam.attention_maps: GradCAM++ on ResNet-18 + a linear probe at 224 px (float32).
-    mae        dq.mae_fill.reconstruct: mae_vit_large_patch16 at 224 px, bf16, 25% of the patches dropped
+    cam        dq.patches.cam.attention_maps: GradCAM++ on ResNet-18 + a linear probe at 224 px (float32).
+    mae        dq.mae.reconstruct.reconstruct: mae_vit_large_patch16 at 224 px, bf16, 25% of the patches dropped
                (224-px images with 16-px patches, then 32-px images with 4-px patches, CIFAR-10's).
-    train      dq.train.train_classifier_epoch: one epoch of ResNet-18 (CIFAR stem) on a synthetic 32-px
+    train      dq.train.loop.train_classifier_epoch: one epoch of ResNet-18 (CIFAR stem) on a synthetic 32-px
                set, batch 128, SGD, bf16 on CUDA.
 
 Every step is one pass over its N images, so its cost grows linearly with N (the first batch, timed
@@ -32,10 +32,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dq import cam, mae_fill  # noqa: E402
-from dq import mae as dq_mae  # noqa: E402
-from dq import train as dq_train  # noqa: E402
-from dq.backbones import (classifier_with_probe, create_backbone, embed, normalization,  # noqa: E402
+from dq.patches import cam  # noqa: E402
+from dq.patches.scorers import ProbedModel  # noqa: E402
+
+from dq.mae import model as dq_mae  # noqa: E402
+from dq.mae import reconstruct  # noqa: E402
+from dq.train.classifier import create_classifier  # noqa: E402
+from dq.train.data import TrainFeed, channel_stats  # noqa: E402
+from dq.train.loop import Learner, train_classifier_epoch  # noqa: E402
+from dq.train.schedule import classifier_epoch_generator, optimizer_and_schedule, steps_per_epoch  # noqa: E402
+from dq.features.backbones import (classifier_with_probe, create_backbone, embed, normalization,  # noqa: E402
                           pooled_features, preprocess)
 from dq.params import TrainParams  # noqa: E402
 
@@ -130,8 +136,8 @@ def check_cam(sizes: Sizes, device: torch.device) -> None:
     x, labels = images(sizes.cam_n, 32), np.arange(sizes.cam_n) % 10
 
     def run(rows):
-        return lambda: cam.attention_maps(model, layer, x[rows], labels[rows], sizes.cam_size, sizes.cam_batch,
-                                          device, mean=mean, std=std, progress=False)
+        probed = ProbedModel(model, layer, sizes.cam_size, sizes.cam_batch, device, progress=False)
+        return lambda: cam.attention_maps(probed, x[rows], labels[rows], mean=mean, std=std)
 
     measure(f"cam 32->{sizes.cam_size}", sizes.cam_n, device, run(slice(None)), run(slice(0, sizes.cam_batch)))
 
@@ -143,28 +149,27 @@ def check_mae(sizes: Sizes, device: torch.device) -> None:
     layouts = {(sizes.mae_size, p): f"mae {sizes.mae_size}/{p}", (32, 4): f"mae 32/4->{sizes.mae_size}"}
     for (stored, patch), name in layouts.items():
         num_patches = (stored // patch) ** 2
-        keep = mae_fill.eval_keep(sizes.mae_n, num_patches, 0.25, seed=0)
+        keep = reconstruct.eval_keep(sizes.mae_n, num_patches, 0.25, seed=0)
         x = images(sizes.mae_n, stored)
         b = sizes.mae_batch
         measure(name, sizes.mae_n, device,
-                lambda: mae_fill.reconstruct(model, x, keep, patch, batch_size=b, device=device, progress=False),
-                lambda: mae_fill.reconstruct(model, x[:b], keep[:b], patch, batch_size=b, device=device,
-                                         progress=False))
+                lambda: reconstruct.reconstruct(model, x, keep, patch, batch_size=b, device=device, progress=False),
+                lambda: reconstruct.reconstruct(model, x[:b], keep[:b], patch, batch_size=b, device=device,
+                                                progress=False))
 
 
 def check_train(sizes: Sizes, device: torch.device) -> None:
     config = TrainParams(model=sizes.train_model, input="full", epochs=1, batch_size=sizes.train_batch, lr=0.1)
     x = torch.from_numpy(images(sizes.train_n, 32))
     y = torch.from_numpy(np.arange(sizes.train_n) % 10)
-    mean, std = dq_train.channel_stats(x[:1000].numpy())
+    mean, std = channel_stats(x[:1000].numpy())
     torch.manual_seed(0)
-    model = dq_train.create_classifier(config.model, 10, 32).to(device).to(memory_format=torch.channels_last)
-    optimizer, scheduler = dq_train.optimizer_and_schedule(
-        model, config, dq_train.steps_per_epoch(sizes.train_n, config.batch_size))
+    model = create_classifier(config.model, 10, 32).to(device).to(memory_format=torch.channels_last)
+    learner = Learner(model, *optimizer_and_schedule(model, config, steps_per_epoch(sizes.train_n, config.batch_size)))
 
     def epoch(rows):
-        return lambda: dq_train.train_classifier_epoch(model, optimizer, scheduler, x[rows], y[rows], mean, std,
-                                                       config, dq_train.classifier_epoch_generator(0, 0), device)
+        feed = TrainFeed(x[rows], y[rows], mean, std)
+        return lambda: train_classifier_epoch(learner, feed, config, classifier_epoch_generator(0, 0), device)
 
     measure(f"train {config.model} 32", sizes.train_n, device, epoch(slice(None)),
             epoch(slice(0, 4 * config.batch_size)))

@@ -1,11 +1,11 @@
-"""What pinning the CPU kernels costs (dq.kernels), and the proof that it makes the shared artifacts the same bytes.
+"""What pinning the CPU kernels costs (dq.core.kernels), and the proof that it makes the shared artifacts the same bytes.
 
     python -m bench.kernels [--data data] [--out /tmp/dq-kernels] [--repeat 2] [--timings-only]
 
 Runs the features and compress stages of a workspace (`--data`: a `dvc repro` of the defaults; its
 prepared/ and selection/ are linked) as DVC runs them, each in its own process, alternating:
 
-    pinned        the default: dq.kernels pins ATen, oneDNN and MKL to AVX2 (MKL CNR STRICT)
+    pinned        the default: dq.core.kernels pins ATen, oneDNN and MKL to AVX2 (MKL CNR STRICT)
     native        DQ_CPU_KERNELS=native: the CPU's fastest kernels (AVX-512 and AMX here)
 
 and prints the median wall time of each and the ratio (the issue's budget: pinned at most 1.2x slower).

@@ -6,7 +6,7 @@ for every scorer at several drops, in one pass.
 
 Reads what the compress stage reads (`prepared/train.h5`, `selection/`, `features/train.h5` under
 --data; run `dvc repro select` first) and the params file. For each scorer (`patches.scorer`; gradcam++
-and gradcam++-flat-first once per --cam-layers entry, `auto` being dq.cam's layer rule) and each drop,
+and gradcam++-flat-first once per --cam-layers entry, `auto` being dq.patches.cam's layer rule) and each drop,
 it keeps K = L - round(drop * L) patches of every selected image, zeroes the dropped ones, and prints
 the probe's top-1 on them: the `probe_top1_kept` the compress stage would write with that scorer.
 Random and highest-pixel-std masks of the same K are the compress stage's `probe_top1_random_keep` and
@@ -21,23 +21,23 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# run as a script, bench/ heads sys.path and a sibling bench/select.py would shadow the stdlib module
+# run as a script, bench/ heads sys.path: the repository goes there instead, so that `import dq` works
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dq import cam  # noqa: E402
-from dq.backbones import classifier_with_probe, create_backbone  # noqa: E402
-from dq.features import read_features  # noqa: E402
+from dq.patches import cam  # noqa: E402
+from dq.features.backbones import classifier_with_probe, create_backbone  # noqa: E402
+from dq.features.file import read_features  # noqa: E402
 from dq.params import load_params  # noqa: E402
-from dq.paths import DataPaths  # noqa: E402
-from dq.prepared import read_prepared  # noqa: E402
-from dq.runtime import device_for  # noqa: E402
-from dq.grid import zero_dropped  # noqa: E402
-from dq.scorers import SCORERS, create_scorer, keep_mask  # noqa: E402
-from dq.selection_folder import read_selection  # noqa: E402
+from dq.core.paths import DataPaths  # noqa: E402
+from dq.data.prepared import read_prepared  # noqa: E402
+from dq.core.runtime import device_for  # noqa: E402
+from dq.patches.grid import zero_dropped  # noqa: E402
+from dq.patches.scorers import SCORERS, ProbedModel, create_scorer, keep_mask  # noqa: E402
+from dq.select.folder import read_selection  # noqa: E402
 
 
 def scorer_scores(name: str, layer_name: str, model, backbone, images, labels, params, device) -> np.ndarray:
@@ -46,8 +46,8 @@ def scorer_scores(name: str, layer_name: str, model, backbone, images, labels, p
     layer = None
     if SCORERS.get(name).needs_model:
         _, layer = cam.target_layer(backbone, layer_name, fp.input_size)
-    scorer = create_scorer(name, pp.patch_size, seed=params.seed, model=model, layer=layer,
-                               input_size=fp.input_size, batch_size=pp.batch_size, device=device, progress=False)
+    probed = ProbedModel(model, layer, fp.input_size, pp.batch_size, device, progress=False)
+    scorer = create_scorer(name, pp.patch_size, seed=params.seed, probed=probed)
     return scorer.scores(images, labels)[1]
 
 

@@ -12,13 +12,13 @@ grid, without training, and compares the SHA-256 of its decoded training images 
 equal hashes mean equal training pixels, hence the same training run, so there is nothing to retrain.
 `--scorers` trains each compact grid point once per `patches.scorer`.
 
-The DVC route (`python -m dq.sweep queue/run/plot`) reruns each experiment in its own copy of the
+The DVC route (`python -m dq.tools.sweep queue/run/plot`) reruns each experiment in its own copy of the
 workspace. On a 2-core machine that is slow, so this script calls the very same stage entry points
 (select, compress, train) for each grid point, in a folder per run whose prepared/, features/, mae/
 are links to the workspace's outputs. Only the params differ, exactly as `dvc exp run -S` would set
 them. Every finished run leaves `train_metrics.json` and `compact_metrics.json` in its folder; runs
 already finished are skipped, so the script can be stopped and restarted. `--plot` turns whatever
-has finished into docs/results (figures and a Markdown table) with dq.sweep's own writers.
+has finished into docs/results (figures and a Markdown table) with dq.tools.sweep's own writers.
 """
 from __future__ import annotations
 
@@ -26,18 +26,21 @@ import argparse
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from dq.compact import read_compact
+from dq.compact.reader import read_compact
 from dq.params import deep_merge
-from dq.select import METHODS
-from dq.sweep import Experiment, write_results
-from stages import compress, scores, select, train
+from dq.select.methods import METHODS
+from dq.tools.sweep import Experiment, write_results
 
-SHARED = ("prepared", "features", "mae", "teacher")  # one teacher labels every run, as one MAE fills it
+ROOT = Path(__file__).resolve().parents[1]
+
+SHARED = ("prepared", "features", "mae", "teacher")  # one teacher labels every run, as one MAE rebuilds it
 SCORES = "scores"  # the scores stage's folder: linked from the workspace, or computed once beside the runs
 
 
@@ -127,8 +130,15 @@ def run_one(workspace: Path, out: Path, params: dict, train_too: bool = True) ->
     scores_folder = shared_scores(workspace, out, params)
     if scores_folder is not None and not (out / SCORES).exists():
         (out / SCORES).symlink_to(scores_folder.resolve(), target_is_directory=True)
-    for stage in (select, compress, train) if train_too else (select, compress):
-        stage.main(argv)
+    for stage in ("select", "compress", "train") if train_too else ("select", "compress"):
+        run_stage(stage, argv)
+
+
+def run_stage(name: str, argv: list[str]) -> None:
+    """Run stage `name` as dvc.yaml's command runs it, in its own process (bench imports no stage)."""
+    cmd = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]["cmd"].split()
+    if subprocess.run([sys.executable, *cmd[1:], *argv], cwd=ROOT).returncode:
+        raise SystemExit(f"results: stage {name} failed ({' '.join(argv)})")
 
 
 def shared_scores(workspace: Path, out: Path, params: dict) -> Path | None:
@@ -146,7 +156,7 @@ def shared_scores(workspace: Path, out: Path, params: dict) -> Path | None:
             if not (computed / name).exists():
                 (computed / name).symlink_to((workspace / name).resolve(), target_is_directory=True)
         (computed / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        scores.main(["--params", str(computed / "params.yaml"), "--data", str(computed)])
+        run_stage("scores", ["--params", str(computed / "params.yaml"), "--data", str(computed)])
     return computed / SCORES
 
 

@@ -4,11 +4,11 @@
     python -m bench.trainer run --variants default no-whiten no-identity no-smoothing no-tta cosine ... --seeds 0 1 2
     python -m bench.trainer report [--docs docs/results/trainer]
 
-Every run is `dq.train.train_classifier` (what `dvc repro`'s train stage calls) on the workspace's prepared
+Every run is `dq.train.loop.train_classifier` (what `dvc repro`'s train stage calls) on the workspace's prepared
 store (`--data`, a `dvc repro` of the defaults): the whole training set (share 1.0) or a class-balanced random
 `share` of it drawn by the seed, scored at the final step on the whole prepared test split. A variant is
 params.yaml's `train` section with a few keys changed (VARIANTS), or a smallnet built another way (registered
-in `dq.classifier.CLASSIFIERS` by this script: adding a classifier is one registration). Each run writes one
+in `dq.train.classifier.CLASSIFIERS` by this script: adding a classifier is one registration). Each run writes one
 small JSON (top-1, wall seconds, threads, the train params) under `--out`; finished runs are skipped, so the
 sweep can be stopped and run again. `report` tabulates mean, seed standard deviation and seconds per
 (variant, share, steps): the plateau is where doubling the steps no longer moves the mean by more than the
@@ -35,7 +35,7 @@ import yaml  # noqa: E402
 
 def _smallnet(**config):
     def build(num_classes: int, image_size: int):
-        from dq.smallnet import SmallNet, SmallNetConfig
+        from dq.train.smallnet import SmallNet, SmallNetConfig
 
         return SmallNet(num_classes, 3, SmallNetConfig(**config))
     return build
@@ -44,7 +44,7 @@ def _smallnet(**config):
 def _no_identity(num_classes: int, image_size: int):
     from torch import nn
 
-    from dq.smallnet import SmallNet
+    from dq.train.smallnet import SmallNet
 
     net = SmallNet(num_classes)
     for m in net.modules():
@@ -88,10 +88,11 @@ def balanced_rows(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
 def run(args) -> None:
     import torch
 
-    from dq.classifier import CLASSIFIERS
+    from dq.train.classifier import CLASSIFIERS
     from dq.params import load_params
-    from dq.prepared import open_store
-    from dq.train import full_training_set, selected_training_set, split_images, train_classifier
+    from dq.data.prepared import open_store
+    from dq.train.data import full_training_set, selected_training_set, split_images
+    from dq.train.loop import TrainHooks, train_classifier
 
     torch.set_num_threads(args.threads)
     base = load_params(args.params).train
@@ -116,7 +117,7 @@ def run(args) -> None:
                     train_set = full_training_set(prepared) if share >= 1.0 else selected_training_set(prepared, rows)
                     start = time.perf_counter()
                     result = train_classifier(train_set, test, config, seed=seed, device=torch.device("cpu"),
-                                              progress=False)
+                                              hooks=TrainHooks(progress=False))
                     seconds = time.perf_counter() - start
                     record = {"variant": variant, "share": share, "steps": steps, "seed": seed,
                               "top1": result.final.top1, "seconds": round(seconds, 1), "threads": args.threads,

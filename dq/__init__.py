@@ -8,13 +8,13 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "read_images": "dq.prepared",
-    "read_labels": "dq.prepared",
-    "read_features": "dq.features",
-    "create_backbone": "dq.backbones",
-    "classifier_with_probe": "dq.backbones",
-    "preprocess": "dq.backbones",
-    "rebuilt_dataset": "dq.rebuilt",
+    "read_images": "dq.data.prepared",
+    "read_labels": "dq.data.prepared",
+    "read_features": "dq.features.file",
+    "create_backbone": "dq.features.backbones",
+    "classifier_with_probe": "dq.features.backbones",
+    "preprocess": "dq.features.backbones",
+    "rebuilt_dataset": "dq.mae.rebuilt",
 }
 __all__ = sorted(_EXPORTS)
 

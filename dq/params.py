@@ -4,11 +4,12 @@ Each section of params.yaml is one frozen dataclass. `load_params` checks every 
 wrong types and values outside the allowed range are errors whose single line names the key, the bad
 value and what is allowed, e.g. ``params.yaml: ratio = 0 is not allowed; expected a number in (0, 1]``.
 
-Names of the extension axes are checked against their registries (dq.registry), owned by the modules that
-implement them: `data.source` (dq.datasets.SOURCES), `select.method` (dq.select.METHODS), `patches.scorer`
-(dq.scorers.SCORERS), `data.codec` and `patches.codec` (dq.codec.CODECS). None of them imports torch, so
+Names of the extension axes are checked against their registries (dq.core.registry), owned by the modules that
+implement them: `data.source` (dq.data.sources.SOURCES), `select.method` (dq.select.methods.METHODS), `patches.scorer`
+(dq.patches.scorers.SCORERS), `data.codec` and `patches.codec` (dq.data.codec.CODECS). None of them imports torch, so
 loading params stays light. Rules with a public function of their own keep one shared check there (`ratio`:
-dq.select.ratio_problem; `patches.drop`: dq.grid.drop_problem), used here and by the function alike.
+dq.select.sampling.ratio_problem; `patches.drop`: dq.patches.grid.drop_problem), used here and by the function alike.
+The `select` keys but `method` are declared by the selection methods' own params dataclasses (SelectParams).
 """
 from __future__ import annotations
 
@@ -23,23 +24,25 @@ from typing import Any
 
 import yaml
 
-from dq.codec import codec_problem
-from dq.datasets import SOURCES
-from dq.errors import DQError
-from dq.grid import drop_problem, grid_of
-from dq.scorers import SCORERS
-from dq.select import DIFFICULTY_DEFAULTS, METHODS, PRECISIONS, SELECT_PARAM_RULES, ratio_problem, select_param_problem
+from dq.data.codec import codec_problem
+from dq.data.sources import SOURCES
+from dq.core.errors import DQError
+from dq.mae.archs import MAE_ARCHS
+from dq.patches.grid import drop_problem, grid_of
+from dq.patches.scorers import SCORERS
+from dq.select.methods import METHODS
+from dq.select.sampling import ratio_problem
 
 FEATURE_KINDS = ("embedding", "gradient")
 TRAIN_INPUTS = ("compact", "selected", "full")
-TRAIN_SCHEDULES = ("onecycle", "cosine")  # dq.train.learning_rate_factor
+TRAIN_SCHEDULES = ("onecycle", "cosine")  # dq.train.schedule.learning_rate_factor
 TRAIN_TTA = ("flip", "none")
-EXPORT_FORMATS = ("imagefolder", "webdataset")  # export.format; dq.export writes each
+EXPORT_FORMATS = ("imagefolder", "webdataset")  # export.format; dq.export.writer writes each
 EXPORT_TESTS = ("copy", "skip")
 DEVICES = ("auto", "cpu", "cuda")
-TEACHER_KINDS = ("trained", "probe", "checkpoint")  # dq.teacher
-SCORE_DYNAMICS = ("teacher", "runs")  # dq.dynamics: recorded during the teacher's training | own short runs
-SOFT_BITS = (16, 8)  # dq.soft_labels: float16 | uint8 steps of 1/255
+TEACHER_KINDS = ("trained", "probe", "checkpoint")  # dq.labels.teacher
+SCORE_DYNAMICS = ("teacher", "runs")  # dq.scores.dynamics: recorded during the teacher's training | own short runs
+SOFT_BITS = (16, 8)  # dq.labels.soft: float16 | uint8 steps of 1/255
 
 
 class ParamError(DQError):
@@ -56,6 +59,15 @@ class _Section:
 
     def check(self, where: str, prefix: str) -> None:  # pragma: no cover - overridden
         pass
+
+    @classmethod
+    def from_section(cls, raw: Any, where: str, prefix: str):
+        """The section built from its mapping in the file, every key typed by its field (not yet checked)."""
+        return _build(cls, raw, where, prefix)
+
+    def as_plain(self) -> dict:
+        """The section as plain data, key by key: what an output records of it (Params.provenance)."""
+        return dataclasses.asdict(self)
 
     def _need(self, cond: bool, where: str, prefix: str, name: str, expected: str) -> None:
         if not cond:
@@ -74,7 +86,7 @@ class DataParams(_Section):
     synthetic_classes: int = 4  # synthetic only
     synthetic_train: int = 200  # synthetic only: training images in all
     synthetic_test: int = 80
-    codec: str = "png"  # how prepared images are stored (dq.codec): raw | png | webp-lossless | webp | jpeg
+    codec: str = "png"  # how prepared images are stored (dq.data.codec): raw | png | webp-lossless | webp | jpeg
     quality: int = 90  # webp and jpeg only: 1..100
     shard_images: int = 10000  # images per prepared shard file
 
@@ -113,10 +125,7 @@ class FeaturesParams(_Section):
         self._check_backbone(where, prefix)
 
     def _check_backbone(self, where, prefix):
-        import timm  # imported here: params load fast for stages that never build a model
-
-        if not timm.is_model(self.backbone):
-            _fail(where, f"{prefix}backbone", self.backbone, "a timm model name (see timm.list_models())")
+        # the name itself is timm's to judge: Params.check_model_names, when a stage builds a model
         if self.weights == "builtin" and self.backbone not in ("efficientnet_lite0", "tf_efficientnet_lite0"):
             _fail(where, f"{prefix}weights", self.weights,
                   "hub, none or a checkpoint path (builtin weights exist only for efficientnet_lite0)")
@@ -124,37 +133,39 @@ class FeaturesParams(_Section):
 
 @dataclass(frozen=True)
 class SelectParams(_Section):
-    method: str = "dq"  # dq | graphcut | random | ccs | d2 | moderate | dq-ccs (dq.select.METHODS)
-    num_bins: int = 10
-    lam: float = 1.0  # weight of the pool term in the GraphCut gain
-    per_class: bool = True
-    precision: str = "float64"  # float64: bins equal a float64 reference exactly; float32: faster, near-ties may flip
-    # the difficulty-aware methods (dq.select_difficulty); defaults and rules: dq.select.DIFFICULTY_DEFAULTS, SELECT_PARAM_RULES
-    score: str = DIFFICULTY_DEFAULTS["score"]  # ccs, d2, dq-ccs: the difficulty they rank by: aum | el2n | forgetting
-    beta: float = DIFFICULTY_DEFAULTS["beta"]  # ccs, d2, dq-ccs: share of each class (dq-ccs: cell) pruned as hardest first
-    strata: int = DIFFICULTY_DEFAULTS["strata"]  # ccs, dq-ccs: equal-width difficulty strata
-    k: int = DIFFICULTY_DEFAULTS["k"]  # d2: neighbours in the kNN graph of each class
-    gamma: float = DIFFICULTY_DEFAULTS["gamma"]  # d2: forward message weight exp(-gamma d)
-    gamma_reverse: float = DIFFICULTY_DEFAULTS["gamma_reverse"]  # d2: reverse message weight exp(-gamma_reverse d)
+    """`select.method` and the params of the selection methods: every other key of the section is a field of a
+    registered method's params dataclass (dq.select.methods.METHODS, `params=`), typed by its annotation and
+    checked by its rules; `method_params` holds every declared key, in registration order, defaults filled in."""
+
+    method: str = "dq"  # a name in dq.select.methods.METHODS
+    method_params: dict = field(default_factory=METHODS.param_defaults)  # key -> value: select_indices' **select_params
+
+    @classmethod
+    def from_section(cls, raw, where, prefix):
+        declared = [(key, hint, field(default=default)) for key, (hint, default, _) in METHODS.declared().items()]
+        shape = dataclasses.make_dataclass("select", [("method", str, field(default=cls.method)), *declared])
+        values = dataclasses.asdict(_build(shape, raw, where, prefix))
+        return cls(values.pop("method"), values)
 
     def check(self, where, prefix):
         self._need(self.method in METHODS, where, prefix, "method", METHODS.expected())
-        for name in SELECT_PARAM_RULES:
-            problem = select_param_problem(name, getattr(self, name))
-            self._need(problem is None, where, prefix, name, problem or "")
-        self._need(self.precision in PRECISIONS, where, prefix, "precision", f"one of {', '.join(PRECISIONS)}")
-        self._need(self.num_bins >= 1, where, prefix, "num_bins", "a positive integer")
-        self._need(math.isfinite(self.lam) and self.lam > 0, where, prefix, "lam", "a finite number > 0")
+        try:
+            METHODS.check_params(self.method_params)
+        except DQError as exc:  # "select.beta = 2 is not allowed; expected ..."
+            raise ParamError(f"{where}: {exc}") from None
+
+    def as_plain(self) -> dict:
+        return {"method": self.method, **self.method_params}
 
 
 @dataclass(frozen=True)
 class ScoresParams(_Section):
-    """The scores stage (dq.dynamics, dq.difficulty): every sample's training dynamics, recorded during the
+    """The scores stage (dq.scores.dynamics, dq.scores.file): every sample's training dynamics, recorded during the
     teacher's training (`dynamics: teacher`) or during short runs of train's recipe (`runs`: the fields
     model .. el2n_step), and the feature-only scores."""
 
     dynamics: str = "teacher"  # teacher: recorded while the teacher stage trains (teacher.kind trained) | runs
-    model: str = "smallnet"  # dq.classifier.CLASSIFIERS or a timm model name, as train.model
+    model: str = "smallnet"  # dq.train.classifier.CLASSIFIERS or a timm model name, as train.model
     seeds: int = 2  # short runs averaged (run seeds 0 .. seeds-1, whatever the pipeline's seed)
     steps: int = 235  # optimizer steps per run, at least one epoch (5 epochs of 47 steps of 128 on the default 6,000 images)
     batch_size: int = 128
@@ -170,23 +181,16 @@ class ScoresParams(_Section):
         self._need(math.isfinite(self.lr) and self.lr > 0, where, prefix, "lr", "a finite number > 0")
         self._need(1 <= self.el2n_step <= self.steps, where, prefix, "el2n_step",
                    f"an integer in [1, scores.steps] (scores.steps = {self.steps})")
-        import timm
-
-        from dq.classifier import CLASSIFIERS
-
-        if self.model not in CLASSIFIERS and not timm.is_model(self.model):
-            _fail(where, f"{prefix}model", self.model,
-                  f"{', '.join(CLASSIFIERS)} or a timm model name (see timm.list_models())")
 
 
 @dataclass(frozen=True)
 class PatchesParams(_Section):
     drop: float = 0.25  # share of patches dropped from every kept image
     patch_size: int = 4
-    scorer: str = "gradcam++-flat-first"  # gradcam++-flat-first | gradcam++ | pixel-std | random (see dq.cam)
-    cam_layer: str = "auto"  # a module name of the backbone, or auto (see dq.cam)
+    scorer: str = "gradcam++-flat-first"  # gradcam++-flat-first | gradcam++ | pixel-std | random (see dq.patches.cam)
+    cam_layer: str = "auto"  # a module name of the backbone, or auto (see dq.patches.cam)
     batch_size: int = 64
-    codec: str = "webp-lossless"  # how the compact store keeps images (dq.codec.CODECS); lossless: today's pixels
+    codec: str = "webp-lossless"  # how the compact store keeps images (dq.data.codec.CODECS); lossless: today's pixels
     quality: int = 90  # lossy codecs (webp, jpeg) only
     store_scores: bool = False  # keep the patch scores (float16) in the compact store; nothing reads them
 
@@ -196,14 +200,13 @@ class PatchesParams(_Section):
         if problem:
             name, expected = problem.split(": ", 1)
             self._need(False, where, prefix, name, expected)
-        self._need(drop_problem(self.drop) is None, where, prefix, "drop", drop_problem(self.drop) or "")
         self._need(self.patch_size >= 1, where, prefix, "patch_size", "a positive integer")
         self._need(self.batch_size >= 1, where, prefix, "batch_size", "a positive integer")
 
 
 @dataclass(frozen=True)
 class MaeParams(_Section):
-    arch: str = "mae_vit_tiny_patch4"  # a name in dq.mae's registry
+    arch: str = "mae_vit_tiny_patch4"  # a registered MAE architecture (dq.mae.archs.MAE_ARCHS)
     checkpoint: str | None = None  # path to a reference MAE checkpoint (key 'model'); None: train
     input_size: int = 32  # the MAE's image side; stored images are resized to it
     mask_ratio: float = 0.25  # we fill 25% drops; the reference trains at 0.75
@@ -217,6 +220,7 @@ class MaeParams(_Section):
     resume: bool = False  # continue from data/mae_ckpt/last.pt (saved each epoch) when present
 
     def check(self, where, prefix):
+        self._need(self.arch in MAE_ARCHS, where, prefix, "arch", MAE_ARCHS.expected())
         self._need(0.0 < self.mask_ratio < 1.0, where, prefix, "mask_ratio", "a number in (0, 1)")
         self._need(self.input_size >= 8, where, prefix, "input_size", "an integer >= 8")
         for name in ("epochs", "batch_size", "eval_images"):
@@ -228,7 +232,7 @@ class MaeParams(_Section):
 
 @dataclass(frozen=True)
 class TrainParams(_Section):
-    model: str = "smallnet"  # dq.classifier.CLASSIFIERS or a timm model name; timm ResNets get a CIFAR stem on images <= 64 px
+    model: str = "smallnet"  # dq.train.classifier.CLASSIFIERS or a timm model name; timm ResNets get a CIFAR stem on images <= 64 px
     input: str = "compact"  # compact | selected | full
     epochs: int = 15  # passes over the training set (the budget unless `steps` is set)
     steps: int | None = 700  # exactly this many optimizer steps whatever the set's size; epochs is then unused
@@ -265,13 +269,6 @@ class TrainParams(_Section):
         self._need(self.weight_decay >= 0, where, prefix, "weight_decay", "a number >= 0")
         self._need(self.crop_padding >= 0, where, prefix, "crop_padding", "an integer >= 0")
         self._need(0 <= self.distill_weight <= 1, where, prefix, "distill_weight", "a number in [0, 1]")
-        import timm
-
-        from dq.classifier import CLASSIFIERS
-
-        if self.model not in CLASSIFIERS and not timm.is_model(self.model):
-            _fail(where, f"{prefix}model", self.model,
-                  f"{', '.join(CLASSIFIERS)} or a timm model name (see timm.list_models())")
 
 
 @dataclass(frozen=True)
@@ -306,7 +303,7 @@ class LabelsParams(_Section):
 
 @dataclass(frozen=True)
 class ExportParams(_Section):
-    format: str = "imagefolder"  # imagefolder | webdataset (dq.export)
+    format: str = "imagefolder"  # imagefolder | webdataset (dq.export.writer)
     test: str = "copy"  # copy: export the prepared test split too; skip: the train split only
     shard_images: int = 10000  # webdataset: images per tar shard
 
@@ -358,8 +355,23 @@ class Params:
             _fail(where, "scores.dynamics", "teacher", f"runs while teacher.kind is {self.teacher.kind!r} (only a "
                   "trained teacher records training dynamics)")
 
+    def check_model_names(self, where: str) -> None:
+        """The model names that timm resolves (features.backbone; scores.model and train.model unless a
+        registered classifier), checked against timm's registry without building anything. Kept out of
+        `check` because timm loads torch: the stages that build a model call it first, and loading params
+        stays light for the others."""
+        import timm
+
+        from dq.train.classifier import CLASSIFIERS
+
+        if not timm.is_model(self.features.backbone):
+            _fail(where, "features.backbone", self.features.backbone, "a timm model name (see timm.list_models())")
+        for key, name in (("scores.model", self.scores.model), ("train.model", self.train.model)):
+            if name not in CLASSIFIERS and not timm.is_model(name):
+                _fail(where, key, name, f"{', '.join(CLASSIFIERS)} or a timm model name (see timm.list_models())")
+
     def _check_patch_grid(self, where: str) -> None:
-        """The patch grid's rules (dq.grid) against the prepared image side, which is data.image_size."""
+        """The patch grid's rules (dq.patches.grid) against the prepared image side, which is data.image_size."""
         size, p = self.data.image_size, self.patches
         try:
             rows, cols = grid_of(size, p.patch_size)
@@ -376,14 +388,14 @@ class Params:
         for key in keys:
             head, _, rest = key.partition(".")
             if rest:
-                out.setdefault(head, {})[rest] = _as_plain(getattr(getattr(self, head), rest))
+                out.setdefault(head, {})[rest] = getattr(self, head).as_plain()[rest]
             else:
                 out[head] = _as_plain(getattr(self, head))
         return out
 
 
 def _as_plain(value):
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return value.as_plain() if isinstance(value, _Section) else value
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -440,7 +452,7 @@ def _build(cls: type, raw: Any, where: str, prefix: str):
     for name, value in raw.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, where, f"{prefix}{name}.")
+            values[name] = hint.from_section(value, where, f"{prefix}{name}.")
             continue
         value = _yaml11_float(value, hint)
         if not _type_ok(value, hint):

@@ -3,12 +3,12 @@
 Reads data/prepared/train/ (only the selected rows), data/selection/ and data/features/train.h5 (its
 linear probe gives GradCAM++ the dataset's classes). Writes the compact file (owned by dq.compact; images
 stored with `patches.codec`), the storage metrics and the probe's top-1 on the kept images
-(dq.cam.ProbeCounts) in data/compact_metrics.json, and the figure data/compact_plots/patches.png. The pass
-itself, streamed, on one process or under torchrun, is dq.compaction's.
+(dq.patches.cam.ProbeCounts) in data/compact_metrics.json, and the figure data/compact_plots/patches.png. The pass
+itself, streamed, on one process or under torchrun, is dq.patches.compress's.
 """
 from __future__ import annotations
 
-from dq.kernels import pin_cpu_kernels
+from dq.core.kernels import pin_cpu_kernels
 
 pin_cpu_kernels()  # before torch loads: GradCAM++'s gradients in one order on every x86-64 CPU
 
@@ -16,21 +16,24 @@ import sys  # noqa: E402
 
 import torch  # noqa: E402
 
-from dq import cam, distributed  # noqa: E402
-from dq.backbones import classifier_with_probe, create_backbone  # noqa: E402
-from dq.compaction import Selected, write_compact_store  # noqa: E402
-from dq.datasets import source_bytes  # noqa: E402
-from dq.errors import run_cli  # noqa: E402
-from dq.features import check_made_with, read_features  # noqa: E402
-from dq.compact import Header, storage_metrics  # noqa: E402
-from dq.io import write_metrics  # noqa: E402
-from dq.paths import DataPaths  # noqa: E402
-from dq.prepared import open_store  # noqa: E402
-from dq.runtime import device_for  # noqa: E402
-from dq.scorers import SCORERS, create_scorer  # noqa: E402
-from dq.selection_folder import read_selection  # noqa: E402
-from dq.soft_labels import SoftSpec  # noqa: E402
-from dq.teacher import read_teacher_logits, stored_soft_labels  # noqa: E402
+from dq.patches import cam  # noqa: E402
+
+from dq.core import distributed
+from dq.features.backbones import classifier_with_probe, create_backbone  # noqa: E402
+from dq.patches.compress import Selected, Streaming, write_compact_store  # noqa: E402
+from dq.data.sources import source_bytes  # noqa: E402
+from dq.core.errors import run_cli  # noqa: E402
+from dq.features.file import check_made_with, read_features  # noqa: E402
+from dq.compact.metrics import storage_metrics  # noqa: E402
+from dq.compact.schema import Header
+from dq.core.io import write_metrics  # noqa: E402
+from dq.core.paths import DataPaths  # noqa: E402
+from dq.data.prepared import open_store  # noqa: E402
+from dq.core.runtime import device_for  # noqa: E402
+from dq.patches.scorers import SCORERS, ProbedModel, create_scorer  # noqa: E402
+from dq.select.folder import read_selection  # noqa: E402
+from dq.labels.soft import SoftSpec  # noqa: E402
+from dq.labels.teacher import read_teacher_logits, stored_soft_labels  # noqa: E402
 from stages.common import parse_args  # noqa: E402
 
 
@@ -42,7 +45,7 @@ NOT_RECORDED = ("runtime.nproc", "runtime.num_workers")
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, params = parse_args("Score patches with GradCAM++ and write the compact dataset.", argv)
+    args, params = parse_args("Score patches with GradCAM++ and write the compact dataset.", argv, builds_models=True)
     paths, fp, pp = DataPaths(args.data), params.features, params.patches
     store = open_store(paths.prepared_split("train"))
     all_labels = store.labels()
@@ -50,8 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     features = read_features(paths.features, expected_rows=len(all_labels))
     check_made_with(paths.features, features, backbone=fp.backbone, weights=fp.weights, input_size=fp.input_size)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    selected = Selected(store, indices, all_labels[indices], bins[indices])  # per image: small
     soft_spec, soft = _soft_labels(paths, params, store, indices)
+    selected = Selected(store, indices, all_labels[indices], bins[indices], soft,  # per image: small
+                        source_bytes(params.data, len(indices)))
     header = Header(image_size=store.image_shape[0], patch_size=pp.patch_size, channels=store.image_shape[2],
                     drop=pp.drop, ratio=params.ratio, classes=store.classes, source=store.index.source,
                     params=params.provenance(*RECORDED_PARAMS), codec=pp.codec, quality=pp.quality,
@@ -68,14 +72,12 @@ def main(argv: list[str] | None = None) -> None:
             world = distributed.world_size()
             print(f"compress: {pp.scorer}{where} for {len(indices)} images"
                   + (f" on {world} processes" if world > 1 else ""), file=sys.stderr)
-        scorer = create_scorer(pp.scorer, pp.patch_size, seed=params.seed, model=model, layer=layer,
-                               input_size=fp.input_size, batch_size=pp.batch_size, device=device, progress=False)
+        probed = ProbedModel(model, layer, fp.input_size, pp.batch_size, device, progress=False)
+        scorer = create_scorer(pp.scorer, pp.patch_size, seed=params.seed, probed=probed)
         probe = cam.ProbeCounts(model, pp.patch_size, fp.input_size, device, seed=params.seed)
         figure = write_compact_store(paths.compact, selected, header, scorer, probe,
-                                     cam.FigureSamples(cam.figure_rows(selected.labels)), batch_size=pp.batch_size,
-                                     num_workers=params.runtime.num_workers,
-                                     source_bytes=source_bytes(params.data, len(indices)), device=device,
-                                     soft=soft)
+                                     cam.FigureSamples(cam.figure_rows(selected.labels)),
+                                     Streaming(pp.batch_size, params.runtime.num_workers))
     if figure is None:  # a torchrun rank that did not write
         return
     metrics = probe.metrics()

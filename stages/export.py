@@ -1,9 +1,9 @@
 """DVC stage `export`: the rebuilt compact set (the pixels train trains on) and the test split → data/export/.
 
-Reads data/compact/dataset.h5 and data/mae/model.pt (filled once into data/fill/, the cache the train
-stage fills or reuses: dq.rebuilt), data/prepared/ (the test split, the training set's size) and
+Reads data/compact/dataset.h5 and data/mae/model.pt (reconstructed once into data/fill/, the rebuilt cache
+the train stage makes or reuses: dq.mae.rebuilt), data/prepared/ (the test split, the training set's size) and
 data/train_metrics.json (the top-1 written into dataset.json). Writes data/export/ in the layout of
-`export.format` (dq.export). `dvc exp run -S export.format=webdataset` reruns this stage alone.
+`export.format` (dq.export.writer). `dvc exp run -S export.format=webdataset` reruns this stage alone.
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import json
 import math
 import sys
 
-from dq.errors import run_cli
-from dq.export import md5_of, write_export
-from dq.paths import DataPaths
-from dq.prepared import open_store
-from dq.rebuilt import rebuilt_set
-from dq.runtime import device_for
+from dq.core.errors import run_cli
+from dq.export.writer import md5_of, write_export
+from dq.core.paths import DataPaths
+from dq.data.prepared import open_store
+from dq.mae.rebuilt import RebuildOptions, rebuilt_set
+from dq.core.runtime import device_for
 from stages.common import parse_args
 
 
@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     paths, ep = DataPaths(args.data), params.export
     workers = params.runtime.num_workers
     prepared = open_store(paths.prepared_split("train"))
-    rebuilt = rebuilt_set(paths.compact, paths.mae_model, cache=paths.fill, device=device_for(params.runtime),
-                          num_workers=workers, prepared_labels=prepared.labels())
+    rebuilt = rebuilt_set(paths.compact, paths.mae_model, cache=paths.rebuilt_cache,
+                          options=RebuildOptions(device=device_for(params.runtime), num_workers=workers),
+                          prepared_labels=prepared.labels())
     test = open_store(paths.prepared_split("test")) if ep.test == "copy" else None
     compact_bytes = paths.compact.stat().st_size
     full_raw = len(prepared) * math.prod(prepared.image_shape)

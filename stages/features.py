@@ -3,29 +3,29 @@
 Runs in one process, or under torchrun (`python -m stages.launch features` with runtime.nproc > 1): each
 rank embeds a contiguous shard of whole batches, read from the prepared store through a DataLoader
 (`runtime.num_workers` workers, each opening its own shard files), so no process holds the split's
-images. Rank 0 gathers the embeddings, fits the probe and writes the file (owned by dq.features). The
+images. Rank 0 gathers the embeddings, fits the probe and writes the file (owned by dq.features.file). The
 batches are the ones a single process would run, so the output is the same.
 """
 from __future__ import annotations
 
-from dq.kernels import pin_cpu_kernels
+from dq.core.kernels import pin_cpu_kernels
 
 pin_cpu_kernels()  # before torch loads: the probe's float64 sums in one order on every x86-64 CPU
 
 import numpy as np  # noqa: E402
 
-from dq import distributed  # noqa: E402
-from dq.backbones import INIT_SEED, create_backbone, embed_batches, features_record  # noqa: E402
-from dq.errors import run_cli  # noqa: E402
-from dq.features import write_features  # noqa: E402
-from dq.paths import DataPaths  # noqa: E402
-from dq.prepared import image_loader, open_store  # noqa: E402
-from dq.runtime import device_for, seed_everything  # noqa: E402
+from dq.core import distributed  # noqa: E402
+from dq.features.backbones import INIT_SEED, create_backbone, embed_batches, features_record  # noqa: E402
+from dq.core.errors import run_cli  # noqa: E402
+from dq.features.file import write_features  # noqa: E402
+from dq.core.paths import DataPaths  # noqa: E402
+from dq.data.prepared import image_loader, open_store  # noqa: E402
+from dq.core.runtime import device_for, seed_everything  # noqa: E402
 from stages.common import parse_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, params = parse_args("Embed the prepared training set with the backbone.", argv)
+    args, params = parse_args("Embed the prepared training set with the backbone.", argv, builds_models=True)
     paths, fp = DataPaths(args.data), params.features
     store = open_store(paths.prepared_split("train"))
     labels = store.labels()

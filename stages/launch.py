@@ -15,7 +15,7 @@ import runpy
 import shlex
 import sys
 
-from dq.errors import DQError, run_cli
+from dq.core.errors import DQError, run_cli
 from dq.params import RuntimeParams, load_params
 
 DISTRIBUTED_STAGES = ("features", "compress", "teacher", "train")

@@ -1,4 +1,5 @@
-"""DVC stage `prepare`: the configured source → data/prepared/{train,test}/ (store version 2, owned by dq.prepared).
+"""DVC stage `prepare`: the configured source → data/prepared/{train,test}/ (store version 2, dq.data.prepared;
+written by dq.data.prepared_writer.write_split).
 
 Items are decoded and encoded by `runtime.num_workers` DataLoader workers, in order, and streamed into
 shards of `data.shard_images` images: the stage never holds a split of images. Both split folders are
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from dq.datasets import LoadReport, write_split
-from dq.errors import run_cli
-from dq.io import atomic_path
-from dq.paths import DataPaths
+from dq.data.prepared_writer import write_split
+from dq.data.sources import LoadReport
+from dq.core.errors import run_cli
+from dq.core.io import atomic_path
+from dq.core.paths import DataPaths
 from stages.common import parse_args
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dq.errors import run_cli
-from dq.paths import DataPaths
-from dq.report import build_report
+from dq.core.errors import run_cli
+from dq.core.paths import DataPaths
+from dq.report.summary import ReportInputs, build_report
 from stages.common import parse_args
 
-STUDY = Path("docs/results/frontier.json")  # bench/frontier.py's summary (dq.frontier), a dep in dvc.yaml
+STUDY = Path("docs/results/frontier.json")  # bench/frontier.py's summary (dq.report.frontier), a dep in dvc.yaml
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,18 +18,17 @@ def main(argv: list[str] | None = None) -> None:
                               extra=lambda p: p.add_argument("--study", type=Path, default=STUDY,
                                                              help="the frontier study's summary (default: %(default)s)"))
     paths = DataPaths(args.data)
-    s = build_report(
-        paths.report,
+    inputs = ReportInputs(
         train_metrics=paths.train_metrics,
         compact_metrics=paths.compact_metrics,
         mae_metrics=paths.mae_metrics,
         evaluation=paths.evaluation,
         figures={"bins.png": paths.selection_figure, "patches.png": paths.compact_figure,
                  "reconstruction.png": paths.mae_figure},
-        params={"ratio": params.ratio, "seed": params.seed, "method": params.select.method,
-                "drop": params.patches.drop},
         study=args.study,
     )
+    s = build_report(paths.report, inputs, params={"ratio": params.ratio, "seed": params.seed,
+                                                   "method": params.select.method, "drop": params.patches.drop})
     point = s["frontier"]
     where = (f"; frontier: {point['why']}" if not point["comparable"] else
              f"; {point['share_of_whole_set']:.3f} of the whole set's lossless bytes (study)"

@@ -1,8 +1,8 @@
 """DVC stage `scores`: per-sample difficulty of the whole training set → data/scores/scores.h5.
 
-Writes the scores file (owned by dq.difficulty) and data/scores_metrics.json (the runs' accuracy where there
+Writes the scores file (owned by dq.scores.file) and data/scores_metrics.json (the runs' accuracy where there
 were runs; no stage reads it), and prints its cost:
-- AUM, EL2N and forgetting events (dq.dynamics): under `scores.dynamics: teacher`, those the teacher stage
+- AUM, EL2N and forgetting events (dq.scores.dynamics): under `scores.dynamics: teacher`, those the teacher stage
   recorded while it trained (data/teacher/dynamics.h5), so nothing trains twice; under `runs`, from
   `scores.seeds` short runs of train's recipe on the prepared training set (read in batches, as train does);
 - the distance to the class median and the kNN density, from data/features/train.h5.
@@ -12,22 +12,22 @@ from __future__ import annotations
 import sys
 import time
 
-from dq.difficulty import DYNAMICS_SCORES, feature_scores, read_scores, write_scores
-from dq.dynamics import training_dynamics
-from dq.errors import DQError, run_cli
-from dq.features import read_features
-from dq.io import write_metrics
-from dq.paths import DataPaths
-from dq.prepared import open_store
-from dq.row_sources import StoreRows
-from dq.runtime import device_for, seed_everything
+from dq.scores.file import DYNAMICS_SCORES, feature_scores, read_scores, write_scores
+from dq.scores.dynamics import training_dynamics
+from dq.core.errors import DQError, run_cli
+from dq.features.file import read_features
+from dq.core.io import write_metrics
+from dq.core.paths import DataPaths
+from dq.data.prepared import open_store
+from dq.data.rows import StoreRows
+from dq.core.runtime import device_for, seed_everything
 from stages.common import parse_args
 
 RECORDED_PARAMS = ("scores",)  # in the scores file's `params`
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, params = parse_args("Per-sample difficulty scores of the training set.", argv)
+    args, params = parse_args("Per-sample difficulty scores of the training set.", argv, builds_models=True)
     seed_everything(0, params.runtime)  # the runs seed themselves (0 .. scores.seeds-1)
     device = device_for(params.runtime)
     paths, config = DataPaths(args.data), params.scores

@@ -2,18 +2,18 @@
 
 Reads data/features/train.h5 and the labels of data/prepared/train.h5, and data/scores/scores.h5 when the
 method ranks by difficulty (`needs_scores`: ccs, d2, dq-ccs); writes data/selection/ (owned by
-dq.selection_folder), data/selection_metrics.json and data/selection_plots/bins.png.
+dq.select.folder), data/selection_metrics.json and data/selection_plots/bins.png.
 """
 from __future__ import annotations
 
-from dq import select_difficulty  # noqa: F401  the difficulty-aware methods, registered in METHODS by path
-from dq import selection_folder
-from dq.difficulty import read_scores
-from dq.errors import run_cli
-from dq.features import read_features
-from dq.io import write_metrics
-from dq.paths import DataPaths
-from dq.prepared import read_prepared
+from dq.select import difficulty as select_difficulty  # noqa: F401  the difficulty-aware methods, registered in METHODS by path
+from dq.select import folder as selection_folder
+from dq.scores.file import read_scores
+from dq.core.errors import run_cli
+from dq.features.file import read_features
+from dq.core.io import write_metrics
+from dq.core.paths import DataPaths
+from dq.data.prepared import read_prepared
 from dq.select import METHODS, select_indices
 from stages.common import parse_args
 
@@ -29,12 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     stored = read_features(paths.features, len(prepared.labels))
     features, labels, sel = selection_folder.selection_features(stored), prepared.labels, params.select
     scores = read_scores(paths.scores, labels) if METHODS.get(sel.method).needs_scores else None
-    bins, indices = select_indices(sel.method, features, labels, params.ratio, params.seed, num_bins=sel.num_bins,
-                                   lam=sel.lam, per_class=sel.per_class, precision=sel.precision, progress=True,
-                                   score=sel.score, beta=sel.beta, strata=sel.strata, k=sel.k, gamma=sel.gamma,
-                                   gamma_reverse=sel.gamma_reverse, scores=scores)
+    bins, indices = select_indices(sel.method, features, labels, params.ratio, params.seed, scores=scores,
+                                   progress=True, **sel.method_params)
     summary = selection_folder.summary(sel.method, params.provenance(*RECORDED_PARAMS), features, labels,
-                                bins, indices, prepared.classes)
+                                       bins, indices, prepared.classes)
     selection_folder.write_selection(paths.selection, bins, indices, summary)
     write_metrics(paths.selection_metrics, selection_folder.metrics(features, labels, indices))
     selection_folder.plot_bins(paths.selection_figure, stored.embedding, labels, bins, indices, prepared.classes)

@@ -1,9 +1,9 @@
 """DVC stage `teacher`: the soft labels' teacher (`teacher.kind`) and its logits of every training image.
 
-Outputs: data/teacher/logits.h5 (dq.teacher's format: logits, and the mirror images' logits, of every
-prepared training image), data/teacher/model.pt for a trained teacher (dq.classifier's format) with
+Outputs: data/teacher/logits.h5 (dq.labels.teacher's format: logits, and the mirror images' logits, of every
+prepared training image), data/teacher/model.pt for a trained teacher (dq.train.classifier's format) with
 data/teacher/dynamics.h5 (every sample's AUM, EL2N and forgetting events recorded while it trained,
-dq.dynamics, in dq.difficulty's scores format: the scores stage reads it under `scores.dynamics: teacher`), and
+dq.scores.dynamics, in dq.scores.file's scores format: the scores stage reads it under `scores.dynamics: teacher`), and
 data/teacher_metrics.json (the teacher's test top-1 where it was scored, its agreement with the training
 labels, its kind). The compress stage stores what `labels.*` asks of these logits for the
 selected images. The resumable checkpoint data/teacher_ckpt/last.pt is not a DVC output (`train.resume`).
@@ -16,25 +16,27 @@ from __future__ import annotations
 import sys
 import time
 
-from dq import distributed
-from dq.classifier import read_classifier, save_classifier
-from dq.difficulty import write_scores
-from dq.dynamics import recorder_for, teacher_el2n_step
-from dq.errors import DQError, run_cli
-from dq.features import read_features
-from dq.io import write_metrics
-from dq.paths import DataPaths
-from dq.prepared import open_store
-from dq.runtime import device_for, seed_everything
-from dq.teacher import agreement, probe_logits, read_teacher_logits, trained_config, write_logits
-from dq.train import evaluate, full_training_set, predict_logits, split_images, train_classifier
+from dq.core import distributed
+from dq.train.classifier import read_classifier, save_classifier
+from dq.scores.file import write_scores
+from dq.scores.dynamics import recorder_for, teacher_el2n_step
+from dq.core.errors import DQError, run_cli
+from dq.features.file import read_features
+from dq.core.io import write_metrics
+from dq.core.paths import DataPaths
+from dq.data.prepared import open_store
+from dq.core.runtime import device_for, seed_everything
+from dq.labels.teacher import agreement, probe_logits, read_teacher_logits, trained_config, write_logits
+from dq.train.data import full_training_set, split_images
+from dq.train.evaluate import evaluate, predict_logits
+from dq.train.loop import TrainHooks, train_classifier
 from stages.common import parse_args
 
 DYNAMICS_PARAMS = ("teacher",)  # in dynamics.h5's `params`: the run that recorded them
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, params = parse_args("Train (or load) the teacher and write its logits of every training image.", argv)
+    args, params = parse_args("Train (or load) the teacher and write its logits of every training image.", argv, builds_models=True)
     seed_everything(params.teacher.seed, params.runtime)
     device = device_for(params.runtime)
     with distributed.process_group(device):
@@ -75,9 +77,9 @@ def _logits(paths: DataPaths, params, prepared, test, train_set, device, workers
         print(f"teacher: {config.model} on all {len(prepared)} training images, {tp.steps} steps", file=sys.stderr)
         recorder = recorder_for(train_set.images, train_set.labels, len(test.classes),
                                 teacher_el2n_step(len(train_set.labels), config), device=device, num_workers=workers)
-        result = train_classifier(train_set, test, config, seed=tp.seed, device=device,
-                                  checkpoint=paths.teacher_resume, num_workers=workers,
-                                  progress=distributed.is_main(), recorder=recorder)
+        result = train_classifier(train_set, test, config, seed=tp.seed, device=device, num_workers=workers,
+                                  hooks=TrainHooks(checkpoint=paths.teacher_resume, recorder=recorder,
+                                                   progress=distributed.is_main()))
         if not distributed.is_main():
             return None, None
         save_classifier(paths.teacher_model, result, config, test.classes, test.images.image_shape[0])
@@ -93,8 +95,7 @@ def _logits(paths: DataPaths, params, prepared, test, train_set, device, workers
                           f"{clf.image_size} px; expected the prepared set's {len(prepared.classes)} classes at "
                           f"{prepared.image_shape[0]} px")
         model, mean, std = clf.model, clf.mean, clf.std
-        top1 = evaluate(model, test.images, test.labels, mean, std, len(test.classes), device,
-                        num_workers=workers, tta=params.train.tta).top1
+        top1 = evaluate(model, test, mean, std, device, num_workers=workers, tta=params.train.tta).top1
     model = model.to(device)
     return ({"logits": predict_logits(model, train_set.images, mean, std, device, num_workers=workers),
              "logits_flip": predict_logits(model, train_set.images, mean, std, device, flip=True,

@@ -4,12 +4,12 @@ Outputs: data/train/model.pt (weights and normalisation), data/train/evaluation.
 per-class accuracy, per-epoch history), data/train_metrics.json (the run's metrics, top level for
 `dvc exp show`) and DVCLive's per-epoch plots under data/train_live/. The resumable checkpoint
 data/train_ckpt/last.pt is deliberately not a DVC output, so it survives an interrupted run
-(`train.resume: true` continues from it; see dq/train.py). Nor is data/fill/, the cache of the
-compact set filled by the MAE (dq/rebuilt.py): a rerun on the same compact file and MAE, and the export
-stage, reuse it.
+(`train.resume: true` continues from it; see dq/train/loop.py). Nor is data/fill/, the rebuilt cache of
+the compact set reconstructed by the MAE (dq/mae/rebuilt.py): a rerun on the same compact file and MAE, and
+the export stage, reuse it.
 
 No split is read whole: the training and test images are read a batch of rows at a time from the
-prepared stores (and the fill cache) through DataLoaders of `runtime.num_workers` workers.
+prepared stores (and the rebuilt cache) through DataLoaders of `runtime.num_workers` workers.
 
 Under torchrun (`python -m stages.launch train` with runtime.nproc > 1) every rank trains its part of
 each batch with DistributedDataParallel; rank 0 alone logs, checkpoints and writes the outputs.
@@ -19,21 +19,16 @@ from __future__ import annotations
 import math
 import sys
 
-from dq import distributed
-from dq.classifier import save_classifier
-from dq.errors import DQError, run_cli
-from dq.io import rounded, write_metrics
-from dq.live import live_logger
-from dq.paths import DataPaths
-from dq.prepared import open_store
-from dq.runtime import device_for, seed_everything
-from dq.train import (
-    evaluation_record,
-    split_images,
-    train_classifier,
-    train_metrics,
-    training_set,
-)
+from dq.core import distributed
+from dq.train.classifier import save_classifier
+from dq.core.errors import DQError, run_cli
+from dq.core.io import rounded, write_metrics
+from dq.core.live import live_logger
+from dq.core.paths import DataPaths
+from dq.data.prepared import open_store
+from dq.core.runtime import device_for, seed_everything
+from dq.train.data import split_images, training_set
+from dq.train.loop import TrainHooks, evaluation_record, train_classifier, train_metrics
 from stages.common import parse_args
 
 LIVE_METRICS = {"train/loss": "train_loss", "train/acc": "train_acc", "test/loss": "test_loss",
@@ -41,7 +36,7 @@ LIVE_METRICS = {"train/loss": "train_loss", "train/acc": "train_acc", "test/loss
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, params = parse_args("Train and evaluate the classifier.", argv)
+    args, params = parse_args("Train and evaluate the classifier.", argv, builds_models=True)
     seed_everything(params.seed, params.runtime)
     device = device_for(params.runtime)
     with distributed.process_group(device):
@@ -56,7 +51,7 @@ def _train(paths: DataPaths, params, device) -> None:
     prepared = open_store(paths.prepared_split("train"))
     test = split_images(open_store(paths.prepared_split("test")))
     train_set = training_set(tp.input, prepared, paths.compact, paths.mae_model, device=device,
-                             fill_cache=paths.fill, num_workers=workers)
+                             rebuilt_cache=paths.rebuilt_cache, num_workers=workers)
     if list(train_set.classes) != list(test.classes):
         raise DQError(f"{paths.compact}: its classes differ from the prepared test "
                       "set's; rerun the pipeline from compress")
@@ -67,9 +62,9 @@ def _train(paths: DataPaths, params, device) -> None:
               file=sys.stderr)
 
     live = live_logger(paths.train_live) if main_rank else None
-    result = train_classifier(train_set, test, tp, seed=params.seed, device=device,
-                              checkpoint=paths.train_resume, num_workers=workers,
-                              on_epoch=(lambda record: _log_epoch(live, record)) if main_rank else None)
+    hooks = TrainHooks(checkpoint=paths.train_resume,
+                       on_epoch=(lambda record: _log_epoch(live, record)) if main_rank else None)
+    result = train_classifier(train_set, test, tp, seed=params.seed, device=device, num_workers=workers, hooks=hooks)
     if not main_rank:
         return
     live.end()
@@ -83,7 +78,7 @@ def _train(paths: DataPaths, params, device) -> None:
 
 
 def _log_epoch(live, record: dict) -> None:
-    """A round's record; the test keys only where the round was scored (dq.train.Schedule)."""
+    """A round's record; the test keys only where the round was scored (dq.train.schedule.Schedule)."""
     for name, key in LIVE_METRICS.items():
         if key in record:
             live.log_metric(name, rounded(record[key]))  # DVCLive's files are metrics files too

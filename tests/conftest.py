@@ -21,16 +21,26 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, worker_id):
     """One tiny repo (tests/pipeline_repo.py) after a full `dvc repro`, committed; shared, never modified.
 
-    Tests that change files copy them (or the whole repo) first.
+    Tests that change files copy them (or the whole repo) first. Under pytest-xdist every worker shares the one
+    run: the first to ask builds it under a file lock, in the folder that holds all the workers' temp folders.
     """
+    from filelock import FileLock
+
     from tests.pipeline_repo import all_stages, dvc, git, make_repo, ran_stages
 
-    repo = make_repo(tmp_path_factory.mktemp("tiny_run") / "repo")
-    out = dvc(repo, "repro")
-    assert len(ran_stages(out.stdout)) == len(all_stages()), out.stdout
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "tiny run")
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent
+    repo, done = root / "tiny_run" / "repo", root / "tiny_run.done"
+    with FileLock(str(root / "tiny_run.lock")):
+        if not done.exists():
+            make_repo(repo)
+            out = dvc(repo, "repro")
+            assert len(ran_stages(out.stdout)) == len(all_stages()), out.stdout
+            git(repo, "add", "-A")
+            git(repo, "commit", "-q", "-m", "tiny run")
+            done.touch()
     return repo

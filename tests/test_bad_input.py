@@ -25,8 +25,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from dq.errors import run_cli
-from dq.prepared import read_prepared, write_prepared, write_prepared_v1
+from dq.core.errors import run_cli
+from dq.data.prepared import read_prepared
+from dq.data.prepared_writer import write_prepared, write_prepared_v1
 from tests.pipeline_repo import ROOT, env, tiny_params
 
 PARALLEL = 3
@@ -49,7 +50,7 @@ def declared_outputs(stage: str) -> list[str]:
 class Case:
     """One bad input: what to run, and what the single error line must say."""
 
-    module: str  # stages.<name> or dq.format
+    module: str  # stages.<name> or dq.compact
     expect: tuple[str, ...]  # substrings of the error line
     params: dict = field(default_factory=dict)  # overrides of the tiny params
     args: tuple[str, ...] = ()  # extra command-line arguments
@@ -259,21 +260,21 @@ CASES: dict[str, tuple[Case, Callable[[Path, Path, Path], dict] | None]] = {
         lambda tiny, d, data: (copy_inputs(tiny, data, "features/train.h5"),
                                relabelled(tiny, data, lambda y: y, slice(0, 80)))[-1]),
     "truncated compact (validate)": (
-        Case("dq.format", ("dataset.h5", "not a readable HDF5 file")),
+        Case("dq.compact", ("dataset.h5", "not a readable HDF5 file")),
         inputs("compact/dataset.h5", damage=lambda data: truncate(data / "compact/dataset.h5"))),
     "wrong format (validate)": (
-        Case("dq.format", ("format = 'something-else'", "expected 'dq-compact'")),
+        Case("dq.compact", ("format = 'something-else'", "expected 'dq-compact'")),
         inputs("compact/dataset.h5",
                damage=lambda data: set_attr(data / "compact/dataset.h5", "format", "something-else"))),
     "newer schema (validate)": (
-        Case("dq.format", ("schema_version 4 is newer", "update dq")),
+        Case("dq.compact", ("schema_version 4 is newer", "update dq")),
         inputs("compact/dataset.h5",
                damage=lambda data: set_attr(data / "compact/dataset.h5", "schema_version", np.int64(4)))),
     "checksum (validate)": (
-        Case("dq.format", ("dataset 'keep'", "fails its checksum")),
+        Case("dq.compact", ("dataset 'keep'", "fails its checksum")),
         inputs("compact/dataset.h5", damage=lambda data: flip_chunk_byte(data / "compact/dataset.h5", "keep"))),
     "corrupt stream (validate)": (
-        Case("dq.format", ("compact/dataset.h5: image row 3:", "fails its crc32 check")),
+        Case("dq.compact", ("compact/dataset.h5: image row 3:", "fails its crc32 check")),
         inputs("compact/dataset.h5", damage=lambda data: flip_stream_byte(data / "compact/dataset.h5", 3))),
     "newer schema (train)": (
         Case("stages.train", ("compact/dataset.h5", "schema_version 4 is newer")),
@@ -304,8 +305,8 @@ def _timed_run(case: Case, params: Path, data: Path) -> tuple[subprocess.Complet
 
 
 def _run(case: Case, params: Path, data: Path) -> subprocess.CompletedProcess:
-    if case.module == "dq.format":
-        cmd = [sys.executable, "-m", "dq.format", "validate", str(data / "compact" / "dataset.h5")]
+    if case.module == "dq.compact":
+        cmd = [sys.executable, "-m", "dq.compact", "validate", str(data / "compact" / "dataset.h5")]
     else:
         cmd = [sys.executable, "-m", case.module, "--params", str(params), "--data", str(data), *case.args]
     e = env() | case.env
@@ -438,7 +439,7 @@ def _cli_error(capsys, main, argv) -> str:
     ({"data": {"image_size": "big"}}, "data.image_size = 'big'"),
     ({"ratio": None}, "ratio = None is not allowed; expected a number"),
     ({"bogus": 1}, "unknown key bogus"),
-    ({"mae": {"arch": "mae_vit_giant"}}, "mae.arch = 'mae_vit_giant' is not a known MAE"),
+    ({"mae": {"arch": "mae_vit_giant"}}, "mae.arch = 'mae_vit_giant' is not allowed; expected one of mae_vit_base_patch16"),
     ({"patches": {"codec": "avif"}},
      "patches.codec = 'avif' is not allowed; expected one of raw, png, webp-lossless, webp, jpeg"),
     ({"patches": {"codec": "jpeg", "quality": 0}}, "patches.quality = 0 is not allowed; expected an integer in [1, 100]"),

@@ -1,4 +1,4 @@
-"""GradCAM++ patch scores, the keep rule and the layer rule of dq.cam."""
+"""GradCAM++ patch scores, the keep rule and the layer rule of dq.patches.cam."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from dq import cam, grid, scorers
-from dq.backbones import classifier_with_probe, create_backbone
-from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from dq.errors import DQError
+from dq.patches import cam
+
+from dq.patches import grid
+
+from dq.patches import scorers
+from dq.patches.scorers import ProbedModel
+from dq.features.backbones import classifier_with_probe, create_backbone
+from dq.core.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from dq.core.errors import DQError
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -39,9 +44,13 @@ def test_keep_mask_count_is_l_minus_rounded_drop(drop, num_patches, kept):
     assert (scores[keep].reshape(5, kept) >= threshold[:, None]).all()
 
 
-def test_keep_mask_refuses_to_drop_everything():
-    with pytest.raises(DQError, match="patches.drop"):
-        scorers.keep_mask(np.zeros((2, 4), np.float32), drop=0.9)
+def test_a_drop_that_keeps_no_patch_is_refused_when_params_load():
+    from dq.params import ParamError, params_from_dict
+
+    # 16-px images cut into 8-px patches: 4 patches, and drop 0.9 keeps 4 - round(3.6) = 0 of them
+    with pytest.raises(ParamError, match="patches.drop = 0.9 is not allowed; expected a share that keeps"):
+        params_from_dict({"data": {"image_size": 16}, "patches": {"patch_size": 8, "drop": 0.9}})
+    assert grid.drop_problem(0.9, 4) and grid.drop_problem(0.9) is None and grid.drop_problem(0.7, 4) is None
 
 
 def test_patch_scores_are_patch_means_in_raster_order():
@@ -114,8 +123,7 @@ def test_gradcam_matches_a_hand_computed_map_and_keeps_the_true_labels_quadrant(
     images = rng.integers(128, 256, (6, size, size, 3), dtype=np.uint8)  # positive after normalisation
     labels = np.array([0, 1, 0, 1, 1, 0])
     model = QuadrantNet(size)
-    maps = cam.attention_maps(model, model.features, images, labels, input_size=size, batch_size=4,
-                              progress=False)
+    maps = cam.attention_maps(ProbedModel(model, model.features, size, batch_size=4, progress=False), images, labels)
     expected = hand_gradcam_pp(images, labels, size)
     assert maps.shape == (6, size, size) and maps.dtype == np.float32
     np.testing.assert_allclose(maps, expected, atol=1e-5)
@@ -134,7 +142,7 @@ def test_the_label_not_the_prediction_chooses_the_map():
     size = 16
     images = np.full((2, size, size, 3), 200, np.uint8)
     model = QuadrantNet(size)
-    maps = cam.attention_maps(model, model.features, images, np.array([0, 1]), size, 2, progress=False)
+    maps = cam.attention_maps(ProbedModel(model, model.features, size, 2, progress=False), images, np.array([0, 1]))
     assert maps[0, :8, :8].min() > 0.99 and maps[0, 8:, 8:].max() == 0
     assert maps[1, 8:, 8:].min() > 0.99 and maps[1, :8, :8].max() == 0
 
@@ -142,7 +150,7 @@ def test_the_label_not_the_prediction_chooses_the_map():
 def test_maps_are_resized_to_the_stored_image_size():
     model = QuadrantNet(32)  # runs at input_size 32 on 16x16 images: the map comes back 16x16
     images = np.full((1, 16, 16, 3), 200, np.uint8)
-    maps = cam.attention_maps(model, model.features, images, np.array([1]), 32, 1, progress=False)
+    maps = cam.attention_maps(ProbedModel(model, model.features, 32, 1, progress=False), images, np.array([1]))
     assert maps.shape == (1, 16, 16)
     assert maps[0, 8:, 8:].min() > 0.99 and maps[0, :8, :].max() == 0
 
@@ -188,9 +196,9 @@ def test_cam_on_a_probed_backbone_is_deterministic(resnet):
     images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     labels = np.array([0, 1, 2, 0, 1])
     _, layer = cam.target_layer(resnet, "auto", 32)
-    first = cam.attention_maps(model, layer, images, labels, 32, 2, progress=False)
-    second = cam.attention_maps(model, layer, images, labels, 32, 2, progress=False)
-    whole = cam.attention_maps(model, layer, images, labels, 32, 5, progress=False)
+    first = cam.attention_maps(ProbedModel(model, layer, 32, 2, progress=False), images, labels)
+    second = cam.attention_maps(ProbedModel(model, layer, 32, 2, progress=False), images, labels)
+    whole = cam.attention_maps(ProbedModel(model, layer, 32, 5, progress=False), images, labels)
     assert first.shape == (5, 32, 32) and np.isfinite(first).all()
     assert 0.0 <= first.min() and first.max() <= 1.0 + 1e-6 and first.max() > 0.99
     np.testing.assert_array_equal(first, second)
@@ -270,10 +278,9 @@ def test_flat_first_drops_flat_patches_then_follows_gradcam():
     images[:, 8:12, 12:] = 0  # and one more patch, in the bottom-right quadrant
     labels = np.array([0, 1, 0, 1])
     model = QuadrantNet(size)
-    plain = scorers.create_scorer("gradcam++", p, model=model, layer=model.features, input_size=size, batch_size=2,
-                              progress=False)
-    first = scorers.create_scorer("gradcam++-flat-first", p, model=model, layer=model.features, input_size=size,
-                              batch_size=2, progress=False)
+    probed = ProbedModel(model, model.features, size, batch_size=2, progress=False)
+    plain = scorers.create_scorer("gradcam++", p, probed=probed)
+    first = scorers.create_scorer("gradcam++-flat-first", p, probed=probed)
     cam_scores = plain.scores(images, labels)[1]
     maps, scores = first.scores(images, labels)
     assert 0.0 <= maps.min() and maps.max() <= 1.0
@@ -297,8 +304,8 @@ def test_flat_first_drops_flat_patches_from_the_outer_ring_inwards():
     images = np.full((2, size, size, 3), 90, np.uint8)  # every patch flat
     images[1, 12:20, 12:20] = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)  # the 2x2 centre has content
     model = QuadrantNet(size)
-    scorer = scorers.create_scorer("gradcam++-flat-first", p, model=model, layer=model.features, input_size=size,
-                               batch_size=2, progress=False)
+    scorer = scorers.create_scorer("gradcam++-flat-first", p,
+                                   probed=ProbedModel(model, model.features, size, batch_size=2, progress=False))
     scores = scorer.scores(images, np.array([0, 1]))[1]
     rings = np.repeat(scorers.grid_rings(8, 8).reshape(1, -1), 2, axis=0)
     keep = scorers.keep_mask(scores, drop=28 / 64)
@@ -333,7 +340,7 @@ def test_probe_metrics_score_kept_random_and_pixel_std_masks():
     wrong = np.zeros((8, 16), bool)  # keeps only the quadrant of the other class: that one wins
     for i, y in enumerate(labels):
         wrong[i].reshape(4, 4)[(slice(2, None),) * 2 if y == 0 else (slice(None, 2),) * 2] = True
-    metrics = cam.probe_metrics(model, images, labels, wrong, 4, 16, 3, seed=0)
+    metrics = cam.probe_metrics(cam.ProbeCounts(model, 4, 16, seed=0), images, labels, wrong, 3)
     assert metrics["probe_top1_full"] == 1.0 and metrics["probe_top1_kept"] == 0.0
     assert metrics["probe_top1_std_keep"] == 1.0  # pixel-std keeps exactly the textured quadrant
     random_keep = scorers.keep_mask(scorers.random_scores(8, 16, 0), 0.75)
@@ -408,7 +415,7 @@ def test_probe_counts_over_batches_equal_the_whole_array_metrics():
         "probe_top1_std_keep": cam.probe_top1(
             model, grid.zero_dropped(images, scorers.keep_mask(scorers.pixel_std_scores(images, 4), 0.5), 4), labels, 16, 13)}
     expected = {k: round(v, 4) for k, v in expected.items()}
-    assert cam.probe_metrics(model, images, labels, keep, 4, 16, 5, seed=2) == expected
+    assert cam.probe_metrics(cam.ProbeCounts(model, 4, 16, seed=2), images, labels, keep, 5) == expected
     counts = cam.ProbeCounts(model, 4, 16, seed=2)
     for rows in (np.arange(0, 5), np.arange(5, 6), np.arange(6, 13)):
         counts.add(images[rows], labels[rows], keep[rows], rows)

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from dq.datasets import balanced_subset, decode_image, load_split, read_idx, LoadReport
-from dq.errors import DQError
-from dq.prepared import read_prepared
+from dq.data.sources import balanced_subset, decode_image, load_split, read_idx, LoadReport
+from dq.core.errors import DQError
+from dq.data.prepared import read_prepared
 from dq.params import DataParams
 from stages import prepare
 

@@ -15,9 +15,12 @@ import pytest
 import torch
 import yaml
 
-from dq import distributed
-from dq import train as dq_train
-from dq.prepared import write_prepared
+from dq.core import distributed
+from dq.mae.rebuilt import RebuildOptions
+from dq.train.data import compact_training_set, full_training_set
+from dq.train.loop import TrainHooks, _batch_loss, train_classifier
+from dq.train.schedule import steps_per_epoch
+from dq.data.prepared_writer import write_prepared
 from dq.params import TrainParams
 from tests.test_train import TINY, blobs, make_pipeline_inputs, write_params
 
@@ -112,39 +115,39 @@ def test_only_rank_0_writes(two_ranks):
     assert not list((two_ranks / "data").rglob(".*tmp*"))
 
 
-# Run by torchrun: fills the compact set in batches of 8 and logs each rank's batch sizes, then runs the stage.
-FILL_LOG = textwrap.dedent('''
+# Run by torchrun: reconstructs the compact set in batches of 8 and logs each rank's batch sizes, then runs the stage.
+RECONSTRUCT_LOG = textwrap.dedent('''
     import os, runpy, sys
-    from dq import mae_fill, rebuilt
-    rebuilt.FILL_BATCH_SIZE = 8
-    log = open(os.path.join(os.environ["AUDIT_DIR"], "fill" + os.environ["RANK"] + ".txt"), "w")
-    real = mae_fill.fill_batch
+    from dq.mae import rebuilt, reconstruct
+    rebuilt.RECONSTRUCT_BATCH_SIZE = 8
+    log = open(os.path.join(os.environ["AUDIT_DIR"], "batches" + os.environ["RANK"] + ".txt"), "w")
+    real = reconstruct.reconstruct_batch
 
     def logged(model, images, *args, **kwargs):
         log.write(f"{len(images)}\\n")
         log.flush()
         return real(model, images, *args, **kwargs)
 
-    mae_fill.fill_batch = logged
+    reconstruct.reconstruct_batch = logged
     sys.argv = ["stages.train"] + sys.argv[1:]
     runpy.run_module("stages.train", run_name="__main__", alter_sys=True)
 ''')
 
 
-def test_two_ranks_fill_the_compact_set_once_between_them(tmp_path):
-    """Each rank fills a disjoint share of the batches into one cache, the single process's bytes."""
+def test_two_ranks_rebuild_the_compact_set_once_between_them(tmp_path):
+    """Each rank reconstructs a disjoint share of the batches into one cache, the single process's bytes."""
     data = tmp_path / "data"
     keep = make_pipeline_inputs(data, (blobs(96, seed=1), blobs(40, seed=2)))
     params = write_params(tmp_path / "params.yaml", input="compact", epochs=1)
-    (tmp_path / "fill_log.py").write_text(FILL_LOG)
+    (tmp_path / "reconstruct_log.py").write_text(RECONSTRUCT_LOG)
     (tmp_path / "audit").mkdir()
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-          str(tmp_path / "fill_log.py"), "--params", str(params), "--data", str(data)],
+          str(tmp_path / "reconstruct_log.py"), "--params", str(params), "--data", str(data)],
          _env(AUDIT_DIR=str(tmp_path / "audit")))
-    shares = [[int(v) for v in (tmp_path / "audit" / f"fill{r}.txt").read_text().split()] for r in (0, 1)]
+    shares = [[int(v) for v in (tmp_path / "audit" / f"batches{r}.txt").read_text().split()] for r in (0, 1)]
     assert all(shares) and sum(map(sum, shares)) == len(keep), shares  # once in all, both ranks working
-    single = dq_train.compact_training_set(data / "compact" / "dataset.h5", data / "mae" / "model.pt",
-                                           device=torch.device("cpu"), fill_cache=tmp_path / "single", batch_size=8)
+    single = compact_training_set(data / "compact" / "dataset.h5", data / "mae" / "model.pt",
+                                  rebuilt_cache=tmp_path / "single", options=RebuildOptions(batch_size=8))
     assert np.array_equal(np.load(data / "fill" / "images.npy"), single.images.read(np.arange(len(keep))))
     assert json.loads((data / "train_metrics.json").read_text())["train_images"] == len(keep)
     assert not list(data.rglob(".*tmp*"))
@@ -176,7 +179,7 @@ def test_two_ranks_take_a_step_budget_in_the_rounds_of_one_process(tmp_path):
 
 
 def test_launch_refuses_more_processes_than_gpus(tmp_path, monkeypatch, capsys):
-    from dq.errors import run_cli
+    from dq.core.errors import run_cli
     from stages import launch
 
     params = _setup(tmp_path, device="auto", nproc=4)
@@ -217,23 +220,23 @@ def test_scaled_part_losses_average_to_the_whole_batch_loss():
     parts = [distributed.split(7, r, world) for r in range(world)]
     averaged = torch.zeros_like(logits)
     for part in parts:
-        loss, summed = dq_train._batch_loss(logits[part], y[part], 7, world)
+        loss, summed = _batch_loss(logits[part], y[part], 7, world)
         averaged += torch.autograd.grad(loss, logits)[0] / world
         assert summed.dtype == torch.float64
     assert torch.allclose(averaged, whole, atol=1e-7)
-    assert dq_train.steps_per_epoch(33, 16, world=1) == 2 and dq_train.steps_per_epoch(35, 16, world=2) == 2
-    assert dq_train.steps_per_epoch(36, 16, world=2) == 3
+    assert steps_per_epoch(33, 16, world=1) == 2 and steps_per_epoch(35, 16, world=2) == 2
+    assert steps_per_epoch(36, 16, world=2) == 3
 
 
 def test_too_small_a_batch_for_the_processes_is_one_line(monkeypatch):
-    from dq.errors import DQError
+    from dq.core.errors import DQError
 
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
     train, test = blobs(16, seed=1), blobs(8, seed=2)
     with pytest.raises(DQError, match=r"train.batch_size = 4 is too small for 4 processes"):
-        dq_train.train_classifier(dq_train.full_training_set(train), test,
-                                  TrainParams(model="test_resnet", input="full", epochs=1, batch_size=4),
-                                  seed=0, device=torch.device("cpu"), progress=False)
+        train_classifier(full_training_set(train), test,
+                         TrainParams(model="test_resnet", input="full", epochs=1, batch_size=4),
+                         seed=0, device=torch.device("cpu"), hooks=TrainHooks(progress=False))
 
 
 def test_compress_on_two_ranks_writes_what_one_process_writes(tmp_path):
@@ -262,8 +265,8 @@ def test_compress_on_two_ranks_writes_what_one_process_writes(tmp_path):
 RECORD_PARTS = textwrap.dedent('''
     import os, sys
     import numpy as np, torch
-    from dq import distributed
-    from dq.dynamics import DynamicsRecorder
+    from dq.core import distributed
+    from dq.scores.dynamics import DynamicsRecorder
     with distributed.process_group(torch.device("cpu")):
         rank, world = distributed.rank(), distributed.world_size()
         rec = DynamicsRecorder(12, 99, el2n=None)
@@ -281,7 +284,7 @@ RECORD_PARTS = textwrap.dedent('''
 def test_two_ranks_record_the_dynamics_of_the_whole_batch(tmp_path):
     """Under torchrun a rank sees the logits of its part of a batch only; the recorder sums the batch's margins
     over the ranks, so both ranks record what one process recording the whole batch does."""
-    from dq.dynamics import DynamicsRecorder
+    from dq.scores.dynamics import DynamicsRecorder
 
     (tmp_path / "record.py").write_text(RECORD_PARTS)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dq.paths import DataPaths
+from dq.core.paths import DataPaths
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dq", "stages")  # the repository's own code
-NOT_OUTPUTS = {"mae_resume", "train_resume", "teacher_resume", "fill"}  # resume checkpoints and the fill cache must survive DVC's removal of outputs
+NOT_OUTPUTS = {"mae_resume", "train_resume", "teacher_resume", "rebuilt_cache"}  # resume checkpoints and the rebuilt cache must survive DVC's removal of outputs
 
 
 def module_file(name: str) -> Path | None:
@@ -47,7 +47,7 @@ def imported_modules(path: Path, module: str) -> set[str]:
             else:
                 base = node.module
             found.add(base)
-            # `from dq import cam` imports the module dq.cam; `from dq.cam import x` only dq.cam
+            # `from dq import cam` imports the module dq.patches.cam; `from dq.patches.cam import x` only dq.patches.cam
             found.update(f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}"))
     return found
 
@@ -104,21 +104,21 @@ def test_closure_sees_function_level_and_package_imports(tmp_path):
     closure = import_closure(["stages.launch", "stages.train"])
     assert "dq/params.py" in closure  # launch imports it at module level
     assert "dq/__init__.py" in closure and "stages/__init__.py" in closure
-    source = "def f():\n    from dq import grid\n    import dq.errors\n"
+    source = "def f():\n    from dq.patches import grid\n    import dq.core.errors\n"
     path = tmp_path / "probe.py"
     path.write_text(source)
-    assert {"dq.grid", "dq.errors"} <= imported_modules(path, "stages.probe")
+    assert {"dq.patches.grid", "dq.core.errors"} <= imported_modules(path, "stages.probe")
 
 
 def test_today_missing_dep_is_caught():
     """A stage whose deps lose one imported module fails the check."""
     stage = dict(dvc_stages()["select"])
-    deps = code_deps(stage) - {"dq/errors.py"}
-    assert import_closure(stage_modules(stage["cmd"])) - deps == {"dq/errors.py"}
+    deps = code_deps(stage) - {"dq/core/errors.py"}
+    assert import_closure(stage_modules(stage["cmd"])) - deps == {"dq/core/errors.py"}
 
 
 def test_every_artifact_path_is_declared_in_dvc_yaml():
-    """dq.paths spells each path once; dvc.yaml declares each as some stage's output."""
+    """dq.core.paths spells each path once; dvc.yaml declares each as some stage's output."""
     declared = set()
     for stage in dvc_stages().values():
         for key in ("outs", "metrics", "plots"):

@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 
-from dq import export as dq_export
-from dq import mae as dq_mae
-from dq import train as dq_train
-from dq.errors import DQError
-from dq.prepared import read_images, read_labels
+from dq.export import writer as dq_export
+from dq.mae import model as dq_mae
+from dq.train.data import training_set
+from dq.core.errors import DQError
+from dq.data.prepared import read_images, read_labels
 from stages import export as export_stage
 from tests.test_train import blobs, make_pipeline_inputs, write_params
 
@@ -61,8 +61,8 @@ def digest(folder: Path) -> str:
 
 def trained_pixels(root: Path, data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, prepared rows) of the `compact` training set the train stage builds, from the same cache."""
-    train_set = dq_train.training_set("compact", blobs(96, seed=1), data / "compact" / "dataset.h5",
-                                      data / "mae" / "model.pt", device=torch.device("cpu"), fill_cache=data / "fill")
+    train_set = training_set("compact", blobs(96, seed=1), data / "compact" / "dataset.h5",
+                             data / "mae" / "model.pt", device=torch.device("cpu"), rebuilt_cache=data / "fill")
     return train_set.images.read(np.arange(len(train_set.labels))), train_set.labels, train_set.indices
 
 
@@ -89,7 +89,7 @@ def test_imagefolder_gives_torchvision_the_pixels_and_labels_train_trains_on(inp
     assert info["splits"]["train"]["images"] == 48 and info["splits"]["test"]["per_class"] == [10, 10, 10, 10]
     assert info["sources"]["compact"]["md5"] == hashlib.md5((data / "compact" / "dataset.h5").read_bytes()).hexdigest()
     assert info["figures"]["share_of_images"] == 0.5 and info["figures"]["train_top1"] is None  # no train run here
-    from dq.format import open_compact
+    from dq.compact.reader import open_compact
 
     with open_compact(data / "compact" / "dataset.h5") as cf:
         assert info["params"]["compact"] == cf.header.params  # the params that made the store
@@ -172,7 +172,7 @@ def test_an_export_killed_half_way_leaves_no_partial_folder_and_the_rerun_finish
     for part in ("prepared", "compact", "mae"):
         (data / part).symlink_to(inputs / "data" / part, target_is_directory=True)
     params = write_params(tmp_path / "params.yaml", input="compact")
-    slow = ("import sys, time; from dq import export; real = export._tar_add\n"
+    slow = ("import sys, time; from dq.export import writer as export; real = export._tar_add\n"
             "def slow(*a):\n    time.sleep(0.05); return real(*a)\n"
             "export._tar_add = slow\nsys.argv = ['stages.export'] + sys.argv[1:]\n"
             "import runpy; runpy.run_module('stages.export', run_name='__main__')\n")

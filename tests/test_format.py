@@ -15,14 +15,18 @@ import pytest
 import torch
 import yaml
 
-from dq import codec as codecs
-from dq import compact as fmt
+from dq.data import codec as codecs
+from dq.compact import cli as compact_cli
+from dq.compact import dataset as compact_dataset
+from dq.compact import metrics as compact_metrics
+from dq.compact import reader as compact_reader
 from dq.compact import schema as compact_schema
 from dq.compact import writer as compact_writer
-from dq import grid
-from dq.cam import keep_mask
-from dq.errors import DQError
-from dq.prepared import Prepared, write_prepared
+from dq.patches import grid
+from dq.patches.cam import keep_mask
+from dq.core.errors import DQError
+from dq.data.prepared import Prepared
+from dq.data.prepared_writer import write_prepared
 from tests.test_bad_input import flip_stream_byte
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +51,10 @@ def make_compact(path: Path, n: int = 40, size: int = 16, p: int = 4, drop: floa
     labels = rng.integers(0, 3, n).astype(np.int64)
     indices = np.sort(rng.choice(10 * n, n, replace=False)).astype(np.int64)
     bins = rng.integers(0, 5, n).astype(np.int32)
-    header = fmt.Header(image_size=size, patch_size=p, channels=3, drop=drop, ratio=0.1,
+    header = compact_schema.Header(image_size=size, patch_size=p, channels=3, drop=drop, ratio=0.1,
                         classes=["a", "b", "c"], source="test", params={"patches": {"drop": drop}},
                         codec=codec, quality=quality, store_scores=store_scores)
-    fmt.write_compact(path, header, images, keep, labels, indices, bins, scores)
+    compact_writer.write_compact(path, header, compact_writer.KeptImages(images, keep, labels, indices, bins, scores))
     return dict(images=images, keep=keep, labels=labels, indices=indices, bins=bins, scores=scores)
 
 
@@ -77,7 +81,7 @@ def test_extract_patches_follow_raster_order_of_kept_positions():
 
 def test_round_trip_is_pixel_exact_on_kept_patches(compact):
     path, src = compact
-    data = fmt.read_compact(path)
+    data = compact_reader.read_compact(path)
     h = data.header
     assert (h.image_size, h.patch_size, h.channels, h.num_images) == (16, 4, 3, 40)
     assert (h.num_patches, h.kept_patches, h.classes, h.source) == (16, 12, ["a", "b", "c"], "test")
@@ -87,7 +91,7 @@ def test_round_trip_is_pixel_exact_on_kept_patches(compact):
     assert (images[~pixel_keep] == 0).all()
     for name in ("keep", "labels", "indices", "bins"):
         np.testing.assert_array_equal(getattr(data, name), src[name])
-        assert getattr(data, name).dtype == fmt.DATASETS[name]
+        assert getattr(data, name).dtype == compact_schema.DATASETS[name]
     assert data.scores.dtype == np.float16  # version 2
     np.testing.assert_array_equal(data.scores, src["scores"].astype(np.float16))
 
@@ -95,14 +99,14 @@ def test_round_trip_is_pixel_exact_on_kept_patches(compact):
 def test_root_attributes_are_exactly_the_design(compact):
     path, _ = compact
     with h5py.File(path, "r") as f:
-        assert set(f.attrs) == set(fmt.ATTRS) | {"stats"}
+        assert set(f.attrs) == set(compact_cli.ATTRS) | {"stats"}
         assert f.attrs["format"] == "dq-compact" and int(f.attrs["schema_version"]) == 2
         assert f.attrs["codec"] == "raw" and int(f.attrs["quality"]) == 90
         assert f.attrs["grid"].tolist() == [4, 4] and int(f.attrs["num_patches"]) == 16
         assert int(f.attrs["kept_patches"]) == 12 and float(f.attrs["drop"]) == 0.25
         assert json.loads(f.attrs["classes"]) == ["a", "b", "c"]
         assert json.loads(f.attrs["params"]) == {"patches": {"drop": 0.25}}
-        assert set(f) == set(fmt.DATASETS) and f["scores"].dtype == np.float16
+        assert set(f) == set(compact_schema.DATASETS) and f["scores"].dtype == np.float16
 
 
 def test_writing_twice_gives_identical_bytes(tmp_path):
@@ -122,8 +126,8 @@ def test_chunks_compression_and_checksums(tmp_path):
             assert d.compression == "gzip" and d.shuffle and d.fletcher32, name
             assert d.chunks[1:] == d.shape[1:], f"{name} is chunked along N only"
             chunk_bytes = d.dtype.itemsize * math.prod(d.chunks)
-            if d.nbytes >= fmt.CHUNK_MIN:
-                assert fmt.CHUNK_MIN <= chunk_bytes <= fmt.CHUNK_MAX, (name, d.chunks)
+            if d.nbytes >= compact_schema.CHUNK_MIN:
+                assert compact_schema.CHUNK_MIN <= chunk_bytes <= compact_schema.CHUNK_MAX, (name, d.chunks)
             else:
                 assert d.chunks == d.shape, name
             assert d.dtype.byteorder in "<|="  # little-endian or single byte
@@ -131,9 +135,9 @@ def test_chunks_compression_and_checksums(tmp_path):
 
 
 def test_chunk_shape_splits_rows_larger_than_the_maximum():
-    assert fmt.chunk_shape((10, 2048, 2048, 3), 1) == (1, 10, 2048, 3)  # a row is 12 MiB; 60 KiB chunks
-    assert fmt.chunk_shape((5,), 8) == (5,)
-    assert fmt.chunk_shape((100_000, 64), 4) == (256, 64)
+    assert compact_writer.chunk_shape((10, 2048, 2048, 3), 1) == (1, 10, 2048, 3)  # a row is 12 MiB; 60 KiB chunks
+    assert compact_writer.chunk_shape((5,), 8) == (5,)
+    assert compact_writer.chunk_shape((100_000, 64), 4) == (256, 64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,9 +145,9 @@ def test_chunk_shape_splits_rows_larger_than_the_maximum():
 
 
 def _stream(path: Path, src: dict, codec: str, batch: int, n: int, size: int = 32) -> dict:
-    header = fmt.Header(image_size=size, patch_size=4, channels=3, drop=0.25, ratio=0.1, classes=["a", "b", "c"],
+    header = compact_schema.Header(image_size=size, patch_size=4, channels=3, drop=0.25, ratio=0.1, classes=["a", "b", "c"],
                         source="test", params={"patches": {"drop": 0.25}}, codec=codec, quality=90, store_scores=True)
-    with fmt.CompactWriter(path, header, n) as writer:
+    with compact_writer.CompactWriter(path, header, n) as writer:
         for start in range(0, n, batch):
             rows = slice(start, start + batch)
             writer.add(src["images"][rows], src["keep"][rows], src["labels"][rows], src["indices"][rows],
@@ -157,18 +161,18 @@ def test_streaming_writer_gives_the_whole_array_file_whatever_the_batches(tmp_pa
     write_compact writes from whole arrays, byte for byte, and nothing left beside it."""
     whole = tmp_path / "whole.h5"
     src = make_compact(whole, n=70, size=32, codec=codec)
-    expected, stats = whole.read_bytes(), fmt.read_stats(h5py.File(whole, "r"))
-    decoded = fmt.read_compact(whole)
-    for block in (fmt.SPOOL_BLOCK_BYTES, 1000):  # 1000: each block one chunk (raw) or 1000 bytes (streams)
+    expected, stats = whole.read_bytes(), compact_schema.read_stats(h5py.File(whole, "r"))
+    decoded = compact_reader.read_compact(whole)
+    for block in (compact_schema.SPOOL_BLOCK_BYTES, 1000):  # 1000: each block one chunk (raw) or 1000 bytes (streams)
         monkeypatch.setattr(compact_writer, "SPOOL_BLOCK_BYTES", block)
         for batch in (1, 7, 70):
             path = tmp_path / f"streamed-{block}-{batch}.h5"
             assert _stream(path, src, codec, batch, 70) == stats
             assert path.read_bytes() == expected, (block, batch)
-    ours = fmt.read_compact(path)
+    ours = compact_reader.read_compact(path)
     for name in ("patches", "keep", "labels", "indices", "bins", "scores"):
         np.testing.assert_array_equal(getattr(ours, name), getattr(decoded, name))
-    fmt.validate(path)
+    compact_reader.validate(path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
@@ -177,20 +181,20 @@ def test_streaming_writer_stats_are_those_of_the_whole_set(tmp_path):
     images = grey_and_colour(40, 16)
     src = make_compact(tmp_path / "whole.h5", codec="jpeg", images=images)
     with h5py.File(tmp_path / "whole.h5", "r") as f:
-        stats = fmt.read_stats(f)
-    decoded = fmt.read_compact(tmp_path / "whole.h5").images()
+        stats = compact_schema.read_stats(f)
+    decoded = compact_reader.read_compact(tmp_path / "whole.h5").images()
     masks = masks_of(src["keep"])
-    assert stats["kept_pixel_psnr"] == fmt.kept_pixel_psnr(images, decoded, masks)
+    assert stats["kept_pixel_psnr"] == compact_metrics.kept_pixel_psnr(images, decoded, masks)
     diff = decoded[masks].astype(np.float64) - images[masks]
     assert stats["kept_pixel_psnr"] == 10 * math.log10(255 ** 2 / np.mean(diff * diff))  # main's formula
-    assert stats["jpeg_q90_bytes"] == fmt.jpeg_reference_bytes(images)
+    assert stats["jpeg_q90_bytes"] == compact_metrics.jpeg_reference_bytes(images)
 
 
 def _bad_batches(kind: str):
     def run(path, src, n=20):
-        header = fmt.Header(image_size=16, patch_size=4, channels=3, drop=0.25, ratio=0.1, classes=["a", "b", "c"],
+        header = compact_schema.Header(image_size=16, patch_size=4, channels=3, drop=0.25, ratio=0.1, classes=["a", "b", "c"],
                             source="test", codec="webp-lossless")
-        with fmt.CompactWriter(path, header, n) as writer:
+        with compact_writer.CompactWriter(path, header, n) as writer:
             for start in range(0, n if kind != "short" else n - 5, 5):
                 rows = slice(start, start + 5)
                 keep = src["keep"][rows].copy()
@@ -247,12 +251,12 @@ def grey_and_colour(n: int = 40, size: int = 16) -> np.ndarray:
 def test_lossless_codecs_read_back_the_kept_pixels_exactly(tmp_path, codec):
     path = tmp_path / f"{codec}.h5"
     src = make_compact(path, codec=codec, images=grey_and_colour())
-    data = fmt.read_compact(path)
+    data = compact_reader.read_compact(path)
     assert (data.header.codec, data.header.version) == (codec, 2)
     images, masks = data.images(), masks_of(src["keep"])
     np.testing.assert_array_equal(images[masks], src["images"][masks])
     assert (images[~masks] == 0).all()
-    assert fmt.storage_metrics(path, 400)["kept_pixel_psnr"] is None  # exact
+    assert compact_metrics.storage_metrics(path, 400)["kept_pixel_psnr"] is None  # exact
     with h5py.File(path, "r") as f:
         assert "patches" not in f and f["streams"].dtype == np.uint8 and f["offsets"].shape == (41,)
 
@@ -261,11 +265,11 @@ def test_lossless_codecs_read_back_the_kept_pixels_exactly(tmp_path, codec):
 def test_lossy_codecs_report_the_kept_pixel_psnr(tmp_path, codec, quality, min_psnr):
     path = tmp_path / f"{codec}.h5"
     src = make_compact(path, codec=codec, quality=quality, images=grey_and_colour())
-    data = fmt.read_compact(path)
+    data = compact_reader.read_compact(path)
     masks = masks_of(src["keep"])
     diff = data.images()[masks].astype(float) - src["images"][masks]
     psnr = 10 * math.log10(255 ** 2 / np.mean(diff ** 2))
-    metrics = fmt.storage_metrics(path, 400)
+    metrics = compact_metrics.storage_metrics(path, 400)
     assert metrics["kept_pixel_psnr"] == pytest.approx(psnr) and psnr > min_psnr
     assert metrics["quality"] == quality and not metrics["lossless"]
     assert (data.images()[~masks] == 0).all()
@@ -278,7 +282,7 @@ def test_codec_files_are_byte_identical_for_equal_inputs(tmp_path, codec):
     assert digests[0] == digests[1]
 
 
-def test_streams_are_ordinary_image_files_of_the_filled_image(tmp_path):
+def test_streams_are_ordinary_image_files_of_the_padded_image(tmp_path):
     from PIL import Image
     import io
     import zlib
@@ -293,7 +297,7 @@ def test_streams_are_ordinary_image_files_of_the_filled_image(tmp_path):
         pixels = np.asarray(Image.open(io.BytesIO(body)))
         mask = masks_of(src["keep"])[row]
         assert body == codecs.encode_dropped(src["images"][row], mask, "png")
-        expected = codecs.zero_fill(src["images"][row], mask)  # png's one candidate
+        expected = codecs.zero_pad(src["images"][row], mask)  # png's one candidate
         assert pixels.ndim == (2 if row == 0 else 3)  # a grey image is a 1-channel stream
         np.testing.assert_array_equal(pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, 2), expected)
 
@@ -303,15 +307,15 @@ def test_scores_can_be_left_out(tmp_path):
     make_compact(path, codec="webp-lossless", store_scores=False)
     with h5py.File(path, "r") as f:
         assert "scores" not in f
-    assert fmt.read_compact(path).scores is None and not fmt.validate(path).store_scores
+    assert compact_reader.read_compact(path).scores is None and not compact_reader.validate(path).store_scores
 
 
 @pytest.mark.parametrize("codec", ["webp-lossless", "jpeg", "raw"])
 def test_dataset_decodes_codec_streams_the_same_in_workers(tmp_path, codec):
     path = tmp_path / f"{codec}.h5"
     make_compact(path, codec=codec, images=grey_and_colour())
-    images = fmt.read_compact(path).images()
-    ds = fmt.CompactDataset(path)
+    images = compact_reader.read_compact(path).images()
+    ds = compact_dataset.CompactDataset(path)
     for workers in (0, 2):
         loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=workers)
         x = torch.cat([b[0] for b in loader]).permute(0, 2, 3, 1).numpy()
@@ -328,7 +332,7 @@ def test_jpeg_is_read_with_the_batch_decoder(tmp_path):
         offsets, streams = f["offsets"][:], f["streams"][:]
     batch = codecs.decode_jpeg_batch([streams[offsets[i]:offsets[i + 1]] for i in range(40)], (16, 16, 3))
     batch[~masks_of(src["keep"])] = 0
-    np.testing.assert_array_equal(fmt.read_compact(path).images(), batch)
+    np.testing.assert_array_equal(compact_reader.read_compact(path).images(), batch)
 
 
 def _garbage_stream_with_good_crc(path: Path, row: int) -> None:
@@ -348,21 +352,21 @@ def _garbage_stream_with_good_crc(path: Path, row: int) -> None:
 def test_a_corrupt_stream_is_one_line_naming_the_file_and_the_row(tmp_path, codec, damage, message):
     path = tmp_path / f"{codec}.h5"
     make_compact(path, codec=codec)
-    fmt.validate(path)
+    compact_reader.validate(path)
     damage(path, 7)
-    for read in (fmt.validate, fmt.read_compact, lambda p: fmt.CompactDataset(p).__getitems__(list(range(16)))):
+    for read in (compact_reader.validate, compact_reader.read_compact, lambda p: compact_dataset.CompactDataset(p).__getitems__(list(range(16)))):
         with pytest.raises(DQError, match=message) as info:
             read(path)
         assert "\n" not in str(info.value) and str(info.value).startswith(str(path))
-    fmt.CompactDataset(path).__getitems__([8, 9])  # the other rows still read
+    compact_dataset.CompactDataset(path).__getitems__([8, 9])  # the other rows still read
 
 
 def test_describe_shows_the_codec_and_the_figures(tmp_path, capsys):
     path = tmp_path / "jpeg.h5"
     make_compact(path, codec="jpeg", quality=75)
-    fmt.main(["describe", str(path)])
+    compact_cli.main(["describe", str(path)])
     out = capsys.readouterr().out
-    psnr = fmt.storage_metrics(path, 40)["kept_pixel_psnr"]
+    psnr = compact_metrics.storage_metrics(path, 40)["kept_pixel_psnr"]
     for text in ("codec           jpeg", "codec: jpeg quality 75", "bytes per kept image", f"PSNR {psnr:.2f} dB",
                  "vs a JPEG q90 copy", "streams", "crc32"):
         assert text in out, text
@@ -378,17 +382,17 @@ def test_a_version_1_file_still_reads():
     from tests.fixtures.make_compact_v1 import v1_fixture_inputs
 
     images, keep, labels, indices, bins, scores = v1_fixture_inputs()
-    header = fmt.validate(FIXTURE_V1)
+    header = compact_reader.validate(FIXTURE_V1)
     assert (header.version, header.codec, header.num_images) == (1, "raw", 6)
-    data = fmt.read_compact(FIXTURE_V1)
+    data = compact_reader.read_compact(FIXTURE_V1)
     masks = masks_of(keep)
     np.testing.assert_array_equal(data.images()[masks], images[masks])
     for name, value in dict(keep=keep, labels=labels, indices=indices, bins=bins, scores=scores).items():
         np.testing.assert_array_equal(getattr(data, name), value)
     assert data.scores.dtype == np.float32
-    x = torch.stack([s[0] for s in fmt.CompactDataset(FIXTURE_V1).__getitems__(list(range(6)))])
+    x = torch.stack([s[0] for s in compact_dataset.CompactDataset(FIXTURE_V1).__getitems__(list(range(6)))])
     np.testing.assert_array_equal(x.permute(0, 2, 3, 1).numpy(), data.images())
-    assert "version 1" in fmt.describe(FIXTURE_V1)
+    assert "version 1" in compact_cli.describe(FIXTURE_V1)
 
 
 def test_a_version_1_reader_refuses_a_version_2_file(tmp_path, monkeypatch):
@@ -398,7 +402,7 @@ def test_a_version_1_reader_refuses_a_version_2_file(tmp_path, monkeypatch):
         assert int(f.attrs["schema_version"]) == 2
     monkeypatch.setattr(compact_schema, "SCHEMA_VERSION", 1)  # the version 1 reader's check, unchanged since
     with pytest.raises(DQError, match=r"schema_version 2 is newer than this reader \(version 1\); update dq"):
-        fmt.validate(path)
+        compact_reader.validate(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,20 +473,20 @@ def _delete_attr(path, name):
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_damaged_files_fail_validation_with_one_line(compact, case):
     path, _ = compact
-    fmt.validate(path)  # intact first
+    compact_reader.validate(path)  # intact first
     damage, message = DAMAGE[case]
     damage(path)
     with pytest.raises(DQError, match=message) as info:
-        fmt.validate(path)
+        compact_reader.validate(path)
     text = str(info.value)
     assert "\n" not in text and text.startswith(str(path))
     with pytest.raises(DQError):
-        fmt.read_compact(path)
+        compact_reader.read_compact(path)
 
 
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(DQError, match=r"nothing.h5: file not found"):
-        fmt.validate(tmp_path / "nothing.h5")
+        compact_reader.validate(tmp_path / "nothing.h5")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -495,9 +499,9 @@ def _read_all(ds, workers: int):
     return torch.cat(images), torch.cat(keeps), torch.cat(labels)
 
 
-def test_dataset_yields_zero_filled_images_masks_and_labels(compact):
+def test_dataset_yields_zeroed_images_masks_and_labels(compact):
     path, src = compact
-    ds = fmt.CompactDataset(path)
+    ds = compact_dataset.CompactDataset(path)
     assert ds._cf is None  # no handle is held after __init__
     image, keep, label = ds[5]
     assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
@@ -506,7 +510,7 @@ def test_dataset_yields_zero_filled_images_masks_and_labels(compact):
     expected = grid.assemble(grid.extract_patches(src["images"][5:6], src["keep"][5:6], 4), src["keep"][5:6], (4, 4))
     np.testing.assert_array_equal(image.numpy().transpose(1, 2, 0), expected[0])
     assert torch.equal(keep, torch.from_numpy(src["keep"][5]))
-    as_float = fmt.CompactDataset(path, as_float=True)[5][0]
+    as_float = compact_dataset.CompactDataset(path, as_float=True)[5][0]
     assert as_float.dtype == torch.float32 and torch.allclose(as_float, image.float() / 255)
     with pytest.raises(IndexError):
         ds[40]
@@ -514,7 +518,7 @@ def test_dataset_yields_zero_filled_images_masks_and_labels(compact):
 
 def test_dataset_reads_the_same_with_two_workers(compact):
     path, _ = compact
-    ds = fmt.CompactDataset(path)
+    ds = compact_dataset.CompactDataset(path)
     ds[0]  # a handle opened in the parent must not leak into the workers
     serial, parallel = _read_all(ds, 0), _read_all(ds, 2)
     for a, b in zip(serial, parallel):
@@ -532,7 +536,7 @@ def test_dataset_checks_the_header_first(compact):
     path, _ = compact
     _set_attr("schema_version", np.int64(9))(path)
     with pytest.raises(DQError, match="schema_version 9 is newer"):
-        fmt.CompactDataset(path)
+        compact_dataset.CompactDataset(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -541,15 +545,15 @@ def test_dataset_checks_the_header_first(compact):
 
 def test_describe_lists_attributes_counts_and_bytes(compact, capsys):
     path, _ = compact
-    fmt.main(["describe", str(path)])
+    compact_cli.main(["describe", str(path)])
     out = capsys.readouterr().out
     for word in ("dq-compact", "kept_patches", "40 images", "patches", "scores", "stored/raw", "a=", "total"):
         assert word in out
-    fmt.main(["validate", str(path)])
+    compact_cli.main(["validate", str(path)])
     assert "valid dq-compact version 2 (raw): 40 images" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("module", ["dq.compact", "dq.format"])  # the package, and its first home's name
+@pytest.mark.parametrize("module", ["dq.compact"])
 def test_cli_reports_damage_as_one_error_line(compact, module):
     path, _ = compact
     _flip_bytes_in_a_chunk(path, "scores")
@@ -568,8 +572,8 @@ def _tiny_pipeline(root: Path, n: int = 24, indices: np.ndarray | None = None, s
                    **patches) -> Path:
     """Inputs of the compress stage under root/data, params in root/params.yaml: `n` prepared images of
     3 classes (32 px), every other one selected unless `indices` says otherwise; `patches` overrides."""
-    from dq.features import Features, write_features
-    from dq.teacher import probe_logits, write_logits
+    from dq.features.file import Features, write_features
+    from dq.labels.teacher import probe_logits, write_logits
 
     classes = ["zero", "one", "two"]
     labels = np.arange(n) % 3
@@ -607,9 +611,9 @@ def test_compress_stage_writes_a_valid_file_metrics_and_a_figure(tmp_path):
     compress.main(argv)
     out = root / "data/compact/dataset.h5"
     first = hashlib.sha256(out.read_bytes()).hexdigest()
-    header = fmt.validate(out)
+    header = compact_reader.validate(out)
     assert (header.num_images, header.kept_patches, header.num_patches) == (12, 48, 64)
-    data = fmt.read_compact(out)
+    data = compact_reader.read_compact(out)
     prepared_images = smooth_images(24, 32, 3)
     np.testing.assert_array_equal(data.indices, np.arange(0, 24, 2))
     np.testing.assert_array_equal(data.bins, np.arange(0, 24, 2) % 4)
@@ -619,7 +623,7 @@ def test_compress_stage_writes_a_valid_file_metrics_and_a_figure(tmp_path):
     assert data.scores is None and not header.store_scores  # the default: nothing reads the scores
     scored_root = _tiny_pipeline(tmp_path / "scored", store_scores=True)
     compress.main(["--params", str(scored_root / "params.yaml"), "--data", str(scored_root / "data")])
-    scored = fmt.read_compact(scored_root / "data/compact/dataset.h5")
+    scored = compact_reader.read_compact(scored_root / "data/compact/dataset.h5")
     np.testing.assert_array_equal(scored.keep, data.keep)
     # float16 scores round monotonically: every kept score is still >= every dropped one
     scores = scored.scores.astype(np.float32)
@@ -704,7 +708,7 @@ def test_the_reader_in_format_md_reads_what_dq_reads(tmp_path, codec):
     path = FIXTURE_V1 if codec == "v1" else tmp_path / f"{codec}.h5"
     if codec != "v1":
         make_compact(path, codec=codec, images=grey_and_colour())
-    ours = fmt.read_compact(path).images()
+    ours = compact_reader.read_compact(path).images()
     theirs = namespace["read_images"](path)
     if codec == "jpeg":  # Pillow's libjpeg may round the IDCT differently from torchvision's by one level
         assert np.abs(theirs.astype(int) - ours).max() <= 1

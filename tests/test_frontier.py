@@ -1,4 +1,4 @@
-"""dq.frontier: cells of the study's runs, interpolation in log-bytes, paired comparisons, the Pareto front,
+"""dq.report.frontier: cells of the study's runs, interpolation in log-bytes, paired comparisons, the Pareto front,
 the summary file, and bench.frontier's grid."""
 import json
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import yaml
 
-from dq import frontier
-from dq.errors import DQError
+from dq.report import frontier
+from dq.core.errors import DQError
 
 
 def record(family, ratio, seed, nbytes, top1, quality=90):

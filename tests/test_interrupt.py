@@ -26,7 +26,7 @@ import torch
 import yaml
 from PIL import Image
 
-from dq.format import validate
+from dq.compact.reader import validate
 from tests.pipeline_repo import ROOT, digest_tree, dvc, env, git, ran_stages
 
 LONG_STAGES = ("features", "compress", "mae", "train")
@@ -181,7 +181,7 @@ def test_repro_after_the_kills_gives_the_uninterrupted_bytes(killed):
 # second epoch (a few milliseconds) and failed under load; the random-time kills are `killed`'s job.
 KILLED_AFTER_FIRST_CHECKPOINT = """
 import os, signal
-import dq.mae_training as training
+import dq.mae.training as training
 import stages.mae as stage
 save_resume = training.save_resume
 def save_then_die(*args, **kwargs):
@@ -217,7 +217,7 @@ def test_killed_mae_training_resumes_from_its_checkpoint(tiny_run, tmp_path):
 
 def test_the_next_write_sweeps_temporaries_of_killed_processes(tmp_path):
     """A SIGKILL during a write leaves `.<name>.tmp-<pid>`; the next atomic write of that path removes it."""
-    from dq.io import write_json
+    from dq.core.io import write_json
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -235,8 +235,8 @@ def test_the_next_write_sweeps_temporaries_of_killed_processes(tmp_path):
 
 def test_replacing_a_file_never_leaves_its_path_empty(tmp_path, monkeypatch):
     """The old file stays whole until the new one is renamed over it; a failed rename keeps the old one."""
-    import dq.io
-    from dq.io import write_json
+    import dq.core.io
+    from dq.core.io import write_json
 
     out = tmp_path / "last.json"
     write_json(out, {"epoch": 1})
@@ -245,7 +245,7 @@ def test_replacing_a_file_never_leaves_its_path_empty(tmp_path, monkeypatch):
         assert out.exists(), "the old file was removed before the new one was in place"
         raise OSError(errno.EIO, "rename refused")
 
-    monkeypatch.setattr(dq.io.os, "replace", refuse)
+    monkeypatch.setattr(dq.core.io.os, "replace", refuse)
     with pytest.raises(OSError, match="rename refused"):
         write_json(out, {"epoch": 2})
     monkeypatch.undo()
@@ -255,7 +255,7 @@ def test_replacing_a_file_never_leaves_its_path_empty(tmp_path, monkeypatch):
 
 def test_replacing_a_folder_swaps_it_whole_and_sweeps_a_dead_swap(tmp_path):
     """A folder output is replaced by the new folder; an old one set aside by a killed process is swept."""
-    from dq.io import atomic_path
+    from dq.core.io import atomic_path
 
     out = tmp_path / "selection"
     for version in ("old", "new"):

@@ -10,10 +10,15 @@ import pytest
 import torch
 import yaml
 
-from dq import mae_fill, mae, mae_training
-from dq.errors import DQError
-from dq.grid import pixel_keep
-from dq.prepared import Prepared, write_prepared
+from dq.core.errors import DQError
+from dq.mae import model as mae
+from dq.mae import reconstruct
+from dq.mae import training as mae_training
+from dq.mae.archs import MAE_ARCHS, MaeConfig
+from dq.params import MaeParams, params_from_dict
+from dq.patches.grid import pixel_keep
+from dq.data.prepared import Prepared
+from dq.data.prepared_writer import write_prepared
 
 # A copy of ../shared/fixtures/mae_state_dict_shapes.json, kept here so that no clone ever skips these tests.
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mae_state_dict_shapes.json"
@@ -92,6 +97,33 @@ def test_wrong_architecture_is_one_line_listing_names(tmp_path):
         mae.read_checkpoint(path)
 
 
+def toy_mae() -> MaeConfig:
+    """A 2x2 grid of 16-px patches on 32-px images, registered from this file alone."""
+    return MaeConfig(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=8,
+                     decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0)
+
+
+@pytest.fixture()
+def toy_arch():
+    MAE_ARCHS.register("toy_mae_patch16")(toy_mae)
+    yield "toy_mae_patch16"
+    MAE_ARCHS.unregister("toy_mae_patch16")
+
+
+def test_an_architecture_registered_here_is_checked_at_load_and_runs_the_stage(toy_arch, tmp_path):
+    from stages import mae as stage
+
+    assert params_from_dict({"mae": {"arch": toy_arch}}).mae.arch == toy_arch
+    with pytest.raises(DQError, match=r"^params: mae.arch = 'toy_mae_patch8' is not allowed; expected one of "
+                                      r"mae_vit_base_patch16, .*, mae_vit_micro_patch4, toy_mae_patch16$"):
+        params_from_dict({"mae": {"arch": "toy_mae_patch8"}})
+    data = tmp_path / "data"
+    _prepared(data)
+    stage.main(["--params", str(_params(tmp_path, arch=toy_arch, epochs=1)), "--data", str(data)])
+    model = mae.load_mae(data / "mae" / "model.pt")
+    assert model.config == toy_mae() and model.patch_embed.num_patches == 4
+
+
 # ---------------------------------------------------------------------------------------------- model
 def test_patchify_unpatchify_round_trip_and_layout():
     model = mae.create_mae("mae_vit_micro_patch4")
@@ -140,9 +172,9 @@ def test_short_training_lowers_the_loss():
 
     before = held_loss()
     state = mae_training.TrainState(model, mae_training.adamw_optimizer(model, 3.0e-3, 0.05))
+    recipe = MaeParams(mask_ratio=0.75, batch_size=16, lr=3.0e-3, warmup_epochs=1, epochs=8)
     for _ in range(8):
-        list(mae_training.train_mae_epoch(state, images, seed=0, mask_ratio=0.75, batch_size=16, lr=3.0e-3,
-                                          warmup_epochs=1, epochs=8, device=torch.device("cpu")))
+        list(mae_training.train_mae_epoch(state, images, recipe, seed=0, device=torch.device("cpu")))
     assert state.epoch == 8
     assert held_loss() < 0.7 * before
 
@@ -150,7 +182,7 @@ def test_short_training_lowers_the_loss():
 def test_training_streamed_from_the_store_equals_training_in_memory(tmp_path, monkeypatch):
     """The mae stage reads the prepared store batch by batch (DataLoader workers included): the same
     pixels in the same order as a tensor in memory, so the same weights; no read is larger than a batch."""
-    from dq.prepared import Store, open_store
+    from dq.data.prepared import Store, open_store
 
     images = _images(40)
     write_prepared(tmp_path / "train", Prepared(images, np.arange(40) % 2, ["a", "b"], "synthetic"),
@@ -163,8 +195,8 @@ def test_training_streamed_from_the_store_equals_training_in_memory(tmp_path, mo
         torch.manual_seed(0)
         model = mae.create_mae("mae_vit_micro_patch4")
         state = mae_training.TrainState(model, mae_training.adamw_optimizer(model, 3.0e-3, 0.05))
-        losses = [list(mae_training.train_mae_epoch(state, source, seed=0, mask_ratio=0.75, batch_size=16, lr=3.0e-3,
-                                                    warmup_epochs=1, epochs=2, device=torch.device("cpu"),
+        recipe = MaeParams(mask_ratio=0.75, batch_size=16, lr=3.0e-3, warmup_epochs=1, epochs=2)
+        losses = [list(mae_training.train_mae_epoch(state, source, recipe, seed=0, device=torch.device("cpu"),
                                                     num_workers=workers)) for _ in range(2)]
         return losses, model.state_dict()
 
@@ -188,7 +220,7 @@ def test_map_keep_16px_mae_on_224_vs_4px_stored_on_32():
         keep = np.ones((1, 64), dtype=bool)
         for r, c in stored_dropped:
             keep[0, r * 8 + c] = False
-        kept = mae_fill.map_keep(keep, 32, 4, 224, 16)
+        kept = reconstruct.map_keep(keep, 32, 4, 224, 16)
         assert kept.shape == (1, 196)
         return {divmod(int(i), 14) for i in np.flatnonzero(~kept[0])}
 
@@ -203,10 +235,10 @@ def test_map_keep_16px_mae_on_224_vs_4px_stored_on_32():
 def test_map_keep_is_identity_on_equal_grids_and_never_reads_dropped_pixels():
     rng = np.random.default_rng(0)
     keep = rng.random((4, 64)) < 0.7
-    assert np.array_equal(mae_fill.map_keep(keep, 32, 4, 32, 4), keep)
+    assert np.array_equal(reconstruct.map_keep(keep, 32, 4, 32, 4), keep)
     # whatever the dropped pixels hold, the resized pixels of a kept MAE patch are the same
     for size, patch in ((224, 16), (56, 8), (64, 8), (24, 4)):
-        kept_m = mae_fill.map_keep(keep, 32, 4, size, patch)
+        kept_m = reconstruct.map_keep(keep, 32, 4, size, patch)
         dropped_px = ~pixel_keep(keep, 4, 32)
         a = torch.from_numpy(np.where(dropped_px, rng.random((4, 32, 32)), 0.5))[:, None]
         b = torch.from_numpy(np.where(dropped_px, rng.random((4, 32, 32)) * 1e6, 0.5))[:, None]
@@ -223,24 +255,24 @@ def test_reconstruct_keeps_kept_pixels_exactly(size, patch, norm_pix):
     torch.manual_seed(0)
     model = mae.create_mae("mae_vit_micro_patch4", img_size=size, patch_size=patch, norm_pix_loss=norm_pix)
     images = _images(7)
-    keep = mae_fill.eval_keep(7, 64, 0.25, seed=3)
+    keep = reconstruct.eval_keep(7, 64, 0.25, seed=3)
     keep[0] = True  # a row with nothing to fill
     kept_px = pixel_keep(keep, 4, 32)
     masked = np.where(kept_px[..., None], images, 0).astype(np.uint8)
-    out = mae_fill.reconstruct(model, masked, keep, 4, batch_size=3, progress=False)
+    out = reconstruct.reconstruct(model, masked, keep, 4, batch_size=3, progress=False)
     assert out.dtype == np.uint8 and out.shape == images.shape
     assert np.array_equal(out[kept_px], images[kept_px])
     assert np.array_equal(out[0], images[0])
     assert (out[~kept_px] != 0).any()  # dropped pixels were filled by the model
     # the dropped pixels' content never reaches the result, and batching does not matter
     scrambled = np.where(kept_px[..., None], images, 255 - images).astype(np.uint8)
-    assert np.array_equal(mae_fill.reconstruct(model, scrambled, keep, 4, batch_size=5, progress=False), out)
+    assert np.array_equal(reconstruct.reconstruct(model, scrambled, keep, 4, batch_size=5, progress=False), out)
 
 
 def test_reconstruct_rejects_a_mask_of_the_wrong_grid():
     model = mae.create_mae("mae_vit_micro_patch4")
     with pytest.raises(ValueError, match="keep must be bool"):
-        mae_fill.reconstruct(model, _images(2), np.ones((2, 16), bool), 4, progress=False)
+        reconstruct.reconstruct(model, _images(2), np.ones((2, 16), bool), 4, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- fills, metrics
@@ -250,9 +282,9 @@ def test_simple_fills():
     images[0, :, 4:] = 200
     keep = np.array([[True, False, True, True]])  # 2x2 grid of 4 px patches: top-right dropped
     masked = np.where(pixel_keep(keep, 4, 8)[..., None], images, 0).astype(np.uint8)
-    mean = mae_fill.mean_fill(masked, keep, 4)
+    mean = reconstruct.mean_fill(masked, keep, 4)
     assert (mean[0, :4, 4:] == round((16 * 10 + 16 * 10 + 16 * 200) / 48)).all()
-    near = mae_fill.nearest_fill(masked, keep, 4)
+    near = reconstruct.nearest_fill(masked, keep, 4)
     for r in range(4):
         for c in range(4, 8):
             left, below = c - 3, 4 - r  # distances to the kept columns 0-3 (10) and rows 4-7 (200)
@@ -275,17 +307,17 @@ def test_ssim_and_psnr_count_only_the_dropped_pixels(size):
                                         sigma=1.5, use_sample_covariance=False, full=True,
                                         win_size=min(11, size - 1))
         expected.append(full.mean(axis=-1)[dropped[i]].mean())
-    assert mae_fill.ssim_dropped(b, a, dropped) == pytest.approx(np.mean(expected), abs=1e-12)
+    assert reconstruct.ssim_dropped(b, a, dropped) == pytest.approx(np.mean(expected), abs=1e-12)
     same = np.where(dropped[..., None], a, b)  # equal on the dropped pixels only
-    assert mae_fill.ssim_dropped(same, a, dropped) > mae_fill.ssim_dropped(b, a, dropped)
+    assert reconstruct.ssim_dropped(same, a, dropped) > reconstruct.ssim_dropped(b, a, dropped)
 
     noisy = a.copy()
     noisy[:, 4:] = 0  # errors outside the dropped pixels do not count
     noisy[1, -3:, 2:] = a[1, -3:, 2:]
-    assert mae_fill.psnr_dropped(noisy, a, dropped) == pytest.approx(100.0)
+    assert reconstruct.psnr_dropped(noisy, a, dropped) == pytest.approx(100.0)
     noisy[:, :4, :4] = np.clip(a[:, :4, :4].astype(int) + 10, 0, 255)
     mse = [((noisy[i][dropped[i]].astype(float) - a[i][dropped[i]]) ** 2).mean() for i in range(2)]
-    assert mae_fill.psnr_dropped(noisy, a, dropped) == pytest.approx(np.mean([10 * np.log10(255**2 / m) for m in mse]))
+    assert reconstruct.psnr_dropped(noisy, a, dropped) == pytest.approx(np.mean([10 * np.log10(255**2 / m) for m in mse]))
 
 
 # ---------------------------------------------------------------------------------------------- stage

@@ -2,22 +2,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
 
-from tests.pipeline_repo import all_stages, dvc, git, make_repo, ran_stages, run
+from tests.pipeline_repo import all_stages, dvc, ran_stages, run
 
 ALL_STAGES = all_stages()
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    out = dvc(repo, "repro")
-    assert sorted(ran_stages(out.stdout)) == sorted(ALL_STAGES), out.stdout
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "baseline run")
+def repo(tiny_run, tmp_path_factory):
+    """A copy of the shared tiny run (its `dvc repro` ran every stage), for experiments that change it."""
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    shutil.copytree(tiny_run, repo, symlinks=True)
     return repo
 
 
@@ -63,7 +62,7 @@ def test_exp_run_export_format_reruns_only_export(repo):
 
 
 def test_sweep_queues_a_real_grid_runs_it_through_the_queue_and_reports_it(repo, tmp_path):
-    sweep = [sys.executable, "-m", "dq.sweep"]
+    sweep = [sys.executable, "-m", "dq.tools.sweep"]
     queued = run(repo, *sweep, "queue", "--ratios", "0.25", "--methods", "random", "--seeds", "1").stdout
     assert queued.count("dvc exp run --queue") == 1, queued
     run(repo, *sweep, "run", timeout=900)

@@ -1,4 +1,4 @@
-"""The prepared store, version 2 (dq.prepared): shards of codec streams, their index, their checks, and the
+"""The prepared store, version 2 (dq.data.prepared): shards of codec streams, their index, their checks, and the
 streaming prepare and features stages that write and read them."""
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 import dq
-from dq.errors import DQError
-from dq.prepared import (Prepared, Store, image_loader, open_store, read_prepared, verify_store, write_prepared,
-                         write_prepared_v1)
+from dq.core.errors import DQError
+from dq.data.prepared import Prepared, Store, image_loader, open_store, read_prepared, verify_store
+from dq.data.prepared_writer import write_prepared, write_prepared_v1
 from stages import features as features_stage
 from stages import prepare as prepare_stage
 
@@ -85,7 +85,7 @@ def test_a_shuffled_batch_of_small_images_costs_one_read_per_shard_and_large_gap
 
     assert np.array_equal(decoded(), split.images[rows]) and len(reads) == len(set(shard_of))
     reads.clear()
-    monkeypatch.setattr("dq.prepared.READ_GAP", 0)  # as if every stream were larger than the gap
+    monkeypatch.setattr("dq.data.prepared.READ_GAP", 0)  # as if every stream were larger than the gap
     assert np.array_equal(decoded(), split.images[rows])
     runs = 1 + np.count_nonzero((np.diff(np.sort(rows)) > 1) | (np.diff(shard_of) != 0))
     assert len(reads) == runs < 30 and max(reads) < 768 * 30
@@ -302,7 +302,8 @@ def test_compress_stage_never_reads_more_than_a_batch(tmp_path, monkeypatch):
     """N = 300 images in shards of 40, 64 of them selected: the CAM pass and the writer see one batch
     (8 images) at a time, the largest single read of image bytes is one batch, and nothing decodes the
     whole split or the whole selection."""
-    from dq import format as fmt
+    from dq.compact import reader as compact_reader
+    from dq.compact import writer as compact_writer
     from stages import compress as compress_stage
     from tests.test_format import _tiny_pipeline, smooth_images
 
@@ -310,7 +311,7 @@ def test_compress_stage_never_reads_more_than_a_batch(tmp_path, monkeypatch):
     indices = np.sort(np.random.default_rng(0).choice(n, 64, replace=False))
     root = _tiny_pipeline(tmp_path, n=n, indices=indices, shard_images=40, batch_size=batch, scorer="pixel-std")
     largest = {"read": 0, "reads": 0, "written": 0}
-    streams, add = Store.streams, fmt.CompactWriter.add
+    streams, add = Store.streams, compact_writer.CompactWriter.add
 
     def recording_streams(self, rows):
         largest["read"] = max(largest["read"], len(np.asarray(rows).reshape(-1)))
@@ -326,10 +327,10 @@ def test_compress_stage_never_reads_more_than_a_batch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Store, "streams", recording_streams)
     monkeypatch.setattr(Store, "read", no_whole_split)
-    monkeypatch.setattr(fmt.CompactWriter, "add", recording_add)
+    monkeypatch.setattr(compact_writer.CompactWriter, "add", recording_add)
     compress_stage.main(["--params", str(root / "params.yaml"), "--data", str(root / "data")])
     assert largest == {"read": batch, "reads": 64 // batch, "written": batch}
-    data = fmt.read_compact(root / "data/compact/dataset.h5")
+    data = compact_reader.read_compact(root / "data/compact/dataset.h5")
     np.testing.assert_array_equal(data.indices, indices)
     kept = data.keep.reshape(64, 8, 8).repeat(4, axis=1).repeat(4, axis=2)
     np.testing.assert_array_equal(data.images()[kept], smooth_images(n, 32, 3)[indices][kept])
@@ -338,7 +339,7 @@ def test_compress_stage_never_reads_more_than_a_batch(tmp_path, monkeypatch):
 def test_a_bad_stream_read_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
     """torch re-raises a worker's DQError with the worker's traceback in its message: run_cli prints the
     original line, naming the shard and the row."""
-    from dq.errors import run_cli
+    from dq.core.errors import run_cli
 
     write_prepared(tmp_path / "train", _split(12), shard_images=5)
     with h5py.File(tmp_path / "train" / "shard-00001.h5", "r+") as f:

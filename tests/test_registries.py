@@ -1,20 +1,24 @@
 """The four extension axes: a scorer, a selection method, a codec and a data source registered from this file
-alone go through params validation and the real stage entry points (prepare, features, select, compress)."""
+alone go through params validation and the real stage entry points (prepare, features, select, compress); a
+selection method with a parameter of its own too."""
 from __future__ import annotations
 
 import io
+import json
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import yaml
 
-from dq import codec as codecs
-from dq.codec import CODECS, Codec
-from dq.datasets import SOURCES, ArrayItems, Source
-from dq.errors import DQError
+from dq.data import codec as codecs
+from dq.data.codec import CODECS, Codec
+from dq.data.sources import SOURCES, ArrayItems, Source
+from dq.core.errors import DQError
 from dq.params import params_from_dict
-from dq.scorers import SCORERS, PatchScorer
-from dq.select import METHODS
+from dq.patches.scorers import SCORERS, PatchScorer
+from dq.select import METHODS, select_indices
+from dq.select.method_params import MethodParams, Rule, param
 from tests.pipeline_repo import tiny_params
 
 CLASSES = ["dark", "light"]
@@ -31,8 +35,8 @@ def toy_images(params, split: str) -> Source:
     return Source(CLASSES, "toy-stripes", labels, s, ArrayItems(images))
 
 
-def first_rows(features, labels, ratio, seed, **select_params):
-    """Keeps the first round(ratio * N) rows: a method without bins or features."""
+def first_rows(features, labels, ratio, seed, params, **context):
+    """Keeps the first round(ratio * N) rows: a method without bins, params or features."""
     n = len(labels)
     return np.full(n, -1, np.int32), np.arange(round(ratio * n), dtype=np.int64)
 
@@ -63,7 +67,7 @@ def bmp_decode(buf, shape):
 @pytest.fixture()
 def toys():
     SOURCES.register("toy-stripes", source_bytes=lambda params, n: (n * 100, f"{n} x 100 toy bytes"))(toy_images)
-    METHODS.register("toy-first", needs_features=False)(first_rows)
+    METHODS.register("toy-first")(first_rows)
     SCORERS.register("toy-bright")(BrightFirst)
     CODECS.register("toy-bmp")(Codec(encode=bmp_encode, decode=bmp_decode))
     yield
@@ -87,8 +91,8 @@ def test_params_name_every_registered_entry_and_refuse_others(toys):
 
 
 def test_a_toy_of_every_axis_runs_through_the_stage_entry_points(toys, tmp_path):
-    from dq.compact import read_compact, validate
-    from dq.prepared import read_prepared
+    from dq.compact.reader import read_compact, validate
+    from dq.data.prepared import read_prepared
     from stages import compress, features, prepare, select, teacher
 
     raw = tiny_params({"data": {"source": "toy-stripes", "synthetic_train": 40, "synthetic_test": 8},
@@ -114,3 +118,78 @@ def test_a_toy_of_every_axis_runs_through_the_stage_entry_points(toys, tmp_path)
         np.testing.assert_array_equal(pixels[row][mask], prepared.images[row][mask])
     assert header.params["data"]["source"] == "toy-stripes"
     assert codecs.decode_batch([bmp_encode(prepared.images[0], 90)], "toy-bmp", (16, 16, 3)).shape == (1, 16, 16, 3)
+
+
+# ------------------------------------------------------------------- a selection method with its own parameter
+
+@dataclass(frozen=True)
+class StrideParams(MethodParams):
+    stride: int = param(2, Rule(lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"))
+
+
+def every_kth(features, labels, ratio, seed, params, **context):
+    """Keeps every `stride`-th row from the first, round(ratio * N) of them: a method with a parameter."""
+    keep = np.arange(0, len(labels), params.stride)[:round(ratio * len(labels))]
+    return np.full(len(labels), -1, np.int32), keep.astype(np.int64)
+
+
+@pytest.fixture()
+def strided():
+    METHODS.register("toy-every-kth", params=StrideParams)(every_kth)
+    yield
+    METHODS.unregister("toy-every-kth")
+
+
+def test_a_method_s_own_parameter_is_validated_with_the_params(strided):
+    raw = tiny_params({"select": {"method": "toy-every-kth", "stride": 3}})
+    params = params_from_dict(raw)
+    assert params.select.method_params["stride"] == 3
+    assert params.provenance("select")["select"]["stride"] == 3
+    assert params_from_dict(tiny_params()).select.method_params["stride"] == 2  # its default when left out
+    with pytest.raises(DQError, match=r"^params: select.stride = 0 is not allowed; expected an integer >= 1$"):
+        params_from_dict(tiny_params({"select": {"stride": 0}}))
+    with pytest.raises(DQError, match=r"^params: select.stride = 2.5 is not allowed; expected an integer$"):
+        params_from_dict(tiny_params({"select": {"stride": 2.5}}))
+    with pytest.raises(DQError, match=r"^params: unknown key select.strides; allowed keys in select: method, "
+                                      r"num_bins, .*, gamma_reverse, stride$"):
+        params_from_dict(tiny_params({"select": {"strides": 3}}))
+
+
+def test_a_method_with_its_own_parameter_runs_through_the_select_stage(strided, tmp_path):
+    import yaml
+
+    from stages.select import main
+    from tests.test_select import _write_stage_inputs
+
+    path, labels = _write_stage_inputs(tmp_path, False)
+    raw = yaml.safe_load(path.read_text())
+    raw["select"] |= {"method": "toy-every-kth", "stride": 4}
+    path.write_text(yaml.safe_dump(raw))
+    main(["--params", str(path), "--data", str(tmp_path)])
+    np.testing.assert_array_equal(np.load(tmp_path / "selection" / "indices.npy"), np.arange(0, 120, 4))
+    summary = json.loads((tmp_path / "selection" / "summary.json").read_text())
+    assert summary["params"]["select"]["stride"] == 4 and summary["method"] == "toy-every-kth"
+
+
+def test_a_shared_key_has_one_type_and_one_default():
+    @dataclass(frozen=True)
+    class OtherBeta(MethodParams):
+        beta: float = param(0.5, Rule(lambda v: True, "anything"))
+
+    with pytest.raises(ValueError, match=r"select.beta: 'toy-beta' declares <class 'float'> = 0.5, but 'ccs' "
+                                         r"declares <class 'float'> = 0.1"):
+        METHODS.register("toy-beta", params=OtherBeta)(every_kth)
+    assert "toy-beta" not in METHODS
+
+
+def test_a_method_without_bins_must_return_bins_of_minus_one():
+    def binned(features, labels, ratio, seed, params, **context):
+        return np.zeros(len(labels), np.int32), np.arange(2, dtype=np.int64)
+
+    METHODS.register("toy-binned")(binned)
+    try:
+        with pytest.raises(DQError, match=r"^select.method = 'toy-binned' returned bins other than -1 but is "
+                                          r"registered without makes_bins"):
+            select_indices("toy-binned", np.ones((8, 2)), np.zeros(8, np.int64), 0.25, 0)
+    finally:
+        METHODS.unregister("toy-binned")

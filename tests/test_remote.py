@@ -8,7 +8,7 @@ here, so a wrong secret gets the same 403 as from AWS.
 
 DVC reaches moto through tests/tcp_relay.py, so that a test can cut the server off in the middle of a push
 and bring it back with the objects it had stored (moto keeps them in memory only, so a restart of moto
-itself would be an empty server). `dq.remote` check and repair are tested on S3 and on a folder remote.
+itself would be an empty server). `dq.tools.remote` check and repair are tested on S3 and on a folder remote.
 """
 from __future__ import annotations
 
@@ -218,11 +218,11 @@ def teammate_keys(s3, monkeypatch):
 
 
 def remote_check(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return run(repo, sys.executable, "-m", "dq.remote", *args, check=False, timeout=300)
+    return run(repo, sys.executable, "-m", "dq.tools.remote", *args, check=False, timeout=300)
 
 
 def problems(output: str) -> dict[str, str]:
-    """`dq.remote` report lines: output label → missing / damaged / repaired / not repaired."""
+    """`dq.tools.remote` report lines: output label → missing / damaged / repaired / not repaired."""
     found = {}
     for line in output.splitlines():
         match = re.match(r"^(missing|damaged|repaired|not repaired): (.+?) \(files/md5/", line)
@@ -324,7 +324,7 @@ def remote_kind(request):
 
 
 def test_repair_restores_what_dvc_push_cannot_see(team, s3, remote_kind, teammate_keys, tmp_path):
-    """One file deleted behind its manifest, then a manifest deleted and a byte flipped; repaired by dq.remote."""
+    """One file deleted behind its manifest, then a manifest deleted and a byte flipped; repaired by dq.tools.remote."""
     if remote_kind == "folder":
         store = tmp_path / "store"
         config = f"[core]\n    remote = folder\n['remote \"folder\"']\n    url = {store}\n    verify = true\n"

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-from dq import sweep
-from dq.errors import DQError
-from dq.report import COPIED_FIGURES, summary
+from dq.tools import sweep
+from dq.core.errors import DQError
+from dq.report.summary import COPIED_FIGURES, summary
 from stages import report as report_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,7 +221,7 @@ def test_queue_status_counts_parses_dvc_queue_status():
 def test_the_report_places_its_run_on_the_frontier_study_of_the_same_data(tmp_path):
     """A study on the same classes, whole-set bytes, test set and classifier gives the run's point beside the
     whole set's and the best trivial family's at the run's bytes; a study on other data is said not to fit."""
-    from dq import frontier
+    from dq.report import frontier
 
     data = tmp_path / "data"
     fabricate(data)

@@ -16,9 +16,10 @@ import h5py
 import pytest
 import torch
 
-from dq.features import read_features
-from dq.format import CompactDataset, validate
-from dq.prepared import read_prepared
+from dq.features.file import read_features
+from dq.compact.dataset import CompactDataset
+from dq.compact.reader import validate
+from dq.data.prepared import read_prepared
 from tests.pipeline_repo import all_stages, digest_tree, dvc, env, make_repo, ran_stages
 
 EPOCHS = 3
@@ -45,7 +46,7 @@ def test_two_fresh_clones_give_identical_bytes_in_every_output(tiny_run, tmp_pat
 ], ids=["threads", "isa"])
 def test_features_and_compress_give_the_same_bytes_whatever_the_kernels_and_threads(tiny_run, tmp_path, outside):
     """What another CPU would pick (ISA limits set from outside) or another core count changes no byte of the
-    shared artifacts: dq.kernels pins the kernels before torch loads, and the probe is fit on one thread."""
+    shared artifacts: dq.core.kernels pins the kernels before torch loads, and the probe is fit on one thread."""
     data = tmp_path / "data"
     data.mkdir()
     for part in ("prepared", "selection", "teacher"):  # the teacher's logits: the store's soft labels
@@ -63,7 +64,7 @@ def test_features_and_compress_give_the_same_bytes_whatever_the_kernels_and_thre
 def test_pinning_overrides_the_environment_unless_asked_not_to(monkeypatch):
     import platform
 
-    from dq import kernels
+    from dq.core import kernels
 
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     environ = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX", "MKL_CBWR": "AUTO"}
@@ -190,7 +191,7 @@ def test_metrics_files_round_every_float_so_last_digit_noise_moves_no_byte(tiny_
     METRICS_DIGITS significant digits, so it (and dvc.lock) does not."""
     import json
 
-    from dq.io import METRICS_DIGITS, write_metrics
+    from dq.core.io import METRICS_DIGITS, write_metrics
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     write_metrics(a, {"x": 0.1 + 0.2, "nested": [{"y": 2 / 3}], "n": 7, "inf": float("inf")})

@@ -1,4 +1,4 @@
-"""The scores stage (stages/scores.py): training dynamics (dq.dynamics) and feature-only scores (dq.difficulty)
+"""The scores stage (stages/scores.py): training dynamics (dq.scores.dynamics) and feature-only scores (dq.scores.file)
 on a tiny set, their file, and AUM finding deliberately mislabelled samples."""
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from dq.errors import DQError
+from dq.core.errors import DQError
 from dq.params import ScoresParams, params_from_dict
-from dq.prepared import Prepared, write_prepared
+from dq.data.prepared import Prepared
+from dq.data.prepared_writer import write_prepared
 from tests.pipeline_repo import tiny_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +27,7 @@ def _easy_images(n: int, seed: int = 0):
 
 
 def _write_inputs(tmp_path, flipped=()):
-    from dq.features import Features, write_features
+    from dq.features.file import Features, write_features
 
     images, labels = _easy_images(64)
     labels[list(flipped)] = 1 - labels[list(flipped)]
@@ -45,7 +46,7 @@ def _write_inputs(tmp_path, flipped=()):
 
 
 def test_stage_writes_finite_scores_of_the_right_shape(tmp_path):
-    from dq.difficulty import NAMES, read_scores
+    from dq.scores.file import NAMES, read_scores
     from stages.scores import main
 
     params, labels, _ = _write_inputs(tmp_path)
@@ -70,7 +71,7 @@ def test_stage_writes_finite_scores_of_the_right_shape(tmp_path):
 def test_by_default_the_scores_are_the_teachers_recorded_dynamics(tiny_run):
     """scores.dynamics: teacher: the teacher stage recorded AUM, EL2N and forgetting while it trained, and the
     scores stage took them as they were (nothing trained twice)."""
-    from dq.difficulty import DYNAMICS_SCORES, read_scores
+    from dq.scores.file import DYNAMICS_SCORES, read_scores
 
     data = tiny_run / "data"
     recorded = read_scores(data / "teacher" / "dynamics.h5")
@@ -98,7 +99,7 @@ def test_teacher_dynamics_need_a_trained_teacher(tmp_path):
 
 def test_aum_is_lower_for_mislabelled_samples(tmp_path):
     """Pleiss et al.'s point: a sample whose label contradicts its image keeps a low (negative) margin."""
-    from dq.dynamics import training_dynamics
+    from dq.scores.dynamics import training_dynamics
 
     images, labels = _easy_images(64)
     flipped = np.array([3, 10, 17, 40])
@@ -111,7 +112,7 @@ def test_aum_is_lower_for_mislabelled_samples(tmp_path):
 
 
 def test_feature_scores_equal_plain_references():
-    from dq.difficulty import knn_density, median_distance
+    from dq.scores.file import knn_density, median_distance
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], [9, 12])
@@ -127,7 +128,7 @@ def test_feature_scores_equal_plain_references():
 
 
 def test_too_few_steps_and_bad_params_are_refused_in_one_line():
-    from dq.dynamics import training_dynamics
+    from dq.scores.dynamics import training_dynamics
 
     images, labels = _easy_images(64)
     with pytest.raises(DQError, match=r"^scores.steps = 2 is less than one epoch \(4 steps of 16 over 64 images\)"):
@@ -136,4 +137,4 @@ def test_too_few_steps_and_bad_params_are_refused_in_one_line():
                                  ("seeds", 0, "a positive integer"), ("lr", -1.0, "a finite number > 0"),
                                  ("model", "nonet", "smallnet or a timm model name")):
         with pytest.raises(DQError, match=rf"^params: scores.{key} = {value!r} is not allowed; expected {expected}"):
-            params_from_dict(tiny_params({"scores": {key: value}}))
+            params_from_dict(tiny_params({"scores": {key: value}})).check_model_names("params")

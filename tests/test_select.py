@@ -9,13 +9,43 @@ import numpy as np
 import pytest
 import yaml
 
-import dq.select as sel
-from dq.errors import DQError
-from dq.prepared import Prepared, write_prepared
-from dq.select import GradientFeatures, bin_budgets, dq_bins, sample_bins, select_indices
+from dq.select import cosine, engines
+from dq.core.errors import DQError
+from dq.data.prepared import Prepared
+from dq.data.prepared_writer import write_prepared
+from dq.select import dq_bins, sample_bins, select_indices
+from dq.select.cosine import GradientFeatures, unit_features
+from dq.select.engines import greedy_bins
+from dq.select.folder import diversity
+from dq.select.sampling import bin_budgets
 
 
 # ------------------------------------------------------------------------ the brute-force reference
+
+def exact_kernel(f) -> list[list[int]]:
+    """s(i, j) = 0.5 + 0.5 cos(f_i, f_j) rounded to multiples of 2**-60, as Python integers [n][n]."""
+    n = len(f)
+    norm = [math.sqrt(math.fsum(v * v for v in row)) for row in f]
+    kernel = [[0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1):
+            cos = 1.0 if i == j else math.fsum(a * b for a, b in zip(f[i], f[j])) / (norm[i] * norm[j])
+            kernel[i][j] = kernel[j][i] = round((0.5 + 0.5 * cos) * 2**60)
+    return kernel
+
+
+def exact_graphcut(kernel, lam, pool, budget) -> list[int]:
+    """The textbook greedy: every gain lam * sum_{j in pool} s(j, x) - 2 * sum_{q chosen} s(q, x) recomputed."""
+    lam_num, lam_den = Fraction(lam).as_integer_ratio()
+    chosen = []
+    for _ in range(budget):
+        candidates = [x for x in pool if x not in chosen]
+        gains = [lam_num * sum(kernel[j][x] for j in pool) - 2 * lam_den * sum(kernel[q][x] for q in chosen)
+                 for x in candidates]
+        best = max(range(len(candidates)), key=lambda i: (gains[i], -candidates[i]))
+        chosen.append(candidates[best])
+    return chosen
+
 
 def reference_bins(f, labels, num_bins, lam=1.0, per_class=True):
     """Textbook DQ: a dense kernel, every gain recomputed at every step, in exact arithmetic.
@@ -26,24 +56,7 @@ def reference_bins(f, labels, num_bins, lam=1.0, per_class=True):
     """
     f = np.asarray(f, np.float64)
     n = len(f)
-    norm = [math.sqrt(math.fsum(v * v for v in row)) for row in f]
-    kernel = [[0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i + 1):
-            cos = 1.0 if i == j else math.fsum(a * b for a, b in zip(f[i], f[j])) / (norm[i] * norm[j])
-            kernel[i][j] = kernel[j][i] = round((0.5 + 0.5 * cos) * 2**60)
-    lam_num, lam_den = Fraction(lam).as_integer_ratio()
-
-    def graphcut(pool, budget):
-        chosen = []
-        for _ in range(budget):
-            candidates = [x for x in pool if x not in chosen]
-            gains = [lam_num * sum(kernel[j][x] for j in pool) - 2 * lam_den * sum(kernel[q][x] for q in chosen)
-                     for x in candidates]
-            best = max(range(len(candidates)), key=lambda i: (gains[i], -candidates[i]))
-            chosen.append(candidates[best])
-        return chosen
-
+    kernel = exact_kernel(f)
     bins = np.full(n, num_bins - 1, np.int32)
     bin_size = round(n / num_bins)
     groups = sorted(set(labels.tolist())) if per_class else [None]
@@ -57,7 +70,7 @@ def reference_bins(f, labels, num_bins, lam=1.0, per_class=True):
         else:
             budgets = {None: min(bin_size, n_left)}
         for c in groups:
-            for x in graphcut(left[c], budgets[c]):
+            for x in exact_graphcut(kernel, lam, left[c], budgets[c]):
                 bins[x] = k
                 left[c].remove(x)
     return bins
@@ -87,7 +100,7 @@ def random_case(seed, kind):
 @pytest.mark.parametrize("seed", range(33))
 def test_bins_equal_brute_force_reference(seed, kind, per_class, monkeypatch):
     if seed % 2:  # every class through the lazy engine too (whole-dataset mode always uses it)
-        monkeypatch.setattr(sel, "DENSE_MAX_ITEMS", 0)
+        monkeypatch.setattr(engines, "DENSE_MAX_ITEMS", 0)
     feats, labels, num_bins, lam = random_case(seed, kind)
     explicit = feats.materialise() if kind == "gradient" else feats
     expected = reference_bins(explicit, labels, num_bins, lam, per_class)
@@ -100,7 +113,7 @@ def test_bins_equal_brute_force_reference(seed, kind, per_class, monkeypatch):
 def test_float64_precision_stays_exact_where_float32_kernels_would_be_used(seed, monkeypatch):
     """select.precision float64 (the default) never drops to float32, however large a kernel: with the size
     threshold at 0, every float32 kernel would be float32, and the default still equals the reference."""
-    monkeypatch.setattr(sel, "FLOAT64_MAX_COST", 0)
+    monkeypatch.setattr(cosine, "FLOAT64_MAX_COST", 0)
     feats, labels, num_bins, lam = random_case(seed, "embedding")
     feats = np.asarray(feats, np.float32)  # float32 features: the case where rows used to stay float32
     expected = reference_bins(feats, labels, num_bins, lam)
@@ -121,7 +134,7 @@ def test_duplicates_tie_to_the_lowest_index():
         labels = np.zeros(24, np.int64)
         np.testing.assert_array_equal(dq_bins(x, labels, 3), reference_bins(x, labels, 3))
         for engine in ("dense", "lazy"):
-            first = sel.greedy_bins(sel.unit_features(x), [1], engine=engine)
+            first = greedy_bins(unit_features(x), [1], engine=engine)
             assert np.flatnonzero(first == 0)[0] < 12
 
 
@@ -135,8 +148,8 @@ def test_factored_gradient_kernel_equals_materialised(per_class):
     a = dq_bins(g, labels, 6, per_class=per_class)
     b = dq_bins(g.materialise(), labels, 6, per_class=per_class)
     np.testing.assert_array_equal(a, b)
-    unit = sel.unit_features(g)
-    explicit = sel.unit_features(g.materialise())
+    unit = unit_features(g)
+    explicit = unit_features(g.materialise())
     np.testing.assert_allclose(unit.block(np.float64), explicit.block(np.float64), atol=1e-12)
 
 
@@ -148,10 +161,10 @@ def _clustered(n, dim, seed, dtype=np.float64):
 
 def test_lazy_engine_equals_dense_engine():
     x = _clustered(1500, 12, seed=11)
-    unit = sel.unit_features(x)
+    unit = unit_features(x)
     budgets = bin_budgets([1500], 8)[:, 0]
-    dense = sel.greedy_bins(unit, budgets, engine="dense", precision="float64")
-    np.testing.assert_array_equal(sel.greedy_bins(unit, budgets, engine="lazy"), dense)
+    dense = greedy_bins(unit, budgets, engine="dense", precision="float64")
+    np.testing.assert_array_equal(greedy_bins(unit, budgets, engine="lazy"), dense)
 
 
 def test_whole_dataset_mode_at_moderate_size():
@@ -161,11 +174,11 @@ def test_whole_dataset_mode_at_moderate_size():
     x = _clustered(n, 64, seed=3, dtype=np.float32)
     labels = np.random.default_rng(0).integers(0, 10, n)
     stats = {}
-    unit = sel.unit_features(x)
+    unit = unit_features(x)
     budgets = bin_budgets([n], 10)[:, 0]
-    lazy = sel.greedy_bins(unit, budgets, engine="lazy", stats=stats)
+    lazy = greedy_bins(unit, budgets, engine="lazy", stats=stats)
     np.testing.assert_array_equal(dq_bins(x, labels, 10, per_class=False), lazy)
-    dense = sel.greedy_bins(unit, budgets, engine="dense", precision="float64")
+    dense = greedy_bins(unit, budgets, engine="dense", precision="float64")
     assert (lazy == dense).mean() >= 0.99
     assert stats["picks"] == budgets.sum() and stats["epochs"] > 0
     # Lazy: far fewer recomputations than the candidates a full greedy step looks at.
@@ -254,7 +267,7 @@ def test_baselines():
         assert bins.dtype == np.int32 and ((bins >= 0).all() if method == "dq" else (bins == -1).all())
     _, gc = select_indices("graphcut", x, labels, 0.2, seed=0)
     members = np.flatnonzero(labels == 1)
-    one_shot = sel.greedy_bins(sel.unit_features(x[members]), [12]) == 0
+    one_shot = greedy_bins(unit_features(x[members]), [12]) == 0
     np.testing.assert_array_equal(gc[labels[gc] == 1], members[one_shot])
     _, r1 = select_indices("random", x, labels, 0.2, seed=0)
     _, r2 = select_indices("random", x, labels, 0.2, seed=9)
@@ -303,7 +316,7 @@ def test_num_bins_errors():
 # ------------------------------------------------------------------------------------------ stage
 
 def _write_features(tmp_path, embedding, logit_grad=None):
-    from dq.features import Features, write_features
+    from dq.features.file import Features, write_features
 
     c = 3
     write_features(tmp_path / "features" / "train.h5", Features(
@@ -358,8 +371,8 @@ def test_stage_writes_selection(tmp_path, gradient):
 
 def test_selection_bytes_do_not_move_with_the_last_bits_of_the_features(tmp_path):
     """compress depends on data/selection: a 1-ulp change of every feature (as another BLAS or machine
-    gives) must leave its bytes alone, and the diversity metrics beside it too (rounded by dq.io.write_metrics)."""
-    from dq.features import read_features
+    gives) must leave its bytes alone, and the diversity metrics beside it too (rounded by dq.core.io.write_metrics)."""
+    from dq.features.file import read_features
     from stages.select import main
 
     params, _ = _write_stage_inputs(tmp_path, False)
@@ -395,18 +408,18 @@ def test_selection_normalises_one_class_at_a_time_with_the_whole_set_bits(monkey
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(4), [50, 80, 30, 40])
     x = (rng.normal(size=(200, 12)) + labels[:, None]).astype(np.float32)
-    whole = sel.unit_features(x)
+    whole = unit_features(x)
     reference = np.empty(200, np.int32)
     budgets = bin_budgets(np.bincount(labels), 5)
     for c in range(4):
         members = np.flatnonzero(labels == c)
-        reference[members] = sel.greedy_bins(whole.subset(members), budgets[:, c])
+        reference[members] = greedy_bins(whole.subset(members), budgets[:, c])
     largest = []
-    unit_features = sel.unit_features
-    monkeypatch.setattr(sel, "unit_features", lambda f, *a, **k: (largest.append(len(f)), unit_features(f, *a, **k))[1])
+    monkeypatch.setattr(cosine, "unit_features",
+                        lambda f, *a, **k: (largest.append(len(f)), unit_features(f, *a, **k))[1])
     assert np.array_equal(dq_bins(x, labels, 5), reference)
     select_indices("graphcut", x, labels, 0.2, 0)
-    sel.diversity(x, labels)
+    diversity(x, labels)
     assert largest and max(largest) == 80
 
 

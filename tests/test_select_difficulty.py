@@ -1,4 +1,4 @@
-"""The difficulty-aware selection methods (dq.select_difficulty) against independent references written here in
+"""The difficulty-aware selection methods (dq.select.difficulty) against independent references written here in
 plain loops from the published rules: CCS (Zheng et al. 2023), D2 pruning (Maharana et al. 2024), Moderate-DS
 (Xia et al. 2023) and our dq-ccs; their params' one-line errors; the cost of selecting from stored scores."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from dq.errors import DQError
+from dq.core.errors import DQError
 from dq.params import params_from_dict
 from dq.select import METHODS, dq_bins, sample_bins, select_indices
 from tests.pipeline_repo import tiny_params
@@ -88,7 +88,9 @@ def ref_moderate(x, labels, ratio):
     return sorted(picks)
 
 
-def ref_d2(x, labels, ratio, hard, beta, k, gamma, gamma_reverse):
+def ref_d2(x, labels, ratio, hard, d2):
+    """d2: the params beta, k, gamma, gamma_reverse (a dict)."""
+    beta, k, gamma, gamma_reverse = d2["beta"], d2["k"], d2["gamma"], d2["gamma_reverse"]
     lo, hi = min(hard), max(hard)
     node = [(h - lo) / (hi - lo) for h in hard]
     picks = []
@@ -146,11 +148,10 @@ def test_moderate_equals_reference(ratio):
                                                               (0.5, 0.2, 40, 1.0, 0.0)])
 def test_d2_equals_reference(ratio, beta, k, gamma, gamma_reverse):
     x, labels, scores = _data(seed=2)
-    bins, idx = select_indices("d2", x, labels, ratio, 0, scores=scores, score="el2n", beta=beta, k=k, gamma=gamma,
-                               gamma_reverse=gamma_reverse)
+    d2 = {"beta": beta, "k": k, "gamma": gamma, "gamma_reverse": gamma_reverse}
+    bins, idx = select_indices("d2", x, labels, ratio, 0, scores=scores, score="el2n", **d2)
     assert (bins == -1).all()
-    assert idx.tolist() == ref_d2(x.tolist(), labels.tolist(), ratio, list(scores["el2n"]), beta, k, gamma,
-                                  gamma_reverse)
+    assert idx.tolist() == ref_d2(x.tolist(), labels.tolist(), ratio, list(scores["el2n"]), d2)
 
 
 @pytest.mark.parametrize("method", ["ccs", "d2", "moderate", "dq-ccs"])
@@ -180,29 +181,43 @@ def test_methods_without_scores_are_refused_in_one_line():
     assert METHODS.get("moderate").needs_scores is False and METHODS.get("dq-ccs").makes_bins is True
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("beta", 2.0, r"a number in \[0, 1\)"), ("beta", -0.1, r"a number in \[0, 1\)"),
-    ("strata", 0, "a positive integer"), ("k", 0, "a positive integer"),
-    ("gamma", -1.0, "a finite number >= 0"), ("gamma_reverse", -2.0, "a finite number >= 0"),
-    ("score", "loss", "one of aum, el2n, forgetting")])
-def test_bad_params_give_one_line(key, value, expected):
-    raw = tiny_params({"select": {"method": "ccs", key: value}})
+@pytest.mark.parametrize("method,key,value,expected", [
+    ("ccs", "beta", 2.0, r"a number in \[0, 1\)"), ("d2", "beta", -0.1, r"a number in \[0, 1\)"),
+    ("dq-ccs", "strata", 0, "a positive integer"), ("d2", "k", 0, "a positive integer"),
+    ("d2", "gamma", -1.0, "a finite number >= 0"), ("d2", "gamma_reverse", -2.0, "a finite number >= 0"),
+    ("ccs", "score", "loss", "one of aum, el2n, forgetting")])
+def test_bad_params_give_one_line(method, key, value, expected):
+    """Params check every method's keys whatever select.method; select_indices those of its method."""
+    raw = tiny_params({"select": {"method": "moderate", key: value}})
     with pytest.raises(DQError, match=rf"^params: select.{key} = {value!r} is not allowed; expected {expected}$"):
         params_from_dict(raw)
     x, labels, scores = _data()
     with pytest.raises(DQError, match=rf"^select.{key} = {value!r} is not allowed; expected {expected}$"):
-        select_indices("ccs", x, labels, 0.2, 0, scores=scores, **{key: value})
+        select_indices(method, x, labels, 0.2, 0, scores=scores, **{key: value})
 
 
-def test_select_params_defaults_match_select_indices():
-    import inspect
+def test_select_indices_ignores_other_methods_keys_and_refuses_undeclared_ones():
+    x, labels, scores = _data()
+    _, idx = select_indices("ccs", x, labels, 0.2, 0, scores=scores, k=0, num_bins=0)  # d2's and dq's keys
+    np.testing.assert_array_equal(idx, select_indices("ccs", x, labels, 0.2, 0, scores=scores)[1])
+    with pytest.raises(DQError, match=r"^select.stride is not a param of any registered selection method; "
+                                      r"expected one of num_bins, lam, per_class, precision, score, beta"):
+        select_indices("ccs", x, labels, 0.2, 0, scores=scores, stride=2)
 
+
+@pytest.mark.parametrize("method", ["dq", "graphcut", "random", "ccs", "d2", "moderate", "dq-ccs"])
+def test_select_indices_defaults_are_the_params_defaults(method):
+    """What select_indices takes for a key left out is what params.yaml's select section gives it then."""
     from dq.params import SelectParams
 
-    signature = inspect.signature(select_indices).parameters
-    for name, value in vars(SelectParams()).items():
-        if name != "method":
-            assert signature[name].default == value, name
+    x, labels, scores = _data()
+    defaults = SelectParams().method_params
+    assert list(defaults) == ["num_bins", "lam", "per_class", "precision", "score", "beta", "strata", "k", "gamma",
+                              "gamma_reverse"]
+    bins, idx = select_indices(method, x, labels, 0.2, 3, scores=scores)
+    expected = select_indices(method, x, labels, 0.2, 3, scores=scores, **defaults)
+    np.testing.assert_array_equal(bins, expected[0])
+    np.testing.assert_array_equal(idx, expected[1])
 
 
 @pytest.mark.parametrize("method", ["ccs", "d2", "moderate"])
@@ -224,7 +239,7 @@ def test_stage_selects_with_stored_scores(tmp_path, method):
     """stages.select reads data/scores only for the methods that need it, and writes what select_indices picks."""
     import yaml
 
-    from dq.difficulty import write_scores
+    from dq.scores.file import write_scores
     from stages.select import main
     from tests.test_select import _write_stage_inputs
 
@@ -240,7 +255,7 @@ def test_stage_selects_with_stored_scores(tmp_path, method):
     write_scores(tmp_path / "scores" / "scores.h5", {"aum": aum, "el2n": aum ** 2, "forgetting": np.zeros(len(labels))},
                  labels, {})
     main(argv)
-    from dq.features import read_features
+    from dq.features.file import read_features
 
     x = read_features(tmp_path / "features" / "train.h5").embedding
     _, expected = select_indices(method, x, labels, 0.25, 0, num_bins=4, scores={"aum": aum, "el2n": aum ** 2},

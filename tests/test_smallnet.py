@@ -1,15 +1,16 @@
-"""dq.smallnet, the default classifier for small images: whitening, identity init, frozen parts, the registry."""
+"""dq.train.smallnet, the default classifier for small images: whitening, identity init, frozen parts, the registry."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from dq import train as dq_train
-from dq.classifier import CLASSIFIERS, create_classifier, read_classifier, save_classifier
-from dq.errors import DQError
+from dq.train.data import full_training_set, normalisation, to_input
+from dq.train.loop import TrainHooks, train_classifier
+from dq.train.classifier import CLASSIFIERS, create_classifier, read_classifier, save_classifier
+from dq.core.errors import DQError
 from dq.params import TrainParams
-from dq.smallnet import WHITEN_EPS, SmallNet, identity_init, patches_2x2
+from dq.train.smallnet import WHITEN_EPS, SmallNet, identity_init, patches_2x2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,14 +76,13 @@ def test_trains_through_the_train_stage_code_and_reads_back(tmp_path):
 
     train, test = blobs(96, seed=1), blobs(40, seed=2)
     config = TrainParams(model="smallnet", input="full", steps=24, batch_size=16, lr=0.2, ema=0.9)
-    result = dq_train.train_classifier(dq_train.full_training_set(train), test, config, seed=0,
-                                       device=torch.device("cpu"), progress=False)
+    result = train_classifier(full_training_set(train), test, config, seed=0, device=torch.device("cpu"),
+                              hooks=TrainHooks(progress=False))
     assert result.final.top1 >= 0.9
     path = tmp_path / "model.pt"
     save_classifier(path, result, config, test.classes, SIZE)
     restored = read_classifier(path)
-    x = dq_train.to_input(torch.from_numpy(test.images), dq_train.normalisation(result.mean, result.std, "cpu"),
-                          torch.device("cpu"))
+    x = to_input(torch.from_numpy(test.images), normalisation(result.mean, result.std, "cpu"), torch.device("cpu"))
     with torch.inference_mode():
         torch.testing.assert_close(restored.model(x), result.model.eval()(x))
 

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from dq.compact import Header, read_compact, validate, write_compact
-from dq.errors import DQError
-from dq.soft_labels import SoftLabels, SoftSpec, dense, distillation_loss, quantise, tempered
+from dq.compact.reader import read_compact, validate
+
+from dq.compact.schema import Header
+
+from dq.compact.writer import KeptImages, write_compact
+from dq.core.errors import DQError
+from dq.labels.soft import SoftLabels, SoftSpec, dense, distillation_loss, quantise, tempered
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,7 +107,7 @@ def _write(path, soft_spec=None, probs=None, n=6):
     keep[:, :3] = True
     labels = np.arange(n) % C
     soft = quantise(probs, soft_spec) if soft_spec is not None else None
-    write_compact(path, _header(soft_spec), images, keep, labels, np.arange(n), np.zeros(n, np.int32), None,
+    write_compact(path, _header(soft_spec), KeptImages(images, keep, labels, np.arange(n), np.zeros(n, np.int32)),
                   soft=soft)
     return images, soft
 
@@ -149,9 +153,10 @@ def test_damaged_soft_labels_are_one_line_errors(tmp_path, damage, message):
 def test_writer_refuses_soft_labels_of_the_wrong_shape(tmp_path):
     spec = SoftSpec(k=3, bits=16, temperature=4.0, views=1)
     with pytest.raises(ValueError, match="soft_probs"):
-        write_compact(tmp_path / "c.h5", _header(spec), np.zeros((2, 8, 8, 3), np.uint8),
-                      np.tile([True, True, True, False], (2, 1)), np.zeros(2, np.int64), np.arange(2),
-                      np.zeros(2, np.int32), None, soft=quantise(_probs(n=3), spec))
+        write_compact(tmp_path / "c.h5", _header(spec),
+                      KeptImages(np.zeros((2, 8, 8, 3), np.uint8), np.tile([True, True, True, False], (2, 1)),
+                                 np.zeros(2, np.int64), np.arange(2), np.zeros(2, np.int32)),
+                      soft=quantise(_probs(n=3), spec))
     assert not (tmp_path / "c.h5").exists()
 
 
@@ -159,7 +164,7 @@ def test_writer_refuses_soft_labels_of_the_wrong_shape(tmp_path):
 
 
 def _training_set(soft=None, n=32):
-    from dq.train import TrainingSet
+    from dq.train.data import TrainingSet
 
     rng = np.random.default_rng(0)
     labels = np.arange(n) % C
@@ -171,11 +176,12 @@ def _training_set(soft=None, n=32):
 
 def _train(train_set, **overrides):
     from dq.params import TrainParams
-    from dq.train import LabelledImages, train_classifier
+    from dq.train.data import LabelledImages
+    from dq.train.loop import TrainHooks, train_classifier
 
     config = TrainParams(model="smallnet", steps=6, batch_size=8, **overrides)
     test = LabelledImages(train_set.images, train_set.labels, train_set.classes)
-    return train_classifier(train_set, test, config, seed=0, device="cpu", progress=False)
+    return train_classifier(train_set, test, config, seed=0, device="cpu", hooks=TrainHooks(progress=False))
 
 
 def test_without_soft_labels_training_ignores_the_distillation_params():
@@ -204,7 +210,7 @@ def test_soft_labels_change_training_and_weight_zero_is_the_hard_loss():
 
 
 def test_soft_labels_rows_follow_imagefolder_order(tmp_path):
-    from dq.export import Split, class_folders, write_soft_labels
+    from dq.export.writer import Split, class_folders, write_soft_labels
 
     labels = np.array([2, 0, 2, 1])
     rows = np.array([7, 3, 1, 9])
@@ -255,8 +261,8 @@ def soft_run(tiny_run, tmp_path_factory):
 
 
 def test_the_teacher_stage_labels_every_training_image(tiny_run):
-    from dq.prepared import open_store
-    from dq.teacher import read_teacher_logits
+    from dq.data.prepared import open_store
+    from dq.labels.teacher import read_teacher_logits
 
     data = tiny_run / "data"
     store = open_store(data / "prepared" / "train")
@@ -271,8 +277,8 @@ def test_the_teacher_stage_labels_every_training_image(tiny_run):
 
 
 def test_compress_stores_the_teachers_labels_of_the_selected_images(soft_run):
-    from dq.prepared import open_store
-    from dq.teacher import read_teacher_logits
+    from dq.data.prepared import open_store
+    from dq.labels.teacher import read_teacher_logits
 
     _, data, _ = soft_run
     compact = read_compact(data / "compact" / "dataset.h5")
@@ -289,7 +295,7 @@ def test_compress_stores_the_teachers_labels_of_the_selected_images(soft_run):
 def test_train_distils_from_the_store_and_export_carries_the_labels(soft_run):
     from torchvision.datasets import ImageFolder
 
-    from dq.rebuilt import rebuilt_dataset
+    from dq.mae.rebuilt import rebuilt_dataset
 
     _, data, _ = soft_run
     assert json.loads((data / "train_metrics.json").read_text())["soft_labels"] is True
@@ -312,8 +318,8 @@ def test_webdataset_samples_carry_their_soft_labels(tmp_path):
     import io
     import tarfile
 
-    from dq.export import Split, write_webdataset
-    from dq.row_sources import as_rows
+    from dq.export.writer import Split, write_webdataset
+    from dq.data.rows import as_rows
 
     images = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
     soft = np.random.default_rng(1).random((3, 2, C)).astype(np.float32)

@@ -2,7 +2,7 @@
 the run cache, and a push killed half-way.
 
 The tiny pipeline runs once, in clone A (module fixture). Every other clone gets its outputs from a
-remote or a cache, and `DQ_STAGE_LOG` (dq.errors.run_cli appends each entry point's name to it) proves
+remote or a cache, and `DQ_STAGE_LOG` (dq.core.errors.run_cli appends each entry point's name to it) proves
 that no stage command ran there. Clones compare every declared output (cached or not) byte for byte.
 
 Outputs marked `cache: false` are never pushed by DVC, so they must travel in git: clone A commits them

@@ -1,5 +1,5 @@
 """Classifier training: it learns, reports the final epoch, is deterministic, resumes exactly, and the
-compact input fills dropped patches once with the MAE while keeping stored pixels exact."""
+compact input reconstructs dropped patches once with the MAE while keeping stored pixels exact."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,12 +12,23 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dq import mae_fill, rebuilt
-from dq import mae as dq_mae
-from dq import train as dq_train
-from dq.errors import DQError
-from dq.format import Header, write_compact
-from dq.prepared import Prepared, read_prepared, write_prepared
+from dq.compact import reader as compact_reader
+from dq.data.rows import ArrayRows
+from dq.mae import model as dq_mae
+from dq.mae import rebuilt, reconstruct
+from dq.train import data as train_data
+from dq.train.classifier import create_classifier, read_classifier, save_classifier
+from dq.train.data import (augment, channel_stats, compact_training_set, forward_batch, full_training_set,
+                           normalisation, split_images, to_input, training_set)
+from dq.train.evaluate import evaluate
+from dq.train.loop import TrainHooks, TrainResult, _batch_loss, run_fingerprint, train_classifier, train_metrics
+from dq.train.schedule import (WeightAverage, classifier_epoch_generator, epoch_batches, learning_rate_factor,
+                               optimizer_and_schedule, scheduled_batches, training_schedule)
+from dq.core.errors import DQError
+from dq.compact.schema import Header
+from dq.compact.writer import KeptImages, write_compact
+from dq.data.prepared import Prepared, read_prepared
+from dq.data.prepared_writer import write_prepared
 from dq.params import TrainParams
 from stages import train as train_stage
 
@@ -51,20 +62,20 @@ def data() -> tuple[Prepared, Prepared]:
     return blobs(96, seed=1), blobs(40, seed=2)
 
 
-def fit(train: Prepared, test: Prepared, config: TrainParams = TINY, **kw) -> dq_train.TrainResult:
-    return dq_train.train_classifier(dq_train.full_training_set(train), test, config, seed=0,
-                                     device=torch.device("cpu"), progress=False, **kw)
+def fit(train: Prepared, test: Prepared, config: TrainParams = TINY, **hooks) -> TrainResult:
+    return train_classifier(full_training_set(train), test, config, seed=0, device=torch.device("cpu"),
+                            hooks=TrainHooks(progress=False, **hooks))
 
 
 @pytest.fixture(scope="module")
-def baseline(data) -> dq_train.TrainResult:
+def baseline(data) -> TrainResult:
     """One uninterrupted run of TINY, shared by the tests that compare against it."""
     return fit(*data)
 
 
 def state_bytes(result, tmp_path: Path, name: str) -> bytes:
     path = tmp_path / name
-    dq_train.save_classifier(path, result, TINY, ["c0", "c1", "c2", "c3"], SIZE)
+    save_classifier(path, result, TINY, ["c0", "c1", "c2", "c3"], SIZE)
     return path.read_bytes()
 
 
@@ -72,28 +83,28 @@ def state_bytes(result, tmp_path: Path, name: str) -> bytes:
 
 
 def test_resnets_on_small_images_get_the_cifar_stem():
-    small = dq_train.create_classifier("test_resnet", 4, 32)
+    small = create_classifier("test_resnet", 4, 32)
     assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1)
     assert isinstance(small.maxpool, torch.nn.Identity)
     assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
-    large = dq_train.create_classifier("test_resnet", 4, 128)
+    large = create_classifier("test_resnet", 4, 128)
     assert not isinstance(large.maxpool, torch.nn.Identity)
 
 
 def test_unknown_model_is_a_one_line_error():
     with pytest.raises(DQError, match="train.model"):
-        dq_train.create_classifier("no_such_model_xyz", 4, 32)
+        create_classifier("no_such_model_xyz", 4, 32)
 
 
 def test_augment_keeps_pixels_and_is_seeded():
     images = torch.from_numpy(blobs(8, seed=3).images)
-    a = dq_train.augment(images, torch.Generator().manual_seed(5), 2, True)
-    b = dq_train.augment(images, torch.Generator().manual_seed(5), 2, True)
+    a = augment(images, torch.Generator().manual_seed(5), 2, True)
+    b = augment(images, torch.Generator().manual_seed(5), 2, True)
     assert a.dtype == torch.uint8 and a.shape == images.shape and torch.equal(a, b)
     # no padding and no flip: the identity
-    assert torch.equal(dq_train.augment(images, torch.Generator().manual_seed(5), 0, False), images)
+    assert torch.equal(augment(images, torch.Generator().manual_seed(5), 0, False), images)
     # a flip only mirrors: every image is itself or its mirror
-    flipped = dq_train.augment(images, torch.Generator().manual_seed(1), 0, True)
+    flipped = augment(images, torch.Generator().manual_seed(1), 0, True)
     for x, y in zip(images, flipped):
         assert torch.equal(x, y) or torch.equal(x.flip(1), y)
 
@@ -107,10 +118,9 @@ def test_learns_and_reports_the_final_epoch(data, baseline):
     assert len(result.history) == TINY.epochs
     assert result.final.top1 > 0.7  # chance is 0.25
     assert result.final.top1 == result.history[-1]["test_acc"]
-    again = dq_train.evaluate(result.model, test.images, test.labels, result.mean, result.std, 4,
-                              torch.device("cpu"))
+    again = evaluate(result.model, test, result.mean, result.std, torch.device("cpu"))
     assert again.top1 == pytest.approx(result.final.top1)
-    metrics = dq_train.train_metrics(result, dq_train.full_training_set(train), TINY, train.images.nbytes)
+    metrics = train_metrics(result, full_training_set(train), TINY, train.images.nbytes)
     assert metrics["top1"] == result.history[-1]["test_acc"]
     assert metrics["best_epoch_test_acc_do_not_use_for_selection"] == max(r["test_acc"] for r in result.history)
     assert set(metrics["per_class_acc"]) == {"c0", "c1", "c2", "c3"}
@@ -118,22 +128,22 @@ def test_learns_and_reports_the_final_epoch(data, baseline):
 
 
 def test_classifier_file_reads_back_to_the_same_predictions(data, baseline, tmp_path):
-    """dq.train owns model.pt: what save_classifier writes, read_classifier rebuilds and validates."""
+    """dq.train.classifier owns model.pt: what save_classifier writes, read_classifier rebuilds and validates."""
     _, test = data
     path = tmp_path / "model.pt"
-    dq_train.save_classifier(path, baseline, TINY, ["c0", "c1", "c2", "c3"], SIZE)
-    back = dq_train.read_classifier(path)
+    save_classifier(path, baseline, TINY, ["c0", "c1", "c2", "c3"], SIZE)
+    back = read_classifier(path)
     assert back.classes == ["c0", "c1", "c2", "c3"] and back.image_size == SIZE and not back.model.training
-    again = dq_train.evaluate(back.model, test.images, test.labels, back.mean, back.std, 4, torch.device("cpu"))
+    again = evaluate(back.model, test, back.mean, back.std, torch.device("cpu"))
     assert again.top1 == baseline.final.top1 and np.array_equal(again.confusion, baseline.final.confusion)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(DQError, match="model.pt: not a readable classifier file"):
-        dq_train.read_classifier(path)
+        read_classifier(path)
     torch.save({"model": {}}, path)
     with pytest.raises(DQError, match="model.pt: missing 'arch'"):
-        dq_train.read_classifier(path)
+        read_classifier(path)
     with pytest.raises(DQError, match="classifier file not found"):
-        dq_train.read_classifier(tmp_path / "none.pt")
+        read_classifier(tmp_path / "none.pt")
 
 
 def test_two_runs_are_identical_and_resume_matches_an_uninterrupted_run(data, baseline, tmp_path):
@@ -167,11 +177,11 @@ def test_a_step_budget_takes_its_steps_whatever_the_set_size(data):
     import math
 
     for n, per_epoch in ((96, 6), (40, 3), (2, 1)):
-        schedule = dq_train.training_schedule(n, STEPS)
+        schedule = training_schedule(n, STEPS)
         assert (schedule.steps_per_epoch, schedule.total, schedule.rounds) == (per_epoch, 13, 3)
         assert [schedule.round_end(r) for r in range(3)] == [5, 10, 13]
-    assert dq_train.training_schedule(96, TINY).total == TINY.epochs * 6  # the epoch budget, unchanged
-    assert dq_train.training_schedule(96, dataclasses.replace(TINY, steps=95)).round_steps == 10  # a tenth
+    assert training_schedule(96, TINY).total == TINY.epochs * 6  # the epoch budget, unchanged
+    assert training_schedule(96, dataclasses.replace(TINY, steps=95)).round_steps == 10  # a tenth
     train, test = data
     result = fit(train, test, STEPS)
     assert [r["step"] for r in result.history] == [5, 10, 13]
@@ -179,20 +189,20 @@ def test_a_step_budget_takes_its_steps_whatever_the_set_size(data):
     # the cosine schedule spans the 13 steps: the lr at each round's start
     assert [r["lr"] for r in result.history] == pytest.approx([0.025 * (1 + math.cos(math.pi * s / 13))
                                                                for s in (0, 5, 10)])
-    metrics = dq_train.train_metrics(result, dq_train.full_training_set(train), STEPS, train.images.nbytes)
+    metrics = train_metrics(result, full_training_set(train), STEPS, train.images.nbytes)
     assert (metrics["budget"], metrics["steps"], metrics["epochs"]) == ("steps", 13, 2.1667)
-    baseline_metrics = dq_train.train_metrics(fit(train, test, dataclasses.replace(TINY, epochs=1)),
-                                              dq_train.full_training_set(train), TINY, train.images.nbytes)
+    baseline_metrics = train_metrics(fit(train, test, dataclasses.replace(TINY, epochs=1)),
+                                     full_training_set(train), TINY, train.images.nbytes)
     assert (baseline_metrics["budget"], baseline_metrics["steps"], baseline_metrics["epochs"]) == ("epochs", 6, 1)
 
 
 def test_the_step_stream_is_the_epoch_stream_cut_anywhere():
     """Steps [a, b) of a step budget are the epochs' own batches and draws, wherever a and b fall."""
     n = 40  # 3 steps an epoch: 16, 16 and the last 8
-    schedule = dq_train.training_schedule(n, STEPS)
-    epochs = [b for e in range(5) for b in dq_train.epoch_batches(n, STEPS, dq_train.classifier_epoch_generator(0, e))]
+    schedule = training_schedule(n, STEPS)
+    epochs = [b for e in range(5) for b in epoch_batches(n, STEPS, classifier_epoch_generator(0, e))]
     cuts = [0, 1, 4, 5, 9, 13]
-    pieces = [b for a, z in zip(cuts, cuts[1:]) for b in dq_train.scheduled_batches(schedule, n, STEPS, 0, a, z)]
+    pieces = [b for a, z in zip(cuts, cuts[1:]) for b in scheduled_batches(schedule, n, STEPS, 0, a, z)]
     assert len(pieces) == 13
     for (rows, draws), (rows_e, draws_e) in zip(pieces, epochs):
         assert torch.equal(rows, rows_e) and all(torch.equal(d, e) for d, e in zip(draws, draws_e))
@@ -218,9 +228,9 @@ def test_a_step_budget_resumed_inside_an_epoch_matches_the_uninterrupted_run(dat
 
 
 def test_recording_training_dynamics_changes_no_byte_and_resumes(data, tmp_path):
-    """The teacher records AUM, EL2N and forgetting inside train's own loop (dq.dynamics): the run is the
+    """The teacher records AUM, EL2N and forgetting inside train's own loop (dq.scores.dynamics): the run is the
     same run, and a run killed and resumed records what the uninterrupted one did."""
-    from dq.dynamics import recorder_for
+    from dq.scores.dynamics import recorder_for
 
     train, test = data
     plain = fit(train, test, STEPS)
@@ -295,8 +305,8 @@ def make_pipeline_inputs(root: Path, data: tuple[Prepared, Prepared], shard_imag
     np.put_along_axis(keep, np.argsort(-scores, axis=1)[:, :12], True, axis=1)
     header = Header(image_size=SIZE, patch_size=4, channels=3, drop=0.25, ratio=0.5, classes=train.classes,
                     source="synthetic")
-    write_compact(root / "compact" / "dataset.h5", header, train.images[indices], keep, train.labels[indices],
-                  indices, np.zeros(n, np.int32), scores)
+    write_compact(root / "compact" / "dataset.h5", header,
+                  KeptImages(train.images[indices], keep, train.labels[indices], indices, np.zeros(n, np.int32), scores))
     torch.manual_seed(0)
     mae = dq_mae.create_mae("mae_vit_micro_patch4", img_size=SIZE)
     (root / "mae").mkdir()
@@ -304,25 +314,25 @@ def make_pipeline_inputs(root: Path, data: tuple[Prepared, Prepared], shard_imag
     return keep
 
 
-def count_fill_batches(monkeypatch) -> list[int]:
-    """Each MAE forward pass of the compact fill appends its batch size."""
+def count_reconstructions(monkeypatch) -> list[int]:
+    """Each MAE forward pass of the compact set's reconstruction appends its batch size."""
     calls = []
-    real = mae_fill.fill_batch
+    real = reconstruct.reconstruct_batch
 
     def counting(model, images, *args, **kwargs):
         calls.append(len(images))
         return real(model, images, *args, **kwargs)
 
-    monkeypatch.setattr(mae_fill, "fill_batch", counting)
+    monkeypatch.setattr(reconstruct, "reconstruct_batch", counting)
     return calls
 
 
-def test_compact_input_fills_once_and_keeps_stored_pixels(data, tmp_path, monkeypatch):
+def test_compact_input_is_reconstructed_once_and_keeps_stored_pixels(data, tmp_path, monkeypatch):
     keep = make_pipeline_inputs(tmp_path, data)
-    calls = count_fill_batches(monkeypatch)
-    train_set = dq_train.training_set("compact", data[0], tmp_path / "compact" / "dataset.h5",
-                                      tmp_path / "mae" / "model.pt", device=torch.device("cpu"),
-                                      fill_cache=tmp_path / "direct_fill")
+    calls = count_reconstructions(monkeypatch)
+    train_set = training_set("compact", data[0], tmp_path / "compact" / "dataset.h5",
+                             tmp_path / "mae" / "model.pt", device=torch.device("cpu"),
+                             rebuilt_cache=tmp_path / "direct_fill")
     assert calls == [len(keep)]  # one batch: every row keeps 12 patches on the MAE's grid too
     original = data[0].images[::2]
     filled = train_set.images.read(np.arange(len(keep)))
@@ -347,8 +357,8 @@ def test_compact_input_fills_once_and_keeps_stored_pixels(data, tmp_path, monkey
 
 def test_selected_input_is_the_compact_rows_with_original_pixels(data, tmp_path):
     make_pipeline_inputs(tmp_path, data)
-    selected = dq_train.training_set("selected", data[0], tmp_path / "compact" / "dataset.h5",
-                                     tmp_path / "mae" / "model.pt", device=torch.device("cpu"))
+    selected = training_set("selected", data[0], tmp_path / "compact" / "dataset.h5",
+                            tmp_path / "mae" / "model.pt", device=torch.device("cpu"))
     assert np.array_equal(selected.images.read(np.arange(len(selected.labels))), data[0].images[::2])
     assert selected.kept_pixels == len(selected.labels) * SIZE * SIZE
     assert selected.stored_bytes == data[0].images[::2].nbytes
@@ -381,35 +391,35 @@ def test_a_compact_file_from_other_prepared_data_is_refused(data, tmp_path):
     train = data[0]
     other = Prepared(train.images, np.roll(train.labels, 1), train.classes, train.source)
     with pytest.raises(DQError, match="do not match the prepared training set"):
-        dq_train.training_set("compact", other, tmp_path / "compact" / "dataset.h5", tmp_path / "mae" / "model.pt",
-                              device=torch.device("cpu"), fill_cache=tmp_path / "fill")
-    assert not (tmp_path / "fill").exists()  # refused before anything was filled
+        training_set("compact", other, tmp_path / "compact" / "dataset.h5", tmp_path / "mae" / "model.pt",
+                     device=torch.device("cpu"), rebuilt_cache=tmp_path / "fill")
+    assert not (tmp_path / "fill").exists()  # refused before anything was reconstructed
 
 
-# --- streaming: no read is larger than a batch, the fill is cached, results equal the in-memory path -----
+# --- streaming: no read is larger than a batch, the rebuilt set is cached, results equal the in-memory path
 
 
 def test_channel_stats_are_exact_whatever_the_batches():
     images = blobs(37, seed=4).images
-    mean, std = dq_train.channel_stats(images)
-    assert dq_train.channel_stats(images, batch_size=5) == (mean, std)
-    assert dq_train.channel_stats(dq_train.row_sources.ArrayRows(images[::-1]), batch_size=3) == (mean, std)
+    mean, std = channel_stats(images)
+    assert channel_stats(images, batch_size=5) == (mean, std)
+    assert channel_stats(ArrayRows(images[::-1]), batch_size=3) == (mean, std)
     x = images.reshape(-1, 3).astype(np.float64) / 255.0
     assert np.allclose(mean, x.mean(axis=0), rtol=1e-12) and np.allclose(std, x.std(axis=0), rtol=1e-12)
 
 
 def test_no_train_read_is_larger_than_a_batch(tmp_path, monkeypatch):
     """N = 300 training and 100 test images in shards of 40: for every train.input, the largest single
-    read of images (prepared stores, compact file, fill cache) is one batch (16 rows), the compact fill
+    read of images (prepared stores, compact file, rebuilt cache) is one batch (16 rows), the reconstruction
     included, and nothing builds a whole split in memory."""
-    from dq import row_sources
-    from dq.format import CompactFile
-    from dq.prepared import Store
+    from dq.data import rows as row_sources
+    from dq.compact.reader import CompactFile
+    from dq.data.prepared import Store
 
     batch = 16
     make_pipeline_inputs(tmp_path, (blobs(300, seed=1), blobs(100, seed=2)), shard_images=40)
-    monkeypatch.setattr(dq_train, "EVAL_BATCH_SIZE", batch)
-    monkeypatch.setattr(rebuilt, "FILL_BATCH_SIZE", batch)
+    monkeypatch.setattr(train_data, "EVAL_BATCH_SIZE", batch)
+    monkeypatch.setattr(rebuilt, "RECONSTRUCT_BATCH_SIZE", batch)
     largest: dict[str, list[int]] = {}
 
     def recording(cls, name, what):
@@ -423,16 +433,16 @@ def test_no_train_read_is_larger_than_a_batch(tmp_path, monkeypatch):
 
     recording(Store, "streams", "prepared")
     recording(CompactFile, "read_images", "compact")
-    recording(rebuilt.FilledRows, "_read_sorted", "fill cache")
+    recording(rebuilt.RebuiltRows, "_read_sorted", "rebuilt cache")
 
     def whole(*args, **kwargs):
         raise AssertionError("the train stage held a whole split")
 
     monkeypatch.setattr(Store, "read", whole)
     monkeypatch.setattr(row_sources.ArrayRows, "__init__", whole)
-    monkeypatch.setattr(dq_train.compact_format, "read_compact", whole)
+    monkeypatch.setattr(compact_reader, "read_compact", whole)
     for kind, readers in (("full", {"prepared"}), ("selected", {"prepared"}),
-                          ("compact", {"prepared", "compact", "fill cache"})):
+                          ("compact", {"prepared", "compact", "rebuilt cache"})):
         largest.clear()
         params = write_params(tmp_path / "params.yaml", input=kind, epochs=1, batch_size=batch)
         train_stage.main(["--params", str(params), "--data", str(tmp_path)])
@@ -442,36 +452,36 @@ def test_no_train_read_is_larger_than_a_batch(tmp_path, monkeypatch):
             300 if kind == "full" else 150)
 
 
-def test_the_fill_cache_is_reused_and_refilled_when_its_inputs_change(data, tmp_path, monkeypatch):
+def test_the_rebuilt_cache_is_reused_and_rebuilt_when_its_inputs_change(data, tmp_path, monkeypatch):
     keep = make_pipeline_inputs(tmp_path, data)
     compact, mae_path, cache = tmp_path / "compact" / "dataset.h5", tmp_path / "mae" / "model.pt", tmp_path / "fill"
-    calls = count_fill_batches(monkeypatch)
+    calls = count_reconstructions(monkeypatch)
 
-    def filled() -> np.ndarray:
-        train_set = dq_train.compact_training_set(compact, mae_path, device=torch.device("cpu"), fill_cache=cache)
+    def rebuilt_images() -> np.ndarray:
+        train_set = compact_training_set(compact, mae_path, rebuilt_cache=cache)
         return train_set.images.read(np.arange(len(train_set.labels)))
 
-    first = filled()
+    first = rebuilt_images()
     key = (cache / "key.json").read_text()
     assert calls == [len(keep)]
     calls.clear()
-    assert np.array_equal(filled(), first) and calls == []  # reused: the MAE is not called
+    assert np.array_equal(rebuilt_images(), first) and calls == []  # reused: the MAE is not called
 
-    # the filled images are the in-memory fill's, bit for bit
+    # the rebuilt images are the in-memory reconstruction's, bit for bit
     model = dq_mae.load_mae(mae_path)
     stored = np.where(np.repeat(np.repeat(keep.reshape(-1, 4, 4), 4, 1), 4, 2)[..., None], data[0].images[::2], 0)
-    assert np.array_equal(mae_fill.reconstruct(model, stored.astype(np.uint8), keep, 4, progress=False), first)
+    assert np.array_equal(reconstruct.reconstruct(model, stored.astype(np.uint8), keep, 4, progress=False), first)
     calls.clear()
 
-    # another MAE: filled again, with other pixels
+    # another MAE: rebuilt again, with other pixels
     torch.manual_seed(1)
     torch.save(dq_mae.checkpoint_dict(dq_mae.create_mae("mae_vit_micro_patch4", img_size=SIZE), "mae_vit_micro_patch4"),
                mae_path)
-    other_mae = filled()
+    other_mae = rebuilt_images()
     assert calls == [len(keep)] and not np.array_equal(other_mae, first)
     assert (cache / "key.json").read_text() != key
 
-    # another compact file (other patches kept): filled again
+    # another compact file (other patches kept): rebuilt again
     calls.clear()
     make_pipeline_inputs(tmp_path / "other", data)
     scores = np.random.default_rng(5).random(keep.shape).astype(np.float32)
@@ -480,86 +490,87 @@ def test_the_fill_cache_is_reused_and_refilled_when_its_inputs_change(data, tmp_
     header = Header(image_size=SIZE, patch_size=4, channels=3, drop=0.25, ratio=0.5, classes=data[0].classes,
                     source="synthetic")
     rows = np.arange(0, len(data[0].labels), 2)
-    write_compact(compact, header, data[0].images[rows], other_keep, data[0].labels[rows], rows,
-                  np.zeros(len(rows), np.int32), scores)
-    other_compact = filled()
+    write_compact(compact, header, KeptImages(data[0].images[rows], other_keep, data[0].labels[rows], rows,
+                                              np.zeros(len(rows), np.int32), scores))
+    other_compact = rebuilt_images()
     assert calls == [len(keep)] and not np.array_equal(other_compact, other_mae)
 
-    # a damaged cache is filled again, not read
+    # a damaged cache is rebuilt, not read
     calls.clear()
     images_npy = cache / "images.npy"
     images_npy.write_bytes(images_npy.read_bytes()[:-10])
-    assert np.array_equal(filled(), other_compact) and calls == [len(keep)]
+    assert np.array_equal(rebuilt_images(), other_compact) and calls == [len(keep)]
 
-    # a fill that fails leaves the last complete cache as it was, and no temporary
+    # a reconstruction that fails leaves the last complete cache as it was, and no temporary
     saved = {p.name: p.read_bytes() for p in cache.iterdir()}
     torch.manual_seed(2)
     torch.save(dq_mae.checkpoint_dict(dq_mae.create_mae("mae_vit_micro_patch4", img_size=SIZE), "mae_vit_micro_patch4"),
                mae_path)
 
     def failing(*args, **kwargs):
-        raise DQError("fill failed")
+        raise DQError("reconstruction failed")
 
-    monkeypatch.setattr(mae_fill, "fill_batch", failing)
-    with pytest.raises(DQError, match="fill failed"):
-        filled()
+    monkeypatch.setattr(reconstruct, "reconstruct_batch", failing)
+    with pytest.raises(DQError, match="reconstruction failed"):
+        rebuilt_images()
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == saved
     assert not list(tmp_path.glob(".fill.tmp-*"))
 
     # a damaged MAE file is one line naming it
     mae_path.write_bytes(b"not a model")
     with pytest.raises(DQError, match="model.pt: not a readable"):
-        filled()
+        rebuilt_images()
 
 
 def test_training_streamed_from_the_stores_equals_training_in_memory(data, baseline, tmp_path):
     """The same numbers and model bytes from the prepared stores (shards of 40, with and without
     DataLoader workers) as from arrays in memory; likewise for the selected and compact inputs."""
-    from dq.prepared import open_store
+    from dq.data.prepared import open_store
 
     make_pipeline_inputs(tmp_path, data, shard_images=40)
     train_store, test = open_store(tmp_path / "prepared" / "train"), open_store(tmp_path / "prepared" / "test")
-    streamed_test = dq_train.split_images(test)
+    streamed_test = split_images(test)
     for workers in (0, 2):
-        streamed = dq_train.train_classifier(dq_train.full_training_set(train_store), streamed_test, TINY, seed=0,
-                                             device=torch.device("cpu"), progress=False, num_workers=workers)
+        streamed = train_classifier(full_training_set(train_store), streamed_test, TINY, seed=0,
+                                    device=torch.device("cpu"), num_workers=workers, hooks=TrainHooks(progress=False))
         assert streamed.history == baseline.history
         assert state_bytes(streamed, tmp_path, "s.pt") == state_bytes(baseline, tmp_path, "b.pt")
 
     one = dataclasses.replace(TINY, epochs=1)
     compact, mae_path = tmp_path / "compact" / "dataset.h5", tmp_path / "mae" / "model.pt"
     for kind in ("selected", "compact"):
-        from_store = dq_train.training_set(kind, train_store, compact, mae_path, device=torch.device("cpu"),
-                                           fill_cache=tmp_path / "fill")
-        in_memory = dq_train.training_set(kind, data[0], compact, mae_path, device=torch.device("cpu"),
-                                          fill_cache=tmp_path / "fill")
+        from_store = training_set(kind, train_store, compact, mae_path, device=torch.device("cpu"),
+                                  rebuilt_cache=tmp_path / "fill")
+        in_memory = training_set(kind, data[0], compact, mae_path, device=torch.device("cpu"),
+                                 rebuilt_cache=tmp_path / "fill")
         images = in_memory.images.read(np.arange(len(in_memory.labels)))
         in_memory = dataclasses.replace(in_memory, images=images)  # a plain array, as before streaming
-        a = dq_train.train_classifier(from_store, streamed_test, one, seed=0, device=torch.device("cpu"),
-                                      progress=False)
-        b = dq_train.train_classifier(in_memory, data[1], one, seed=0, device=torch.device("cpu"), progress=False)
+        a = train_classifier(from_store, streamed_test, one, seed=0, device=torch.device("cpu"),
+                             hooks=TrainHooks(progress=False))
+        b = train_classifier(in_memory, data[1], one, seed=0, device=torch.device("cpu"),
+                             hooks=TrainHooks(progress=False))
         assert a.history == b.history and a.mean == b.mean and a.std == b.std, kind
 
 
 def test_forward_batches_on_the_cpu_hold_a_fixed_number_of_pixels():
     """The default's 32-px batches are unchanged; 224-px ones shrink so that host memory stays small."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert dq_train.forward_batch(dq_train.EVAL_BATCH_SIZE, (32, 32, 3), cpu) == dq_train.EVAL_BATCH_SIZE
-    assert rebuilt.fill_batch_size((32, 32, 3), cpu) == rebuilt.FILL_BATCH_SIZE
-    assert rebuilt.fill_batch_size((224, 224, 3), cpu) == 500 * 32 * 32 // (224 * 224)
-    assert dq_train.forward_batch(500, (224, 224, 3), cpu) == 500 * 32 * 32 // (224 * 224)
-    assert dq_train.forward_batch(500, (4096, 4096, 3), cpu) == 1
-    assert dq_train.forward_batch(500, (224, 224, 3), cuda) == 500
+    assert forward_batch(train_data.EVAL_BATCH_SIZE, (32, 32, 3), cpu) == train_data.EVAL_BATCH_SIZE
+    assert rebuilt.reconstruct_batch_size((32, 32, 3), cpu) == rebuilt.RECONSTRUCT_BATCH_SIZE
+    assert rebuilt.reconstruct_batch_size((224, 224, 3), cpu) == 500 * 32 * 32 // (224 * 224)
+    assert forward_batch(500, (224, 224, 3), cpu) == 500 * 32 * 32 // (224 * 224)
+    assert forward_batch(500, (4096, 4096, 3), cpu) == 1
+    assert forward_batch(500, (224, 224, 3), cuda) == 500
 
 
 def test_the_resume_fingerprint_of_stored_images_decodes_nothing_and_follows_the_shards(tmp_path, monkeypatch):
-    """Prepared stores, subsets of them and the fill cache are fingerprinted by identity (the index with its
+    """Prepared stores, subsets of them and the rebuilt cache are fingerprinted by identity (the index with its
     shards' SHA-256, the rows, the cache key), not by decoding every image once more; changing one image, the
     rows or the key changes the fingerprint, and equal content gives an equal one."""
     from types import SimpleNamespace
 
-    from dq import row_sources
-    from dq.prepared import Store, open_store
+    from dq.data import rows as row_sources
+    from dq.data.prepared import Store, open_store
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
@@ -572,8 +583,8 @@ def test_the_resume_fingerprint_of_stored_images_decodes_nothing_and_follows_the
 
     def fingerprint(train_rows, test_name="a"):
         test = SimpleNamespace(images=row_sources.StoreRows(open_store(tmp_path / test_name)), labels=labels)
-        return dq_train.run_fingerprint(SimpleNamespace(images=train_rows, labels=np.zeros(len(train_rows), np.int64)),
-                                        test, TINY, 0)
+        return run_fingerprint(SimpleNamespace(images=train_rows, labels=np.zeros(len(train_rows), np.int64)),
+                               test, TINY, 0)
 
     def store(name):
         return row_sources.StoreRows(open_store(tmp_path / name))
@@ -581,7 +592,7 @@ def test_the_resume_fingerprint_of_stored_images_decodes_nothing_and_follows_the
     assert fingerprint(store("a")) == fingerprint(store("same")) != fingerprint(store("b"))
     assert fingerprint(store("a"), "same") != fingerprint(store("a"), "b")
     assert fingerprint(store("a").subset([1, 2])) != fingerprint(store("a").subset([1, 3]))
-    filled = [rebuilt.FilledRows(tmp_path / "none.npy", (30, 8, 8, 3), 128, key) for key in ("k1", "k1", "k2")]
+    filled = [rebuilt.RebuiltRows(tmp_path / "none.npy", (30, 8, 8, 3), 128, key) for key in ("k1", "k1", "k2")]
     assert fingerprint(filled[0]) == fingerprint(filled[1]) != fingerprint(filled[2])
 
 
@@ -592,9 +603,9 @@ def test_learning_rate_schedules_follow_their_formulas():
     import math
 
     # onecycle over 10 steps, warmup 0.2: 2 steps up (1/2, 2/2), then down from 8/8 to 1/8
-    assert [dq_train.learning_rate_factor(k, 10, "onecycle", 0.2) for k in range(10)] == \
+    assert [learning_rate_factor(k, 10, "onecycle", 0.2) for k in range(10)] == \
         pytest.approx([0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
-    assert [dq_train.learning_rate_factor(k, 7, "cosine", 0.0) for k in range(7)] == \
+    assert [learning_rate_factor(k, 7, "cosine", 0.0) for k in range(7)] == \
         pytest.approx([0.5 * (1 + math.cos(math.pi * k / 7)) for k in range(7)])
 
 
@@ -604,15 +615,15 @@ def test_label_smoothing_loss_is_the_textbook_formula():
     logits, y, e = torch.randn(6, 5, generator=g), torch.tensor([0, 4, 2, 2, 1, 3]), 0.2
     logp = torch.log_softmax(logits, 1)
     expected = ((1 - e) * -logp[torch.arange(6), y] + e * -logp.mean(1)).mean()
-    loss, summed = dq_train._batch_loss(logits, y, 6, 1, e)
+    loss, summed = _batch_loss(logits, y, 6, 1, e)
     torch.testing.assert_close(loss, expected)
-    parts = [dq_train._batch_loss(logits[s], y[s], 6, 2, e)[0] for s in (slice(0, 3), slice(3, 6))]
+    parts = [_batch_loss(logits[s], y[s], 6, 2, e)[0] for s in (slice(0, 3), slice(3, 6))]
     torch.testing.assert_close(sum(parts) / 2, expected)
 
 
 def test_weight_average_is_the_exponential_moving_average_and_copies_buffers():
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    average = dq_train.WeightAverage(net, 0.9)
+    average = WeightAverage(net, 0.9)
     before = [p.detach().clone() for p in average.model.parameters()]
     with torch.no_grad():
         for p in net.parameters():
@@ -625,8 +636,8 @@ def test_weight_average_is_the_exponential_moving_average_and_copies_buffers():
 
 
 def test_weight_decay_spares_biases_and_normalisation():
-    net = dq_train.create_classifier("test_resnet", 4, 32)
-    optimizer, _ = dq_train.optimizer_and_schedule(net, TINY, 10)
+    net = create_classifier("test_resnet", 4, 32)
+    optimizer, _ = optimizer_and_schedule(net, TINY, 10)
     decayed, spared = optimizer.param_groups
     assert decayed["weight_decay"] == TINY.weight_decay and spared["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in spared["params"])
@@ -643,9 +654,9 @@ def test_a_step_budget_without_eval_every_scores_the_final_step_only(data):
 def test_flip_tta_scores_the_mean_of_both_views(data, baseline):
     train, test = data
     model = baseline.model.eval()
-    scored = dq_train.evaluate(model, test.images, test.labels, baseline.mean, baseline.std, 4, "cpu", tta="flip")
-    x = dq_train.to_input(torch.from_numpy(test.images), dq_train.normalisation(baseline.mean, baseline.std, "cpu"),
-                          torch.device("cpu"))
+    scored = evaluate(model, test, baseline.mean, baseline.std, "cpu", tta="flip")
+    x = to_input(torch.from_numpy(test.images), normalisation(baseline.mean, baseline.std, "cpu"),
+                 torch.device("cpu"))
     with torch.inference_mode():
         logits = (model(x) + model(x.flip(3))) / 2
     assert scored.top1 == pytest.approx(float((logits.argmax(1).numpy() == test.labels).mean()))

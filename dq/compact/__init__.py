@@ -11,18 +11,19 @@ Its layout is fixed by docs/DESIGN.md and described for readers in other languag
     indices     int64   [N]              row of each image in prepared/train.h5
     bins        int32   [N]
     scores      float32 [N, L]           version 1; version 2: float16, or absent (patches.store_scores)
-  soft labels (version 3, root attrs soft_k, soft_bits, soft_temperature, soft_views; dq.soft_labels):
+  soft labels (version 3, root attrs soft_k, soft_bits, soft_temperature, soft_views; dq.labels.soft):
     soft_probs  float16|uint8 [N, V, k]  the teacher's k most probable classes per image and view
     soft_ids    uint8|uint16  [N, V, k]  their class ids; absent when k >= the number of classes
   codec raw (and every version 1 file):
     patches     uint8   [N, K, p, p, C]  kept patches, in raster order of their grid positions
   codec png | webp-lossless | webp | jpeg (version 2):
-    streams     uint8   [B]              the images' codec streams (dq.codec), one after the other
+    streams     uint8   [B]              the images' codec streams (dq.data.codec), one after the other
     offsets     int64   [N + 1]          image n is streams[offsets[n]:offsets[n + 1]]
     crc32       uint32  [N]              zlib/PNG CRC-32 of each image's stream
 
-Each stream is a whole image whose dropped patches were filled before encoding (dq.codec.encode_dropped:
-the codec's candidate fill that gives the shortest stream); readers set them to zero again, so every codec reads back as the raw layout does.
+Each stream is a whole image whose dropped patches were padded before encoding (dq.data.codec.encode_dropped:
+the codec's candidate padding that gives the shortest stream); readers set them to zero again, so every
+codec reads back as the raw layout does.
 Every dataset but `streams` is chunked along N (10 KiB to 1 MiB a chunk), gzip-compressed after the
 shuffle filter and checksummed (fletcher32); `streams` is contiguous and unfiltered (its bytes are
 already compressed, and a C reader takes one image as a plain hyperslab), checked per image by crc32.
@@ -35,61 +36,7 @@ same order, the earliest HDF5 file format, deterministic encoders.
 The package, one module per concern: `schema` (constants, `Header`, the root attributes and their
 checks), `writer` (`CompactWriter`, `write_compact`), `reader` (`open_compact`, `CompactFile`,
 `read_compact`, `validate`), `metrics` (kept-pixel PSNR, `storage_metrics`), `dataset` (`CompactDataset`)
-and `cli`. Everything public is re-exported here (and, for older code, from dq.format).
+and `cli`. Import each name from its module: this package re-exports nothing.
 
 Command line: `python -m dq.compact describe FILE` and `python -m dq.compact validate FILE`.
 """
-from __future__ import annotations
-
-from dq.compact.cli import describe, main  # noqa: F401
-from dq.compact.dataset import CompactDataset  # noqa: F401
-from dq.compact.metrics import (  # noqa: F401
-    jpeg_reference_bytes,
-    kept_pixel_errors,
-    kept_pixel_psnr,
-    psnr_from_errors,
-    storage_metrics,
-)
-from dq.compact.reader import (  # noqa: F401
-    Compact,
-    CompactFile,
-    check_crc,
-    decode_streams,
-    open_compact,
-    read_compact,
-    validate,
-)
-from dq.compact.schema import (  # noqa: F401
-    ATTRS,
-    ATTRS_V1,
-    ATTRS_V3,
-    CHUNK_MAX,
-    CHUNK_MIN,
-    CHUNK_TARGET,
-    COMMON_DATASETS,
-    DATASETS,
-    FORMAT,
-    GZIP_LEVEL,
-    JPEG_REFERENCE_QUALITY,
-    READ_CACHE_BYTES,
-    READABLE_VERSIONS,
-    SCHEMA_VERSION,
-    SCORES_V2,
-    SPOOL_BLOCK_BYTES,
-    STREAM_DATASETS,
-    VALIDATE_BLOCK_BYTES,
-    WRITE_BATCH,
-    Header,
-    check_keep,
-    read_header,
-    read_stats,
-)
-from dq.compact.writer import (  # noqa: F401
-    CompactWriter,
-    chunk_shape,
-    encode_images,
-    pack_streams,
-    write_compact,
-)
-
-__all__ = ['FORMAT', 'SCHEMA_VERSION', 'READABLE_VERSIONS', 'DATASETS', 'COMMON_DATASETS', 'STREAM_DATASETS', 'SCORES_V2', 'ATTRS_V1', 'ATTRS', 'ATTRS_V3', 'JPEG_REFERENCE_QUALITY', 'CHUNK_MIN', 'CHUNK_TARGET', 'CHUNK_MAX', 'GZIP_LEVEL', 'READ_CACHE_BYTES', 'VALIDATE_BLOCK_BYTES', 'SPOOL_BLOCK_BYTES', 'WRITE_BATCH', 'Header', 'read_header', 'read_stats', 'check_keep', 'chunk_shape', 'encode_images', 'pack_streams', 'CompactWriter', 'write_compact', 'kept_pixel_errors', 'psnr_from_errors', 'kept_pixel_psnr', 'jpeg_reference_bytes', 'storage_metrics', 'decode_streams', 'check_crc', 'Compact', 'CompactFile', 'open_compact', 'read_compact', 'validate', 'CompactDataset', 'describe', 'main']

@@ -2,6 +2,6 @@
 import sys
 
 from dq.compact.cli import main
-from dq.errors import run_cli
+from dq.core.errors import run_cli
 
 run_cli(lambda: main(sys.argv[1:]))

@@ -15,7 +15,7 @@ from dq.compact.schema import check_keep
 class CompactDataset(Dataset):
     """A torch Dataset over a compact file (version 1 or 2): (image [C, H, W], keep [L], label) per image.
 
-    The image is the stored image with its dropped patches zero-filled: uint8 by default, or float32
+    The image is the stored image with its dropped patches zeroed: uint8 by default, or float32
     in [0, 1] with `as_float=True`. keep is a bool tensor [L], label an int64 scalar tensor.
 
     `__init__` reads and checks the header (format and schema_version first) and closes the file again;

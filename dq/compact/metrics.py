@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dq import codec as codecs
+from dq.data import codec as codecs
 from dq.compact.reader import open_compact
 from dq.compact.schema import JPEG_REFERENCE_QUALITY, read_stats
 
@@ -46,15 +46,17 @@ def storage_metrics(path: str | Path, full_images: int) -> dict:
     with open_compact(path) as cf:
         h = cf.header
         image_name = "streams" if h.uses_streams else "patches"
-        patches_stored = int(cf[image_name].id.get_storage_size())
-        soft_stored = sum(int(cf[name].id.get_storage_size()) for name in ("soft_probs", "soft_ids")
-                          if name in h.datasets())
+        stored = {"images": int(cf[image_name].id.get_storage_size()),
+                  "soft": sum(int(cf[name].id.get_storage_size()) for name in ("soft_probs", "soft_ids")
+                              if name in h.datasets())}
         stats = read_stats(cf.file)
-    image_bytes = h.image_size * h.image_size * h.channels
     compact_bytes = os.path.getsize(path)
-    full_raw = full_images * image_bytes
-    kept_patch_raw = h.num_images * h.kept_patches * h.patch_size * h.patch_size * h.channels
-    jpeg, source = stats.get("jpeg_q90_bytes"), stats.get("source_bytes")
+    return {**_counts(h, full_images), **_sizes(h, full_images, compact_bytes, stored),
+            **_yardsticks(h, compact_bytes, stats)}
+
+
+def _counts(h, full_images: int) -> dict:
+    """Images and patches kept, and the codec."""
     return {
         "images": h.num_images,
         "train_images": full_images,
@@ -63,10 +65,19 @@ def storage_metrics(path: str | Path, full_images: int) -> dict:
         "kept_patches": h.kept_patches,
         "codec": h.codec,
         "quality": h.quality if not codecs.is_lossless(h.codec) else None,
+    }
+
+
+def _sizes(h, full_images: int, compact_bytes: int, stored: dict) -> dict:
+    """The file's bytes (and its image and soft-label datasets' as stored) against raw pixels."""
+    image_bytes = h.image_size * h.image_size * h.channels
+    full_raw = full_images * image_bytes
+    kept_patch_raw = h.num_images * h.kept_patches * h.patch_size * h.patch_size * h.channels
+    return {
         "compact_bytes": compact_bytes,
-        "patches_stored_bytes": patches_stored,
-        "soft_label_bytes": soft_stored,  # the soft labels' datasets as stored (version 3); counted in compact_bytes
-        "soft_label_share": soft_stored / max(compact_bytes, 1),
+        "patches_stored_bytes": stored["images"],
+        "soft_label_bytes": stored["soft"],  # the soft labels' datasets as stored (version 3); counted in compact_bytes
+        "soft_label_share": stored["soft"] / max(compact_bytes, 1),
         "bytes_per_image": compact_bytes / max(h.num_images, 1),
         "kept_raw_bytes": h.num_images * image_bytes,
         "kept_patch_raw_bytes": kept_patch_raw,
@@ -74,6 +85,13 @@ def storage_metrics(path: str | Path, full_images: int) -> dict:
         "compression_ratio": full_raw / max(compact_bytes, 1),  # how many times smaller than the full set
         "compact_share": compact_bytes / max(full_raw, 1),
         "kept_pixel_share": kept_patch_raw / max(full_raw, 1),
+    }
+
+
+def _yardsticks(h, compact_bytes: int, stats: dict) -> dict:
+    """The file against a JPEG q90 copy and the source files, and how exact the kept pixels are (`stats`)."""
+    jpeg, source = stats.get("jpeg_q90_bytes"), stats.get("source_bytes")
+    return {
         "jpeg_q90_bytes": jpeg,
         "vs_jpeg_q90": compact_bytes / jpeg if jpeg else None,
         "source_bytes": source,

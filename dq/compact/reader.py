@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dq import codec as codecs
+from dq.data import codec as codecs
 from dq.compact.schema import (
     COMMON_DATASETS,
     VALIDATE_BLOCK_BYTES,
@@ -18,17 +18,17 @@ from dq.compact.schema import (
     read_header,
     row_bytes,
 )
-from dq.errors import DQError, first_line
-from dq.grid import assemble, extract_patches, zero_dropped
-from dq.io import H5_OPEN_ERRORS, READ_GAP, read_runs
-from dq.soft_labels import SoftLabels, dequantise
+from dq.core.errors import DQError, first_line
+from dq.patches.grid import assemble, extract_patches, zero_dropped
+from dq.core.io import H5_OPEN_ERRORS, READ_GAP, read_runs
+from dq.labels.soft import SoftLabels, dequantise
 
 
 def decode_streams(streams: list, codec: str, shape: tuple[int, int, int], path: Path,
                    rows: np.ndarray) -> np.ndarray:
     """uint8 [B, H, W, C]: the streams of file rows `rows`, decoded; a bad one is a DQError naming its row.
 
-    dq.codec.decode_batch picks the decoder (torchvision's for JPEG, in one call per batch, and WebP);
+    dq.data.codec.decode_batch picks the decoder (torchvision's for JPEG, in one call per batch, and WebP);
     writer and readers both decode here, so the PSNR in `stats` is what readers see.
     """
     try:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dq import codec as codecs
-from dq.errors import DQError, first_line
-from dq.grid import grid_of, kept_count
-from dq.io import H5_OPEN_ERRORS
-from dq.soft_labels import BITS_DTYPE, SoftSpec, ids_dtype
+from dq.data import codec as codecs
+from dq.core.errors import DQError, first_line
+from dq.patches.grid import grid_of, kept_count
+from dq.core.io import H5_OPEN_ERRORS
+from dq.labels.soft import BITS_DTYPE, SoftSpec, ids_dtype
 
 FORMAT = "dq-compact"
 SCHEMA_VERSION = 3  # the newest: version 3 adds soft labels; a store without them is written as version 2
@@ -159,6 +159,21 @@ def _open(path: Path):
 
 def read_header(f, path: Path) -> Header:
     """Check the attributes (format and schema_version first) and every dataset's dtype and shape."""
+    version = _read_version(f, path)
+    attrs = {1: ATTRS_V1, 2: ATTRS}.get(version, ATTRS_V3)
+    missing = [a for a in attrs if a not in f.attrs]
+    if missing:
+        raise DQError(f"{path}: missing root attribute '{missing[0]}'")
+    if "labels" not in f:
+        raise DQError(f"{path}: missing dataset 'labels'")
+    header = _header_from_attrs(f, path, version)
+    _check_attrs(f, path, header)
+    _check_datasets(f, path, header)
+    return header
+
+
+def _read_version(f, path: Path) -> int:
+    """The schema_version of a dq compact file this reader reads, or one DQError line saying why not."""
     fmt = f.attrs.get("format")
     fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
     if fmt != FORMAT:
@@ -171,25 +186,21 @@ def read_header(f, path: Path) -> Header:
                       f"(version {SCHEMA_VERSION}); update dq to read it")
     if int(version) not in READABLE_VERSIONS:
         raise DQError(f"{path}: schema_version = {int(version)}; expected one of {list(READABLE_VERSIONS)}")
-    attrs = {1: ATTRS_V1, 2: ATTRS}.get(int(version), ATTRS_V3)
-    missing = [a for a in attrs if a not in f.attrs]
-    if missing:
-        raise DQError(f"{path}: missing root attribute '{missing[0]}'")
-    if "labels" not in f:
-        raise DQError(f"{path}: missing dataset 'labels'")
-    header = _header_from_attrs(f, path, int(version))
-    _check_attrs(f, path, header)
+    return int(version)
+
+
+def _check_datasets(f, path: Path, header: Header) -> None:
+    """Every dataset the header implies is present, with its dtype and shape (`streams`: any length)."""
     missing = [d for d in header.datasets() if d not in f]
     if missing:
         raise DQError(f"{path}: missing dataset '{missing[0]}'")
     for name, dtype in header.datasets().items():
         dset, shape = f[name], header.shape_of(name)
-        wrong_shape = dset.shape != shape if shape is not None else dset.ndim != 1  # streams: any length
+        wrong_shape = dset.shape != shape if shape is not None else dset.ndim != 1
         if dset.dtype != dtype or wrong_shape:
             expected = list(shape) if shape is not None else "[B]"
             raise DQError(f"{path}: dataset '{name}' is {dset.dtype} {list(dset.shape)}; expected {dtype} "
                           f"{expected} (N = {header.num_images} from 'labels')")
-    return header
 
 
 def _header_from_attrs(f, path: Path, version: int) -> Header:

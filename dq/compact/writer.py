@@ -8,11 +8,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dq import codec as codecs
+from dq.data import codec as codecs
 from dq.compact.metrics import jpeg_reference_bytes, kept_pixel_errors, psnr_from_errors
 from dq.compact.reader import decode_streams
 from dq.compact.schema import (
@@ -30,8 +31,8 @@ from dq.compact.schema import (
     _write_attrs,
     check_keep,
 )
-from dq.grid import extract_patches, pixel_keep
-from dq.io import atomic_path, check_free_space, h5_file
+from dq.patches.grid import extract_patches, pixel_keep
+from dq.core.io import atomic_path, check_free_space, h5_file
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int, target: int = CHUNK_TARGET) -> tuple[int, ...]:
@@ -64,7 +65,7 @@ def _create(f, name: str, data: np.ndarray, dtype: np.dtype) -> None:
 
 
 def encode_images(images: np.ndarray, keep: np.ndarray, patch_size: int, codec: str, quality: int) -> list[bytes]:
-    """One `codec` stream per image [N, H, W, C], dropped patches filled first (dq.codec.encode_dropped)."""
+    """One `codec` stream per image [N, H, W, C], dropped patches padded first (dq.data.codec.encode_dropped)."""
     masks = pixel_keep(keep, patch_size, images.shape[1])  # bool [N, H, W]
     return [codecs.encode_dropped(image, mask, codec, quality) for image, mask in zip(images, masks)]
 
@@ -102,7 +103,7 @@ class CompactWriter:
                  source_bytes: tuple[int | None, str] = (None, ""),
                  soft: tuple[np.ndarray | None, np.ndarray] | None = None):
         """`soft`: with `header.soft`, the stored soft labels of all `num_images` images (ids [N, V, k] or
-        None, values [N, V, k], as dq.soft_labels.quantise gives them), a few bytes per image."""
+        None, values [N, V, k], as dq.labels.soft.quantise gives them), a few bytes per image."""
         problem = codecs.codec_problem(header.codec, header.quality)
         if problem:
             raise ValueError(f"header {problem}")
@@ -111,15 +112,12 @@ class CompactWriter:
         self.path = Path(path)
         version = SCHEMA_VERSION if header.soft is not None else PLAIN_VERSION
         self.header = dataclasses.replace(header, num_images=int(num_images), version=version)
-        self.soft = {}
-        if soft is not None:
-            self.soft = {"soft_ids": soft[0], "soft_probs": soft[1]}
-            for name, dtype in self.header.datasets().items():
-                if name in self.soft and (np.shape(self.soft[name]) != self.header.shape_of(name)
-                                          or np.asarray(self.soft[name]).dtype != dtype):
-                    raise ValueError(f"{name} is {np.asarray(self.soft[name]).dtype} {np.shape(self.soft[name])}, "
-                                     f"expected {dtype} {self.header.shape_of(name)}")
+        self.soft = _soft_datasets(self.header, soft)
         self.source_bytes = source_bytes
+        self._hold_per_image()
+
+    def _hold_per_image(self) -> None:
+        """The per-image arrays, filled batch by batch, and the running sums of the stats."""
         n, l = self.header.num_images, self.header.num_patches
         self.keep = np.zeros((n, l), np.bool_)
         self.labels, self.indices = np.zeros(n, DATASETS["labels"]), np.zeros(n, DATASETS["indices"])
@@ -183,20 +181,9 @@ class CompactWriter:
         if self._spool is None:
             raise RuntimeError("CompactWriter.add outside its `with` block")
         images = np.ascontiguousarray(images, np.uint8)
-        if images.ndim != 4 or images.shape[1:] != h.image_shape:
-            raise ValueError(f"images are {'x'.join(map(str, images.shape[1:]))}, the header says "
-                             f"{h.image_size} and {h.channels}")
+        self._check_batch(images, {"keep": keep, "labels": labels, "indices": indices, "bins": bins,
+                                   "scores": scores})
         b, start = len(images), self.count
-        if start + b > h.num_images:
-            raise ValueError(f"{start + b} images added, the writer was opened for {h.num_images}")
-        check_keep(self.path, keep, h, offset=start)
-        expected = {"keep": (b, h.num_patches), "labels": (b,), "indices": (b,), "bins": (b,)}
-        given = {"keep": keep, "labels": labels, "indices": indices, "bins": bins}
-        if h.store_scores:
-            expected["scores"], given["scores"] = (b, h.num_patches), scores
-        for name, shape in expected.items():
-            if tuple(np.shape(given[name])) != shape:
-                raise ValueError(f"{name} has shape {np.shape(given[name])}, expected {shape}")
         rows = slice(start, start + b)
         self.keep[rows], self.labels[rows], self.indices[rows], self.bins[rows] = keep, labels, indices, bins
         if h.store_scores:
@@ -207,6 +194,23 @@ class CompactWriter:
             self._write_spool(extract_patches(images, keep, h.patch_size).tobytes())
         self._jpeg_bytes += jpeg_reference_bytes(images)
         self.count += b
+
+    def _check_batch(self, images: np.ndarray, given: dict) -> None:
+        """The batch's images [b, H, W, C] fit the header and the room left; its keep masks, labels, indices,
+        bins (and scores, when stored) have b rows."""
+        h, b, start = self.header, len(images), self.count
+        if images.ndim != 4 or images.shape[1:] != h.image_shape:
+            raise ValueError(f"images are {'x'.join(map(str, images.shape[1:]))}, the header says "
+                             f"{h.image_size} and {h.channels}")
+        if start + b > h.num_images:
+            raise ValueError(f"{start + b} images added, the writer was opened for {h.num_images}")
+        check_keep(self.path, given["keep"], h, offset=start)
+        expected = {"keep": (b, h.num_patches), "labels": (b,), "indices": (b,), "bins": (b,)}
+        if h.store_scores:
+            expected["scores"] = (b, h.num_patches)
+        for name, shape in expected.items():
+            if tuple(np.shape(given[name])) != shape:
+                raise ValueError(f"{name} has shape {np.shape(given[name])}, expected {shape}")
 
     def _add_streams(self, images: np.ndarray, keep: np.ndarray, rows: slice) -> None:
         """Encode, decode back as a reader does (a lossless codec that does not read back exactly is a bug
@@ -258,7 +262,7 @@ class CompactWriter:
         self.stats = stats
 
     def _copy_spool(self, f, name: str, dtype: np.dtype) -> None:
-        """`streams` (contiguous, unfiltered) or `patches` (chunked as `_create` chunks it), filled from the
+        """`streams` (contiguous, unfiltered) or `patches` (chunked as `_create` chunks it), copied from the
         spool in blocks of whole chunks of a few MiB."""
         shape = self.header.shape_of(name) or (self._spooled,)
         if math.prod(shape) == 0:
@@ -280,11 +284,41 @@ class CompactWriter:
                 dset[start:stop] = block.reshape((stop - start,) + shape[1:])
 
 
-def write_compact(path: str | Path, header: Header, images: np.ndarray, keep: np.ndarray, labels: np.ndarray,
-                  indices: np.ndarray, bins: np.ndarray, scores: np.ndarray | None,
-                  source_bytes: tuple[int | None, str] = (None, ""),
+def _soft_datasets(header: Header, soft: tuple | None) -> dict:
+    """{"soft_ids": ids [N, V, k] or None, "soft_probs": values [N, V, k]} checked against `header`, or {}."""
+    if soft is None:
+        return {}
+    arrays = {"soft_ids": soft[0], "soft_probs": soft[1]}
+    for name, dtype in header.datasets().items():
+        if name in arrays and (np.shape(arrays[name]) != header.shape_of(name)
+                               or np.asarray(arrays[name]).dtype != dtype):
+            raise ValueError(f"{name} is {np.asarray(arrays[name]).dtype} {np.shape(arrays[name])}, "
+                             f"expected {dtype} {header.shape_of(name)}")
+    return arrays
+
+
+@dataclass(frozen=True)
+class KeptImages:
+    """What a compact store keeps of N images, whole: uint8 images [N, H, W, C], keep bool [N, L] (exactly K
+    True per row), labels int64 [N], indices int64 [N] (rows of the prepared set), bins int32 [N], and the
+    patch scores [N, L] (None, or ignored, without `header.store_scores`)."""
+
+    images: np.ndarray
+    keep: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    bins: np.ndarray
+    scores: np.ndarray | None = None
+
+    def rows(self, rows: slice) -> tuple:
+        """`CompactWriter.add`'s arguments for `rows`: (images, keep, labels, indices, bins, scores)."""
+        return (self.images[rows], self.keep[rows], self.labels[rows], self.indices[rows], self.bins[rows],
+                None if self.scores is None else self.scores[rows])
+
+
+def write_compact(path: str | Path, header: Header, kept: KeptImages, source_bytes: tuple[int | None, str] = (None, ""),
                   soft: tuple[np.ndarray | None, np.ndarray] | None = None) -> dict:
-    """Write a version 2 compact file (3 with `soft` labels, see CompactWriter) atomically from the full kept images [N, H, W, C] and keep [N, L].
+    """Write a version 2 compact file (3 with `soft` labels, see CompactWriter) atomically from the full kept images.
 
     A thin wrapper over `CompactWriter` (which see), for callers that hold the images anyway.
     `header.codec`, `header.quality` and `header.store_scores` choose the layout; `header.num_images`
@@ -293,16 +327,14 @@ def write_compact(path: str | Path, header: Header, images: np.ndarray, keep: np
     (None when exact), the bytes of the image content, of a JPEG q90 copy, of the source. The same
     arguments give the same bytes.
     """
-    n, h, w, c = images.shape
+    n, h, w, c = kept.images.shape
     if (h, w, c) != header.image_shape:
         raise ValueError(f"images are {h}x{w}x{c}, the header says {header.image_size} and {header.channels}")
-    for name, array in (("keep", keep), ("labels", labels), ("indices", indices), ("bins", bins)) + (
-            (("scores", scores),) if header.store_scores else ()):
+    for name in ("keep", "labels", "indices", "bins") + (("scores",) if header.store_scores else ()):
+        array = getattr(kept, name)
         if len(array) != n:
             raise ValueError(f"{name} has shape {np.shape(array)}, expected {n} rows for {n} images")
     with CompactWriter(path, header, n, source_bytes, soft) as writer:
         for start in range(0, n, WRITE_BATCH):
-            rows = slice(start, start + WRITE_BATCH)
-            writer.add(images[rows], keep[rows], labels[rows], indices[rows], bins[rows],
-                       None if scores is None else scores[rows])
+            writer.add(*kept.rows(slice(start, start + WRITE_BATCH)))
     return writer.stats

@@ -1,0 +1,1 @@
+"""Shared machinery of every step: errors, atomic io, data paths, registries, runtime, checkpoints, torchrun, figures."""

@@ -1,0 +1,1 @@
+"""The features step (stage features): backbones, embeddings, the linear probe, the features file."""

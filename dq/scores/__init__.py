@@ -1,0 +1,1 @@
+"""The scores step (stage scores): per-sample difficulty, its file, and the training dynamics it records."""

@@ -1,0 +1,1 @@
+"""User tools that drive DVC (the experiment queue, remote repair); no stage imports them."""

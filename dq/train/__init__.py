@@ -1,0 +1,1 @@
+"""The train step (stage train): classifiers, data, schedule, the training loop, evaluation."""
