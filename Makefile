@@ -20,7 +20,7 @@ pipeline: setup
 	@echo "Done. See data/report/ and: $(BIN)/dvc metrics show"
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 setup: system-packages $(STAMP)
 

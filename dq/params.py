@@ -6,10 +6,13 @@ value and what is allowed, e.g. ``params.yaml: ratio = 0 is not allowed; expecte
 
 Names of the extension axes are checked against their registries (dq.core.registry), owned by the modules that
 implement them: `data.source` (dq.data.sources.SOURCES), `select.method` (dq.select.methods.METHODS), `patches.scorer`
-(dq.patches.scorers.SCORERS), `data.codec` and `patches.codec` (dq.data.codec.CODECS). None of them imports torch, so
-loading params stays light. Rules with a public function of their own keep one shared check there (`ratio`:
-dq.select.sampling.ratio_problem; `patches.drop`: dq.patches.grid.drop_problem), used here and by the function alike.
-The `select` keys but `method` are declared by the selection methods' own params dataclasses (SelectParams).
+(dq.patches.scorers.SCORERS), `data.codec` and `patches.codec` (dq.data.codec.CODECS), `mae.arch`
+(dq.mae.archs.MAE_ARCHS). None of them imports torch, so loading params stays light; the names that timm resolves
+(features.backbone, and scores.model or train.model when not in dq.train.classifier.CLASSIFIERS) are checked by
+`Params.check_model_names`, which the stages that build a model call. A rule lives in one function, which this module
+calls: `ratio` in dq.select.sampling.ratio_problem (the public functions that take a ratio call it too), `patches.drop`
+in dq.patches.grid.drop_problem. The `select` keys but `method` are declared by the selection methods' own params
+dataclasses (SelectParams).
 """
 from __future__ import annotations
 
@@ -276,7 +279,7 @@ class TeacherParams(_Section):
     kind: str = "trained"  # trained: train.model on the whole training set | probe: the features' linear probe | checkpoint
     checkpoint: str | None = None  # kind checkpoint: a model.pt written by the train (or teacher) stage
     steps: int = 1400  # kind trained: optimizer steps (the recipe is train's)
-    seed: int = 0  # kind trained: one teacher for every run seed, as one MAE fills every run
+    seed: int = 0  # kind trained: one teacher for every run seed, as one MAE reconstructs for every run
 
     def check(self, where, prefix):
         self._need(self.kind in TEACHER_KINDS, where, prefix, "kind", f"one of {', '.join(TEACHER_KINDS)}")

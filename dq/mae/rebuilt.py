@@ -283,7 +283,7 @@ class RebuiltSet:
     indices: np.ndarray  # int64 [N]: rows of the prepared training set
     bins: np.ndarray  # int32 [N]
     keep: np.ndarray  # bool [N, L]
-    header: object  # dq.compact.Header
+    header: object  # dq.compact.schema.Header
     compact_path: Path
     mae_path: Path
     soft: SoftLabels | None = None  # the store's soft labels (format version 3), as stored
